@@ -1,0 +1,11 @@
+"""Variational families q(z | x) written as Pyro programs that mirror the models.
+
+``GUIDES`` maps the names scripts accept (``--guide mean-field``) to classes whose instances
+have a ``guide(x)`` method, built from ``data_dim``, ``latent_dim`` and ``hidden_dims``.
+"""
+
+from guides.mean_field import MeanFieldGuide
+
+GUIDES = {"mean-field": MeanFieldGuide}
+
+__all__ = ["GUIDES", "MeanFieldGuide"]

@@ -1,0 +1,99 @@
+"""Checkpoints of Pyro's parameter store and optimizer, restored into any model/guide pair.
+
+Parameters are saved by their param-store names in unconstrained form.  Restoring first runs the
+pair once so that every ``pyro.param``/``pyro.module`` parameter exists, then copies the saved
+values in place: the tensors stay the very ones the nn.Modules hold, so restoring works for
+modules and bare ``pyro.param`` sites alike.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pyro
+import torch
+from pyro.optim import PyroOptim
+
+from inference.atomic import write_atomic
+from inference.errors import ConfigError
+from inference.traces import trace_pair
+
+
+def rng_state() -> dict:
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+def save_checkpoint(
+    path: str | Path, optimizer: PyroOptim | None = None, **extra: object
+) -> None:
+    """Write the param store (and optimizer state) to ``path`` atomically."""
+    state = {
+        "params": {
+            name: p.detach().clone() for name, p in pyro.get_param_store().named_parameters()
+        },
+        "optimizer": optimizer.get_state() if optimizer is not None else None,
+        "rng": rng_state(),
+        **extra,
+    }
+
+    def write(f):
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        f.write(buffer.getvalue())
+
+    write_atomic(path, write)
+
+
+def load_checkpoint(
+    path: str | Path,
+    model: Callable,
+    guide: Callable,
+    x_example: torch.Tensor,
+    optimizer: PyroOptim | None = None,
+) -> dict:
+    """Load parameters saved by ``save_checkpoint`` into the pair; return the whole state."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no checkpoint file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises several types for a damaged file
+        raise ConfigError(f"{path}: not a readable checkpoint ({e})") from None
+    # Running the pair draws random numbers; a restore must not change the random stream.
+    saved_rng = rng_state()
+    with torch.no_grad():
+        trace_pair(model, guide, x_example)
+    set_rng_state(saved_rng)
+    current = dict(pyro.get_param_store().named_parameters())
+    missing = sorted(set(current) - set(state["params"]))
+    unknown = sorted(set(state["params"]) - set(current))
+    if missing or unknown:
+        raise ConfigError(
+            f"{path}: checkpoint does not match the model/guide pair "
+            f"(parameters not in the checkpoint: {missing}; in the checkpoint only: {unknown})"
+        )
+    with torch.no_grad():
+        for name, value in state["params"].items():
+            if current[name].shape != value.shape:
+                raise ConfigError(
+                    f"{path}: parameter '{name}' has shape {tuple(value.shape)} in the checkpoint "
+                    f"but {tuple(current[name].shape)} in the pair (different sizes?)"
+                )
+            current[name].copy_(value)
+    if optimizer is not None and state.get("optimizer"):
+        optimizer.set_state(state["optimizer"])
+    return state

@@ -1,0 +1,35 @@
+"""Minibatch scaling of the data plate, so that Trace_ELBO estimates the full-data ELBO."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from pyro.poutine.messenger import Messenger
+
+from inference.traces import data_frame
+
+
+class ScaleDataPlate(Messenger):
+    """Scale every site inside plate ``data_plate`` by ``full_size / batch size``.
+
+    This is exactly the scale that ``pyro.plate(..., subsample_size=B)`` applies; doing it here
+    lets a model write ``pyro.plate("data", x.shape[0])`` and be handed minibatches of x.
+    Sites outside the plate (global latents, priors on parameters) are left unscaled.
+    """
+
+    def __init__(self, data_plate: str, full_size: int):
+        super().__init__()
+        self.data_plate = data_plate
+        self.full_size = full_size
+
+    def _process_message(self, msg: dict) -> None:
+        if msg["type"] != "sample":
+            return
+        frame = data_frame(msg, self.data_plate)
+        if frame is not None and frame.size:
+            msg["scale"] = msg["scale"] * (self.full_size / frame.size)
+
+
+def scale_data_plate(fn: Callable, data_plate: str, full_size: int) -> Callable:
+    """``fn`` with its data plate scaled to a data set of ``full_size`` points."""
+    return ScaleDataPlate(data_plate, full_size)(fn)

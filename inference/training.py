@@ -1,0 +1,146 @@
+"""Fitting a model/guide pair with SVI, logging ELBO and diagnostics per epoch into a run directory.
+
+Each step hands the pair a minibatch of x; sites in the data plate are scaled by N / B so that
+Trace_ELBO's loss estimates minus the full-data ELBO (see ``inference.minibatch``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyro
+import torch
+from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
+from pyro.optim import Adam
+from tqdm.auto import tqdm
+
+from inference.atomic import write_text_atomic
+from inference.checkpoint import save_checkpoint
+from inference.datasets import Dataset
+from inference.diagnostics import evaluate
+from inference.errors import ConfigError, ElbogapError
+from inference.minibatch import scale_data_plate
+
+ELBOS = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO}
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+
+
+class TrainingError(ElbogapError):
+    """Training cannot go on (for example the loss became NaN or infinite)."""
+
+
+@dataclass
+class FitOptions:
+    """Settings of ``fit``; every field is a command-line flag of ``scripts/fit.py``."""
+
+    epochs: int = 200
+    batch_size: int = 100
+    lr: float = 1e-3
+    num_particles: int = 1
+    elbo: str = "trace"
+    eval_every: int = 1
+    eval_samples: int = 100
+    eval_points: int = 500
+    data_plate: str = "data"
+    progress: bool = True
+
+    def check(self, num_train: int) -> None:
+        for name in ("epochs", "batch_size", "num_particles", "eval_every", "eval_samples",
+                     "eval_points"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name.replace('_', '-')} must be a positive integer, got {value}")
+        if not (isinstance(self.lr, float | int) and math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"lr must be a positive number, got {self.lr}")
+        if self.elbo not in ELBOS:
+            raise ConfigError(f"elbo must be one of {sorted(ELBOS)}, got {self.elbo!r}")
+        if self.batch_size > num_train:
+            raise ConfigError(
+                f"batch-size {self.batch_size} is larger than the training set ({num_train} points)"
+            )
+
+
+@dataclass
+class FitResult:
+    history: list[dict] = field(default_factory=list)
+    optimizer: pyro.optim.PyroOptim | None = None
+
+
+def fit(
+    model: Callable,
+    guide: Callable,
+    data: Dataset,
+    options: FitOptions | None = None,
+    run_dir: str | Path | None = None,
+) -> FitResult:
+    """Train ``model`` and ``guide`` on ``data.train``; evaluate on ``data.test`` every epoch.
+
+    Every epoch logs the train ELBO per data point (mean of the SVI losses / N) and the test
+    ELBO (one guide draw, analytic KL); every ``eval_every`` epochs also the full diagnostics of
+    ``evaluate`` on the first ``eval_points`` test points with ``eval_samples`` draws.  With
+    ``run_dir`` the history goes to ``metrics.jsonl`` and parameters and optimizer state to
+    ``checkpoint.pt`` after every epoch (both written atomically).  Parameters live in Pyro's
+    global param store, which ``fit`` does not clear.
+    """
+    options = options or FitOptions()
+    n = data.train.shape[0]
+    options.check(n)
+    run_dir = Path(run_dir) if run_dir is not None else None
+    loss = ELBOS[options.elbo](
+        num_particles=options.num_particles, vectorize_particles=options.num_particles > 1
+    )
+    optimizer = Adam({"lr": options.lr})
+    svi = SVI(
+        scale_data_plate(model, options.data_plate, n),
+        scale_data_plate(guide, options.data_plate, n),
+        optimizer,
+        loss,
+    )
+    result = FitResult(optimizer=optimizer)
+    eval_x = data.test[: options.eval_points]
+    epochs = tqdm(range(1, options.epochs + 1), desc="fit", unit="epoch",
+                  disable=not options.progress)
+    for epoch in epochs:
+        start = time.perf_counter()
+        x_epoch = data.train_epoch()
+        order = torch.randperm(n)
+        total = 0.0
+        steps = 0
+        for s in range(0, n, options.batch_size):
+            batch = x_epoch[order[s : s + options.batch_size]]
+            step_loss = svi.step(batch)
+            if not math.isfinite(step_loss):
+                raise TrainingError(
+                    f"the loss became {step_loss} at epoch {epoch}, step {steps + 1}: the learning "
+                    f"rate ({options.lr}) may be too large, or a scale parameter reached zero"
+                )
+            total += step_loss
+            steps += 1
+        record = {
+            "epoch": epoch,
+            "train_elbo": -total / steps / n,
+            "test_elbo": evaluate(model, guide, data.test, num_samples=1, batch_size=1000,
+                                  data_plate=options.data_plate).elbo.mean().item(),
+            "seconds": time.perf_counter() - start,
+        }
+        if epoch % options.eval_every == 0 or epoch == options.epochs:
+            diagnostics = evaluate(
+                model, guide, eval_x, num_samples=options.eval_samples,
+                data_plate=options.data_plate,
+            )
+            record["diagnostics"] = diagnostics.summary()
+        result.history.append(record)
+        epochs.set_postfix(train_elbo=f"{record['train_elbo']:.2f}",
+                           test_elbo=f"{record['test_elbo']:.2f}")
+        if run_dir is not None:
+            write_text_atomic(
+                run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in result.history)
+            )
+            save_checkpoint(run_dir / CHECKPOINT, optimizer, epoch=epoch)
+    return result

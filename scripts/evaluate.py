@@ -1,0 +1,79 @@
+"""Reload a run's checkpoint and re-run the diagnostics, for example with a larger K.
+
+Writes RUN_DIR/evaluation-SPLIT-K{K}.json (diagnostics.json of the run is left as it was).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pyro
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import build_pair, format_summary, run_main  # noqa: E402
+
+from inference.atomic import write_json_atomic  # noqa: E402
+from inference.checkpoint import load_checkpoint  # noqa: E402
+from inference.datasets import load_dataset  # noqa: E402
+from inference.diagnostics import evaluate  # noqa: E402
+from inference.errors import ConfigError  # noqa: E402
+from inference.training import CHECKPOINT  # noqa: E402
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("run_dir", help="a directory written by scripts/fit.py")
+    p.add_argument("--num-samples", "-K", type=int, help="K (default: the run's --num-samples)")
+    p.add_argument("--split", choices=("test", "train"), default="test")
+    p.add_argument("--max-points", type=int, help="evaluate only the first this many points")
+    p.add_argument("--batch-size", type=int, default=100, help="data points per pass")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    return p
+
+
+def read_config(run_dir: Path) -> dict:
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir}: no config.json; is it a run directory of scripts/fit.py?")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    run_dir = Path(args.run_dir)
+    config = read_config(run_dir)
+    k = args.num_samples if args.num_samples is not None else config["num_samples"]
+    for flag, value in (("--num-samples", k), ("--batch-size", args.batch_size),
+                        ("--max-points", args.max_points)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be a positive integer, got {value}")
+    pyro.set_rng_seed(args.seed)
+    pyro.clear_param_store()
+    data = load_dataset(config["data"], config["data_dir"], config["binarize"])
+    model, guide = build_pair(config, data)
+    load_checkpoint(run_dir / CHECKPOINT, model, guide, data.test[:2])
+    x = data.test if args.split == "test" else data.train_epoch()
+    x = x[: args.max_points]
+    diagnostics = evaluate(model, guide, x, num_samples=k, batch_size=args.batch_size,
+                           progress=not args.no_progress)
+    summary = {"data": config["data"], "split": args.split, **diagnostics.summary()}
+    out = run_dir / f"evaluation-{args.split}-K{k}.json"
+    write_json_atomic(out, summary)
+    print(format_summary(summary))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
