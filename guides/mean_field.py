@@ -34,7 +34,7 @@ class MeanFieldGuide(nn.Module):
         self.site = site
         layers: list[nn.Module] = []
         sizes = [data_dim, *hidden_dims]
-        for a, b in zip(sizes[:-1], sizes[1:]):
+        for a, b in zip(sizes[:-1], sizes[1:], strict=False):
             layers += [nn.Linear(a, b), nn.Softplus()]
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(sizes[-1], 2 * latent_dim)

@@ -97,14 +97,14 @@ def read_idx(path: str | Path, expected_magic: int) -> np.ndarray:
     raw = _read_bytes(path)
     ndim = {2049: 1, 2051: 3}[expected_magic]
     header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataError(f"{path}: {len(raw)} bytes, shorter than an IDX header ({header} bytes)")
-    magic = int.from_bytes(raw[:4], "big")
-    if magic != expected_magic:
+    magic = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else None
+    if magic is not None and magic != expected_magic:
         raise DataError(
             f"{path}: IDX magic number {magic}, expected {expected_magic} "
             f"({'images' if expected_magic == 2051 else 'labels'})"
         )
+    if len(raw) < header:
+        raise DataError(f"{path}: {len(raw)} bytes, shorter than an IDX header ({header} bytes)")
     shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     size = int(np.prod(shape))
     if len(raw) - header != size:

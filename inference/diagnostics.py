@@ -159,7 +159,7 @@ def _evaluate_batch(
         done += k
     log_w_all = torch.cat(log_w).double()
     elbo_all = torch.cat(elbo_k).double()
-    kl_per_dim = {name: (s / num_samples).flatten(1) for name, s in kl_sums.items()}
+    kl_per_dim = {name: s / num_samples for name, s in kl_sums.items()}
     kl_sites = {name: v.sum(1) for name, v in kl_per_dim.items()}
     kl_prior = sum(kl_sites.values())
     elbo = elbo_all.mean(0)
@@ -195,7 +195,7 @@ def _particle_terms(
 
     log_w = torch.zeros(shape)
     reconstruction = torch.zeros_like(log_w)
-    for name, site in model_sites.items():
+    for site in model_sites.values():
         lp = reduce(site_log_prob(site), site)
         log_w = log_w + lp
         if site["is_observed"]:
@@ -208,10 +208,10 @@ def _particle_terms(
     for name in layout.latent:
         q_site, p_site = guide_sites[name], model_sites[name]
         site_kl = kl_to_prior(q_site["fn"], p_site["fn"], q_site["value"])
-        per_dim = reduce(site_kl.value, q_site, site_kl.event_ndim)
+        per_dim = reduce(site_kl.value, q_site, site_kl.event_ndim).reshape(shape + (-1,))
         kl_per_dim[name] = per_dim
         kl_method[name] = site_kl.method
-        kl = kl + per_dim.flatten(2).sum(-1)
+        kl = kl + per_dim.sum(-1)
     return {
         "log_w": log_w,
         "reconstruction": reconstruction,

@@ -94,7 +94,7 @@ def plot_evidence_gap(history: Sequence[dict], path: str | Path) -> None:
 def plot_kl_per_dim(kl_per_dim: dict[str, Sequence[float]], path: str | Path) -> None:
     sites = list(kl_per_dim)
     fig, axes = plt.subplots(len(sites), 1, figsize=(7, 2.6 * len(sites)), squeeze=False)
-    for ax, site in zip(axes[:, 0], sites):
+    for ax, site in zip(axes[:, 0], sites, strict=False):
         values = np.asarray(kl_per_dim[site], dtype=float)
         ax.bar(np.arange(len(values)), values)
         ax.set_xlabel(f"dimension of latent site '{site}'")

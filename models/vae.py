@@ -24,7 +24,7 @@ LIKELIHOODS = ("bernoulli", "gaussian")
 def mlp(sizes: Sequence[int]) -> nn.Sequential:
     """Linear layers with softplus between them (none after the last)."""
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=False)):
         if i:
             layers.append(nn.Softplus())
         layers.append(nn.Linear(a, b))

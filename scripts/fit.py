@@ -6,7 +6,6 @@ With no arguments: the VAE on scikit-learn's bundled 8x8 digits (no download).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import asdict, fields

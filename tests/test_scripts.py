@@ -1,0 +1,148 @@
+"""The command-line scripts end to end, as a user runs them."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--epochs", "3", "--num-samples", "50", "--eval-samples", "10", "--eval-points", "50",
+        "--no-progress"]
+
+USER_PAIR = '''
+import pyro
+import pyro.distributions as dist
+import torch
+from torch import nn
+
+
+def make_pair(data_dim, latent_dim):
+    """A linear-Gaussian-style pair written by a user, not registered anywhere."""
+    decoder = nn.Linear(latent_dim, data_dim)
+    encoder = nn.Linear(data_dim, 2 * latent_dim)
+
+    def model(x):
+        pyro.module("decoder", decoder)
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(latent_dim), 1.0).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=decoder(z)).to_event(1), obs=x)
+
+    def guide(x):
+        pyro.module("encoder", encoder)
+        with pyro.plate("data", x.shape[0]):
+            loc, raw = encoder(x).chunk(2, -1)
+            pyro.sample("z", dist.Normal(loc, nn.functional.softplus(raw) + 1e-3).to_event(1))
+
+    return model, guide
+
+
+not_a_pair = 3
+'''
+
+
+def load_script(name):
+    """A script as a module, to call its main() in this process (no interpreter start-up)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(script, *args, cwd=None):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / script), *args],
+        capture_output=True, text=True, cwd=cwd, timeout=300,
+    )
+
+
+@pytest.fixture(scope="module")
+def fitted_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "digits"
+    result = run("fit.py", *FAST, "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    return out, result
+
+
+def test_fit_writes_a_complete_run_directory(fitted_run):
+    out, result = fitted_run
+    for name in ("config.json", "metrics.jsonl", "checkpoint.pt", "diagnostics.json", "elbo.png",
+                 "reconstruction_kl.png", "evidence_gap.png", "kl_per_dim.png",
+                 "reconstructions.png", "prior_samples.png"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "diagnostics.json").read_text())
+    assert summary["num_samples"] == 50 and summary["num_data"] == 297
+    assert summary["data"] == "digits"
+    for key in ("elbo", "reconstruction", "kl_prior", "log_evidence", "evidence_gap"):
+        assert set(summary[key]) == {"mean", "se"}
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+    assert "evidence gap" in result.stdout and str(out) in result.stdout
+
+
+def test_evaluate_reloads_the_checkpoint(fitted_run):
+    out, _ = fitted_run
+    result = run("evaluate.py", str(out), "-K", "20", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    again = json.loads((out / "evaluation-test-K20.json").read_text())
+    original = json.loads((out / "diagnostics.json").read_text())
+    # The analytic KL depends only on the encoder: equal iff the parameters came back.
+    assert again["kl_prior"]["mean"] == pytest.approx(original["kl_prior"]["mean"], rel=1e-6)
+    assert again["num_samples"] == 20
+
+
+def test_existing_run_directory_is_not_overwritten(fitted_run):
+    out, _ = fitted_run
+    before = (out / "checkpoint.pt").read_bytes()
+    result = run("fit.py", *FAST, "--out", str(out))
+    assert result.returncode == 2
+    assert "already holds a run" in result.stderr and "Traceback" not in result.stderr
+    assert (out / "checkpoint.pt").read_bytes() == before
+
+
+def test_a_users_own_pair_from_a_file(tmp_path):
+    (tmp_path / "my_pair.py").write_text(USER_PAIR)
+    result = run("fit.py", *FAST, "--latent-dim", "3", "--model",
+                 f"{tmp_path / 'my_pair.py'}:make_pair", "--out", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "run" / "diagnostics.json").read_text())
+    assert len(summary["kl_per_dim"]["z"]) == 3
+    result = run("evaluate.py", str(tmp_path / "run"), "-K", "5", "--no-progress")
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [(["--model", "missing.py:f"], "missing.py does not exist"),
+     (["--model", "{pair}:nothing"], "defines no 'nothing'"),
+     (["--model", "{pair}:not_a_pair"], "is not callable"),
+     (["--model", "transformer"], "--model 'transformer': unknown"),
+     (["--epochs", "0"], "epochs must be a positive integer"),
+     (["--lr", "-0.1"], "lr must be a positive number"),
+     (["--latent-dim", "0"], "--latent-dim must be a positive integer"),
+     (["--num-samples", "0"], "--num-samples must be a positive integer"),
+     (["--batch-size", "5000"], "larger than the training set"),
+     (["--data", "mnist"], "pass their directory"),
+     (["--data", "mnist", "--data-dir", "/nonexistent"], "/nonexistent: no such directory"),
+     (["--hidden-dims", "a,b"], "expected comma-separated integers")],
+)
+def test_bad_command_lines_get_one_clear_line(tmp_path, monkeypatch, capsys, args, message):
+    (tmp_path / "pair.py").write_text(USER_PAIR)
+    monkeypatch.chdir(tmp_path)
+    args = [a.replace("{pair}", str(tmp_path / "pair.py")) for a in args]
+    fit_script = load_script("fit")
+    code = fit_script.run_main(fit_script.main, [*FAST, *args, "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert message in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_unwritable_out_is_refused_before_training(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = run("fit.py", *FAST, "--out", str(blocker / "run"))
+    assert result.returncode == 2 and "cannot write there" in result.stderr

@@ -1,0 +1,119 @@
+"""fit() on the bundled digits, minibatch scaling, checkpoints, and the estimators on a trained VAE."""
+
+import json
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro import poutine
+
+from guides.mean_field import MeanFieldGuide
+from inference.checkpoint import load_checkpoint
+from inference.datasets import load_digits
+from inference.diagnostics import evaluate
+from inference.errors import ConfigError
+from inference.minibatch import scale_data_plate
+from inference.training import CHECKPOINT, METRICS, FitOptions, fit
+from models.vae import VAE
+
+
+def digits_pair():
+    data = load_digits()
+    return data, VAE(data.data_dim, 10, (200,)), MeanFieldGuide(data.data_dim, 10, (200,))
+
+
+@pytest.fixture(scope="module")
+def trained():
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    data, vae, enc = digits_pair()
+    options = FitOptions(epochs=40, eval_every=20, eval_samples=20, eval_points=50,
+                         progress=False)
+    result = fit(vae.model, enc.guide, data, options)
+    return data, vae, enc, result
+
+
+def test_training_improves_the_test_elbo(trained):
+    _, _, _, result = trained
+    first, last = result.history[0]["test_elbo"], result.history[-1]["test_elbo"]
+    # Untrained, the digits cost about 44 nats (64 pixels x log 2); trained, under 25.
+    assert last > first + 5
+    assert last > -25
+    assert [r["epoch"] for r in result.history if "diagnostics" in r] == [20, 40]
+
+
+def test_log_evidence_bounds_elbo_and_grows_with_k(trained):
+    data, vae, enc, _ = trained
+    x = data.test
+    results = {}
+    for k in (1, 10, 100, 1000):
+        pyro.set_rng_seed(1)
+        results[k] = evaluate(vae.model, enc.guide, x, num_samples=k)
+    elbo = results[1000].elbo
+    # K = 1: log-mean-exp of one weight is an unbiased ELBO estimate.
+    diff = results[1].log_evidence - results[1000].elbo
+    assert abs(diff.mean().item()) < 4 * diff.std().item() / math.sqrt(len(x))
+    means = [results[k].log_evidence.mean().item() for k in (1, 10, 100, 1000)]
+    for small, large in zip((1, 10, 100), (10, 100, 1000), strict=False):
+        step = results[large].log_evidence - results[small].log_evidence
+        se = step.std().item() / math.sqrt(len(x))
+        assert step.mean().item() > 2 * se, (small, large, means)
+    assert results[1000].log_evidence.mean() > elbo.mean()
+    assert (results[1000].evidence_gap.mean() > 0).item()
+
+
+def test_minibatch_scaling_multiplies_data_plate_sites_only():
+    def model(x):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Normal(mu, 1.0), obs=x)
+
+    trace = poutine.trace(scale_data_plate(model, "data", 100)).get_trace(torch.zeros(10))
+    assert trace.nodes["x"]["scale"] == 10.0
+    assert trace.nodes["mu"]["scale"] == 1.0
+
+
+def test_fit_writes_metrics_and_a_checkpoint_that_restores(tmp_path):
+    data, vae, enc = digits_pair()
+    options = FitOptions(epochs=2, eval_every=1, eval_samples=5, eval_points=20, progress=False)
+    fit(vae.model, enc.guide, data, options, run_dir=tmp_path)
+    lines = [json.loads(line) for line in (tmp_path / METRICS).read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2]
+    assert {"train_elbo", "test_elbo", "diagnostics"} <= set(lines[-1])
+    before = evaluate(vae.model, enc.guide, data.test, num_samples=1).kl_prior
+
+    pyro.clear_param_store()
+    _, vae2, enc2 = digits_pair()
+    assert not torch.allclose(
+        evaluate(vae2.model, enc2.guide, data.test, num_samples=1).kl_prior, before
+    )
+    state = load_checkpoint(tmp_path / CHECKPOINT, vae2.model, enc2.guide, data.test[:2])
+    assert state["epoch"] == 2
+    after = evaluate(vae2.model, enc2.guide, data.test, num_samples=1).kl_prior
+    torch.testing.assert_close(after, before)
+
+
+def test_checkpoint_of_another_pair_is_refused(tmp_path):
+    data, vae, enc = digits_pair()
+    fit(vae.model, enc.guide, data, FitOptions(epochs=1, progress=False), run_dir=tmp_path)
+    pyro.clear_param_store()
+    other_vae, other_enc = VAE(64, 5, (20,)), MeanFieldGuide(64, 5, (20,))
+    with pytest.raises(ConfigError, match="has shape .* in the checkpoint"):
+        load_checkpoint(tmp_path / CHECKPOINT, other_vae.model, other_enc.guide, data.test[:2])
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [("epochs", 0, "epochs must be a positive integer"),
+     ("lr", -1.0, "lr must be a positive number"),
+     ("batch_size", 10**6, "larger than the training set"),
+     ("elbo", "renyi", "elbo must be one of")],
+)
+def test_bad_fit_options_are_named(field, value, message):
+    data, vae, enc = digits_pair()
+    options = FitOptions(progress=False)
+    setattr(options, field, value)
+    with pytest.raises(ConfigError, match=message):
+        fit(vae.model, enc.guide, data, options)
