@@ -4,8 +4,13 @@
 have a ``guide(x)`` method, built from ``data_dim``, ``latent_dim`` and ``hidden_dims``.
 """
 
+from guides.linear import LinearEncoderGuide, OptimalMeanFieldGuide
 from guides.mean_field import MeanFieldGuide
 
-GUIDES = {"mean-field": MeanFieldGuide}
+GUIDES = {
+    "mean-field": MeanFieldGuide,
+    "linear": LinearEncoderGuide,
+    "optimal-mean-field": OptimalMeanFieldGuide,
+}
 
-__all__ = ["GUIDES", "MeanFieldGuide"]
+__all__ = ["GUIDES", "LinearEncoderGuide", "MeanFieldGuide", "OptimalMeanFieldGuide"]

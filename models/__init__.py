@@ -5,8 +5,9 @@
 ``hidden_dims`` and ``likelihood``.
 """
 
+from models.linear_gaussian import LinearGaussian
 from models.vae import VAE
 
-MODELS = {"vae": VAE}
+MODELS = {"vae": VAE, "linear-gaussian": LinearGaussian}
 
-__all__ = ["MODELS", "VAE"]
+__all__ = ["MODELS", "LinearGaussian", "VAE"]
