@@ -39,6 +39,11 @@ class LinearEncoderGuide(nn.Module):
 
 class OptimalMeanFieldGuide:
     def __init__(self, model: LinearGaussian, scale_factor: float = 1.0, loc_offset: float = 0.0):
+        if not hasattr(model, "optimal_mean_field"):
+            raise TypeError(
+                f"the optimal mean-field guide is known in closed form only for the "
+                f"linear-Gaussian model, not {type(model).__name__}"
+            )
         self.linear_gaussian = model
         self.scale_factor = scale_factor
         self.loc_offset = loc_offset

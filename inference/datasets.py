@@ -34,7 +34,7 @@ class Dataset:
     name: str
     train: torch.Tensor
     test: torch.Tensor
-    image_shape: tuple[int, int]
+    image_shape: tuple[int, int] | None
     likelihood: str
     dynamic_binarization: bool = False
 
@@ -240,8 +240,50 @@ def load_frey_face(path: str | Path, num_test: int = 265) -> Dataset:
                    "gaussian")
 
 
+def load_array(path: str | Path, num_test: int | None = None) -> Dataset:
+    """A user's data matrix (rows are data points) from ``.npy``, ``.npz`` or ``.csv``/``.txt``.
+
+    Binary data (only 0 and 1) gets a Bernoulli likelihood, anything else a Gaussian one.  The
+    split is a fixed permutation (seed 0) with 10 % (at least one point) held out for testing.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file (expected a .npy, .npz or .csv data matrix)")
+    try:
+        if path.suffix == ".npy":
+            array = np.load(path, allow_pickle=False)
+        elif path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as archive:
+                if len(archive.files) != 1:
+                    raise DataError(f"{path}: holds arrays {archive.files}; expected exactly one")
+                array = archive[archive.files[0]]
+        elif path.suffix in (".csv", ".txt"):
+            array = np.loadtxt(path, delimiter="," if path.suffix == ".csv" else None, ndmin=2)
+        else:
+            raise DataError(f"{path}: unknown extension, expected .npy, .npz, .csv or .txt")
+    except (ValueError, OSError, EOFError) as e:
+        raise DataError(f"{path}: cannot be read as a numeric array ({e})") from None
+    if array.ndim != 2 or array.shape[0] < 2 or array.shape[1] < 1:
+        raise DataError(f"{path}: array of shape {array.shape}, expected (data points >= 2, features)")
+    if not np.issubdtype(array.dtype, np.number):
+        raise DataError(f"{path}: array of dtype {array.dtype}, expected numbers")
+    bad = ~np.isfinite(array)
+    if bad.any():
+        rows = np.unique(np.nonzero(bad)[0])
+        raise DataError(
+            f"{path}: {int(bad.sum())} NaN or infinite values, in rows {rows[:10].tolist()}"
+            f"{' ...' if len(rows) > 10 else ''}"
+        )
+    array = array.astype(np.float32)
+    num_test = max(1, len(array) // 10) if num_test is None else num_test
+    train, test = _fixed_split(array, num_test)
+    binary = np.isin(array, (0.0, 1.0)).all()
+    return Dataset(path.stem, torch.from_numpy(train), torch.from_numpy(test), None,
+                   "bernoulli" if binary else "gaussian")
+
+
 def load_dataset(name: str, path: str | Path | None = None, binarize: str = "dynamic") -> Dataset:
-    """Load by name: ``digits`` (bundled), or ``mnist``/``binarized_mnist``/``frey_face`` from path."""
+    """``digits`` (bundled), or ``mnist``, ``binarized_mnist``, ``frey_face``, ``array`` from path."""
     if name == "digits":
         return load_digits()
     if path is None:
@@ -250,6 +292,7 @@ def load_dataset(name: str, path: str | Path | None = None, binarize: str = "dyn
         "mnist": lambda: load_mnist(path, binarize),
         "binarized_mnist": lambda: load_binarized_mnist(path),
         "frey_face": lambda: load_frey_face(path),
+        "array": lambda: load_array(path),
     }
     if name not in loaders:
         raise DataError(f"unknown data set '{name}', expected one of {['digits', *loaders]}")

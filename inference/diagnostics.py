@@ -75,7 +75,13 @@ class Diagnostics:
         out: dict = {"num_data": self.num_data, "num_samples": self.num_samples}
         for name in PER_DATAPOINT_FIELDS:
             out[name] = mean_and_se(getattr(self, name))
+        # Monte Carlo error of the dataset means (independent across points): what separates
+        # an estimate from the exact value on the same points.
+        n = self.num_data
         out["log_evidence_mc_se"] = _finite_or_none(self.log_evidence_se.mean().item())
+        out["evidence_gap_mc_se"] = _finite_or_none(
+            self.evidence_gap_se.double().pow(2).sum().sqrt().item() / n
+        )
         out["kl_sites"] = {
             name: {**mean_and_se(value), "method": self.kl_method[name]}
             for name, value in self.kl_sites.items()

@@ -72,18 +72,30 @@ def plot_evidence_gap(history: Sequence[dict], path: str | Path) -> None:
     epochs = [r["epoch"] for r in records]
     k = records[-1]["diagnostics"]["num_samples"] if records else "?"
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 6), sharex=True)
-    for key, label in (("log_evidence", f"log p(x), importance sampling K={k}"),
-                       ("elbo", "ELBO")):
+    exact = [r.get("exact") for r in records]
+    has_exact = bool(records) and all(e is not None for e in exact)
+    for color, key, label in (("C0", "log_evidence", f"log p(x), importance sampling K={k}"),
+                              ("C1", "elbo", "ELBO")):
         mean, se = _series(records, key)
-        top.plot(epochs, mean, label=label)
-        top.fill_between(epochs, mean - 2 * se, mean + 2 * se, alpha=0.2)
+        top.plot(epochs, mean, color=color, label=label)
+        top.fill_between(epochs, mean - 2 * se, mean + 2 * se, color=color, alpha=0.2)
+        if has_exact:
+            top.plot(epochs, [e[key] for e in exact], "k--", lw=1,
+                     label="closed form" if key == "elbo" else None)
     top.set_ylabel("nats per data point")
     top.set_title("test evidence and ELBO (bands: ± 2 SE)")
     top.legend()
     top.grid(alpha=0.3)
-    mean, se = _series(records, "evidence_gap")
-    bottom.plot(epochs, mean, color="C3")
+    # The band is the Monte Carlo error of the gap, averaged over points: the spread of the
+    # dataset mean over data points would hide how well the estimator tracks the truth.
+    mean = np.array([r["diagnostics"]["evidence_gap"]["mean"] for r in records], dtype=float)
+    se = np.array([r["diagnostics"].get("evidence_gap_mc_se") or 0.0 for r in records])
+    bottom.plot(epochs, mean, color="C3", label="estimated (± 2 Monte Carlo SE)")
     bottom.fill_between(epochs, mean - 2 * se, mean + 2 * se, color="C3", alpha=0.25)
+    if has_exact:
+        bottom.plot(epochs, [e["evidence_gap"] for e in exact], "k--", lw=1,
+                    label="closed form KL(q || p(z|x))")
+    bottom.legend()
     bottom.set_xlabel("epoch")
     bottom.set_ylabel("nats per data point")
     bottom.set_title("evidence gap  log p(x) - ELBO  ≈ KL(q(z|x) || p(z|x))")

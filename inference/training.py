@@ -78,6 +78,7 @@ def fit(
     data: Dataset,
     options: FitOptions | None = None,
     run_dir: str | Path | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
 ) -> FitResult:
     """Train ``model`` and ``guide`` on ``data.train``; evaluate on ``data.test`` every epoch.
 
@@ -86,7 +87,8 @@ def fit(
     ``evaluate`` on the first ``eval_points`` test points with ``eval_samples`` draws.  With
     ``run_dir`` the history goes to ``metrics.jsonl`` and parameters and optimizer state to
     ``checkpoint.pt`` after every epoch (both written atomically).  Parameters live in Pyro's
-    global param store, which ``fit`` does not clear.
+    global param store, which ``fit`` does not clear.  ``on_epoch(record)`` may add entries to
+    each epoch's record before it is written (for example closed-form values to compare with).
     """
     options = options or FitOptions()
     n = data.train.shape[0]
@@ -135,6 +137,8 @@ def fit(
                 data_plate=options.data_plate,
             )
             record["diagnostics"] = diagnostics.summary()
+        if on_epoch is not None:
+            on_epoch(record)
         result.history.append(record)
         epochs.set_postfix(train_elbo=f"{record['train_elbo']:.2f}",
                            test_elbo=f"{record['test_elbo']:.2f}")

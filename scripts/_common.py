@@ -7,12 +7,16 @@ import inspect
 import sys
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
 
 from guides import GUIDES
-from inference.datasets import Dataset
+from inference.datasets import DATA_SEED, Dataset, load_dataset
 from inference.errors import ConfigError, ElbogapError
 from inference.user_code import is_file_spec, load_object
 from models import MODELS
+from models.linear_gaussian import LinearGaussian
 
 
 def parse_hidden_dims(text: str) -> tuple[int, ...]:
@@ -37,8 +41,53 @@ def _call_with_accepted(factory: Callable, **kwargs):
     return factory(**{k: v for k, v in kwargs.items() if k in params})
 
 
-def build_pair(config: dict, data: Dataset) -> tuple[Callable, Callable]:
-    """The (model, guide) callables the config names, sized for ``data``."""
+@dataclass
+class Pair:
+    """The model and guide callables, and for registered ones the objects that own them."""
+
+    model: Callable
+    guide: Callable
+    model_object: object = None
+    guide_object: object = None
+
+    def exact(self, x: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """Closed-form diagnostics, when the model has them and the guide exposes q's loc/scale."""
+        if not (hasattr(self.model_object, "exact_diagnostics")
+                and hasattr(self.guide_object, "encode")):
+            return None
+        with torch.no_grad():
+            return self.model_object.exact_diagnostics(x, *self.guide_object.encode(x))
+
+
+# Synthetic data for --data synthetic: 1200 points from a fixed factor-analysis model.
+SYNTHETIC_DIM, SYNTHETIC_LATENT, SYNTHETIC_TRAIN, SYNTHETIC_TEST = 10, 3, 1000, 200
+
+
+def synthetic_truth() -> LinearGaussian:
+    g = torch.Generator().manual_seed(DATA_SEED)
+    return LinearGaussian.from_parameters(
+        torch.randn(SYNTHETIC_DIM, SYNTHETIC_LATENT, generator=g),
+        torch.randn(SYNTHETIC_DIM, generator=g),
+        0.1 + 0.4 * torch.rand(SYNTHETIC_DIM, generator=g),
+    )
+
+
+def load_data(name: str, path: str | None, binarize: str) -> Dataset:
+    """A data set by name; ``synthetic`` is drawn from ``synthetic_truth()`` (seed 0)."""
+    if name != "synthetic":
+        return load_dataset(name, path, binarize)
+    x = synthetic_truth().sample(
+        SYNTHETIC_TRAIN + SYNTHETIC_TEST, torch.Generator().manual_seed(DATA_SEED + 1)
+    )
+    return Dataset("synthetic", x[:SYNTHETIC_TRAIN], x[SYNTHETIC_TRAIN:], None, "gaussian")
+
+
+def default_guide(model_spec: str) -> str:
+    return getattr(MODELS.get(model_spec), "default_guide", "mean-field")
+
+
+def build_pair(config: dict, data: Dataset) -> Pair:
+    """The model and guide the config names, sized for ``data``."""
     kwargs = {
         "data_dim": data.data_dim,
         "latent_dim": config["latent_dim"],
@@ -62,16 +111,19 @@ def build_pair(config: dict, data: Dataset) -> tuple[Callable, Callable]:
                 f"--model {spec}: must return a (model, guide) pair of callables, got "
                 f"{type(pair).__name__}"
             )
-        return pair
+        return Pair(*pair)
     if spec not in MODELS:
         raise ConfigError(
             f"--model {spec!r}: unknown; expected one of {sorted(MODELS)} or path/to/file.py:name"
         )
     if config["guide"] not in GUIDES:
         raise ConfigError(f"--guide {config['guide']!r}: unknown; expected one of {sorted(GUIDES)}")
-    model = _call_with_accepted(MODELS[spec], **kwargs)
-    guide = _call_with_accepted(GUIDES[config["guide"]], **kwargs)
-    return model.model, guide.guide
+    try:
+        model = _call_with_accepted(MODELS[spec], **kwargs)
+        guide = _call_with_accepted(GUIDES[config["guide"]], **kwargs, model=model)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"--model {spec} --guide {config['guide']}: {e}") from None
+    return Pair(model.model, guide.guide, model, guide)
 
 
 def _fmt(entry: dict | None) -> str:
@@ -102,6 +154,24 @@ def format_summary(summary: dict) -> str:
     mc = summary.get("log_evidence_mc_se")
     if mc is not None:
         lines.append(f"(Monte Carlo SE of log p(x) per data point, mean over points: {mc:.3f})")
+    return "\n".join(lines)
+
+
+EXACT_ROWS = ("elbo", "reconstruction", "kl_prior", "log_evidence", "evidence_gap")
+
+
+def format_exact_comparison(d, exact: dict[str, torch.Tensor]) -> str:
+    """Estimated beside closed-form values; z = mean difference / its standard error."""
+    lines = [f"{'closed form vs estimate, nats per point':<28}{'estimated':>12}{'exact':>12}"
+             f"{'difference':>12}{'z':>7}"]
+    for name in EXACT_ROWS:
+        estimate = getattr(d, name).double()
+        truth = exact[name].double()
+        diff = estimate - truth
+        se = diff.std().item() / len(diff) ** 0.5 if len(diff) > 1 else float("nan")
+        z = diff.mean().item() / se if se > 0 else float("nan")
+        lines.append(f"{name:<28}{estimate.mean().item():12.4f}{truth.mean().item():12.4f}"
+                     f"{diff.mean().item():12.4f}{z:7.2f}")
     return "\n".join(lines)
 
 

@@ -14,11 +14,16 @@ import pyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import build_pair, format_summary, run_main  # noqa: E402
+from _common import (  # noqa: E402
+    build_pair,
+    format_exact_comparison,
+    format_summary,
+    load_data,
+    run_main,
+)
 
 from inference.atomic import write_json_atomic  # noqa: E402
 from inference.checkpoint import load_checkpoint  # noqa: E402
-from inference.datasets import load_dataset  # noqa: E402
 from inference.diagnostics import evaluate  # noqa: E402
 from inference.errors import ConfigError  # noqa: E402
 from inference.training import CHECKPOINT  # noqa: E402
@@ -60,17 +65,22 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"{flag} must be a positive integer, got {value}")
     pyro.set_rng_seed(args.seed)
     pyro.clear_param_store()
-    data = load_dataset(config["data"], config["data_dir"], config["binarize"])
-    model, guide = build_pair(config, data)
-    load_checkpoint(run_dir / CHECKPOINT, model, guide, data.test[:2])
+    data = load_data(config["data"], config["data_dir"], config["binarize"])
+    pair = build_pair(config, data)
+    load_checkpoint(run_dir / CHECKPOINT, pair.model, pair.guide, data.test[:2])
     x = data.test if args.split == "test" else data.train_epoch()
     x = x[: args.max_points]
-    diagnostics = evaluate(model, guide, x, num_samples=k, batch_size=args.batch_size,
+    diagnostics = evaluate(pair.model, pair.guide, x, num_samples=k, batch_size=args.batch_size,
                            progress=not args.no_progress)
     summary = {"data": config["data"], "split": args.split, **diagnostics.summary()}
+    exact = pair.exact(x)
+    if exact is not None:
+        summary["exact"] = {name: v.double().mean().item() for name, v in exact.items()}
     out = run_dir / f"evaluation-{args.split}-K{k}.json"
     write_json_atomic(out, summary)
     print(format_summary(summary))
+    if exact is not None:
+        print(format_exact_comparison(diagnostics, exact))
     print(f"wrote {out}")
     return 0
 

@@ -12,13 +12,24 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 import pyro
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import build_pair, format_summary, parse_hidden_dims, run_main  # noqa: E402
+from _common import (  # noqa: E402
+    SYNTHETIC_LATENT,
+    build_pair,
+    default_guide,
+    format_exact_comparison,
+    format_summary,
+    load_data,
+    parse_hidden_dims,
+    run_main,
+    synthetic_truth,
+)
 
 from inference.atomic import write_json_atomic  # noqa: E402
-from inference.datasets import BINARIZATIONS, load_dataset  # noqa: E402
+from inference.datasets import BINARIZATIONS  # noqa: E402
 from inference.diagnostics import evaluate  # noqa: E402
 from inference.errors import ConfigError  # noqa: E402
 from inference.plotting import (  # noqa: E402
@@ -32,7 +43,7 @@ from inference.plotting import (  # noqa: E402
 from inference.reconstruction import reconstruct, sample_prior_means  # noqa: E402
 from inference.training import FitOptions, fit  # noqa: E402
 
-DATASETS = ("digits", "mnist", "binarized_mnist", "frey_face")
+DATASETS = ("digits", "synthetic", "mnist", "binarized_mnist", "frey_face", "array")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -42,19 +53,25 @@ def parser() -> argparse.ArgumentParser:
     )
     data = p.add_argument_group("data")
     data.add_argument("--data", choices=DATASETS, default="digits",
-                      help="data set; all but digits are read from --data-dir")
-    data.add_argument("--data-dir", help="directory (or .mat file for frey_face) to read from")
+                      help="data set: digits (bundled), synthetic (drawn from a fixed "
+                           "linear-Gaussian model, D=10, k=3), or read from --data-dir")
+    data.add_argument("--data-dir",
+                      help="directory of the files (mnist, binarized_mnist), frey_rawface.mat, "
+                           "or a .npy/.npz/.csv matrix for --data array")
     data.add_argument("--binarize", choices=BINARIZATIONS, default="dynamic",
                       help="how --data mnist is binarized")
     pair = p.add_argument_group("model and guide")
     pair.add_argument("--model", default="vae",
-                      help="a registered model (vae) or path/to/file.py:name returning "
-                           "(model, guide)")
-    pair.add_argument("--guide", default="mean-field", help="a registered guide")
+                      help="a registered model (vae, linear-gaussian) or path/to/file.py:name "
+                           "returning (model, guide)")
+    pair.add_argument("--guide",
+                      help="a registered guide: mean-field (MLP encoder), linear, "
+                           "optimal-mean-field (linear-gaussian only); default: the model's own")
     pair.add_argument("--likelihood", choices=("auto", "bernoulli", "gaussian"), default="auto",
                       help="observation model; auto: bernoulli for binary data, else gaussian")
     pair.add_argument("--latent-dim", type=int,
-                      help="latent dimensions (default: 50, or 10 for data of < 400 pixels)")
+                      help="latent dimensions (default: 50; 10 for data of < 400 pixels; 3 for "
+                           "synthetic)")
     pair.add_argument("--hidden-dims",
                       help="comma-separated hidden layer sizes, '' for none "
                            "(default: 400, or 200 for data of < 400 pixels)")
@@ -99,9 +116,11 @@ def make_config(args: argparse.Namespace, data) -> dict:
         "data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None,
         "binarize": args.binarize,
         "model": model,
-        "guide": args.guide,
+        "guide": args.guide or default_guide(args.model),
         "likelihood": likelihood,
-        "latent_dim": args.latent_dim if args.latent_dim is not None else (10 if small else 50),
+        "latent_dim": args.latent_dim if args.latent_dim is not None else (
+            SYNTHETIC_LATENT if args.data == "synthetic" else 10 if small else 50
+        ),
         "hidden_dims": list(parse_hidden_dims(hidden)),
         "seed": args.seed,
         "num_samples": args.num_samples,
@@ -132,16 +151,23 @@ def prepare_run_dir(args: argparse.Namespace) -> Path:
     return run_dir
 
 
-def write_plots(run_dir: Path, history: list[dict], summary: dict, model, guide, data) -> None:
+def write_plots(run_dir: Path, history: list[dict], summary: dict, pair, data) -> None:
     plot_elbo_curves(history, run_dir / "elbo.png")
     plot_terms_curves(history, run_dir / "reconstruction_kl.png")
     plot_evidence_gap(history, run_dir / "evidence_gap.png")
     plot_kl_per_dim(summary["kl_per_dim"], run_dir / "kl_per_dim.png")
+    if data.image_shape is None:
+        return
     x = data.test[:32]
-    plot_reconstructions(x.numpy(), reconstruct(model, guide, x).numpy(), data.image_shape,
-                         run_dir / "reconstructions.png")
-    plot_image_grid(sample_prior_means(model, data.test[:64]).numpy(), data.image_shape,
+    plot_reconstructions(x.numpy(), reconstruct(pair.model, pair.guide, x).numpy(),
+                         data.image_shape, run_dir / "reconstructions.png")
+    plot_image_grid(sample_prior_means(pair.model, data.test[:64]).numpy(), data.image_shape,
                     run_dir / "prior_samples.png", "prior samples: E[x|z], z ~ p(z)")
+
+
+def exact_means(pair, x) -> dict[str, float] | None:
+    exact = pair.exact(x)
+    return None if exact is None else {k: v.double().mean().item() for k, v in exact.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,9 +178,9 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"--eval-batch-size must be a positive integer, got {args.eval_batch_size}")
     pyro.set_rng_seed(args.seed)
     pyro.clear_param_store()
-    data = load_dataset(args.data, args.data_dir, args.binarize)
+    data = load_data(args.data, args.data_dir, args.binarize)
     config = make_config(args, data)
-    model, guide = build_pair(config, data)
+    pair = build_pair(config, data)
     options = FitOptions(**{f.name: config[f.name] for f in fields(FitOptions)
                             if f.name in config})
     options.progress = not args.no_progress
@@ -163,13 +189,30 @@ def main(argv: list[str] | None = None) -> int:
     write_json_atomic(run_dir / "config.json", {**config, "fit_options": asdict(options)})
     print(f"run directory: {run_dir}")
 
-    result = fit(model, guide, data, options, run_dir)
-    diagnostics = evaluate(model, guide, data.test, num_samples=args.num_samples,
+    eval_x = data.test[: options.eval_points]
+
+    def add_exact(record: dict) -> None:
+        if "diagnostics" in record and (exact := exact_means(pair, eval_x)) is not None:
+            record["exact"] = exact
+
+    result = fit(pair.model, pair.guide, data, options, run_dir, on_epoch=add_exact)
+    diagnostics = evaluate(pair.model, pair.guide, data.test, num_samples=args.num_samples,
                            batch_size=args.eval_batch_size, progress=options.progress)
     summary = {"data": args.data, "split": "test", **diagnostics.summary()}
+    exact = pair.exact(data.test)
+    if exact is not None:
+        summary["exact"] = exact_means(pair, data.test)
+    if args.data == "synthetic":
+        with torch.no_grad():
+            truth = synthetic_truth().log_evidence(data.test).double().mean().item()
+        summary["data_generating_log_evidence"] = truth
     write_json_atomic(run_dir / "diagnostics.json", summary)
-    write_plots(run_dir, result.history, summary, model, guide, data)
+    write_plots(run_dir, result.history, summary, pair, data)
     print(format_summary(summary))
+    if exact is not None:
+        print(format_exact_comparison(diagnostics, exact))
+    if args.data == "synthetic":
+        print(f"log p(x) under the model that generated the data: {truth:.4f}")
     print(f"wrote {run_dir}/: config.json metrics.jsonl checkpoint.pt diagnostics.json *.png")
     return 0
 

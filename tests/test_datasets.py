@@ -8,6 +8,7 @@ import pytest
 import scipy.io
 
 from inference.datasets import (
+    load_array,
     load_binarized_mnist,
     load_dataset,
     load_digits,
@@ -159,6 +160,31 @@ def test_frey_face(tmp_path):
     scipy.io.savemat(tmp_path / "shape.mat", {"ff": np.zeros((10, 4))})
     with pytest.raises(DataError, match="'ff' has shape \\(10, 4\\)"):
         load_frey_face(tmp_path / "shape.mat")
+
+
+def test_user_arrays(tmp_path):
+    x = np.random.RandomState(0).randn(50, 4)
+    np.save(tmp_path / "x.npy", x)
+    np.savetxt(tmp_path / "x.csv", x, delimiter=",")
+    np.savez(tmp_path / "x.npz", data=(x > 0).astype(float))
+    a, b = load_array(tmp_path / "x.npy"), load_array(tmp_path / "x.csv")
+    assert a.train.shape == (45, 4) and a.test.shape == (5, 4) and a.likelihood == "gaussian"
+    np.testing.assert_allclose(a.train.numpy(), b.train.numpy(), rtol=1e-6)
+    assert load_array(tmp_path / "x.npz").likelihood == "bernoulli"
+    x[3, 1] = np.nan
+    x[7, 0] = np.inf
+    np.save(tmp_path / "bad.npy", x)
+    with pytest.raises(DataError, match="bad.npy: 2 NaN or infinite values, in rows \\[3, 7\\]"):
+        load_array(tmp_path / "bad.npy")
+    np.save(tmp_path / "flat.npy", np.zeros(5))
+    with pytest.raises(DataError, match="flat.npy: array of shape \\(5,\\)"):
+        load_array(tmp_path / "flat.npy")
+    (tmp_path / "x.json").write_text("[]")
+    with pytest.raises(DataError, match="unknown extension"):
+        load_array(tmp_path / "x.json")
+    (tmp_path / "words.csv").write_text("a,b\nc,d\n")
+    with pytest.raises(DataError, match="words.csv: cannot be read as a numeric array"):
+        load_array(tmp_path / "words.csv")
 
 
 def test_load_dataset_names():

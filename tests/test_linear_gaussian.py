@@ -134,7 +134,8 @@ def test_diagonal_posterior_gives_zero_gap_and_constant_weights():
     q, _ = torch.linalg.qr(torch.randn(6, 3, generator=g))
     weight = q * torch.tensor([2.0, 1.0, 0.5])  # orthogonal columns
     model = LinearGaussian.from_parameters(weight, torch.randn(6, generator=g), torch.full((6,), 0.3))
-    assert (model.posterior_precision() - torch.diag(model.posterior_precision().diagonal())).abs().max() < 1e-12
+    precision = model.posterior_precision()
+    assert (precision - torch.diag(precision.diagonal())).abs().max() < 1e-12
     x = draw(model, 25)
     guide = OptimalMeanFieldGuide(model)
     d = evaluate(model.model, guide.guide, x, num_samples=100, keep_log_weights=True)

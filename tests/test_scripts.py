@@ -113,6 +113,24 @@ def test_a_users_own_pair_from_a_file(tmp_path):
     assert result.returncode == 0, result.stderr
 
 
+def test_linear_gaussian_prints_estimates_beside_closed_forms(tmp_path):
+    out = tmp_path / "lg"
+    result = run("fit.py", "--model", "linear-gaussian", "--data", "synthetic", "--epochs", "5",
+                 "--lr", "0.02", "--num-samples", "2000", "--eval-samples", "50",
+                 "--no-progress", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "closed form vs estimate" in result.stdout
+    summary = json.loads((out / "diagnostics.json").read_text())
+    exact = summary["exact"]
+    gap_se = summary["evidence_gap_mc_se"]
+    assert abs(summary["evidence_gap"]["mean"] - exact["evidence_gap"]) < 4 * gap_se + 1e-6
+    assert summary["kl_prior"]["mean"] == pytest.approx(exact["kl_prior"], rel=1e-5)
+    assert summary["data_generating_log_evidence"] < 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all("exact" in r for r in records if "diagnostics" in r)
+    assert (out / "evidence_gap.png").is_file() and not (out / "reconstructions.png").exists()
+
+
 @pytest.mark.parametrize(
     "args, message",
     [(["--model", "missing.py:f"], "missing.py does not exist"),
@@ -126,7 +144,9 @@ def test_a_users_own_pair_from_a_file(tmp_path):
      (["--batch-size", "5000"], "larger than the training set"),
      (["--data", "mnist"], "pass their directory"),
      (["--data", "mnist", "--data-dir", "/nonexistent"], "/nonexistent: no such directory"),
-     (["--hidden-dims", "a,b"], "expected comma-separated integers")],
+     (["--hidden-dims", "a,b"], "expected comma-separated integers"),
+     (["--guide", "optimal-mean-field"], "known in closed form only for the linear-Gaussian"),
+     (["--data", "array", "--data-dir", "nothing.npy"], "nothing.npy: no such file")],
 )
 def test_bad_command_lines_get_one_clear_line(tmp_path, monkeypatch, capsys, args, message):
     (tmp_path / "pair.py").write_text(USER_PAIR)
