@@ -93,7 +93,10 @@ def build_pair(config: dict, data: Dataset) -> Pair:
         "latent_dim": config["latent_dim"],
         "hidden_dims": tuple(config["hidden_dims"]),
         "likelihood": config["likelihood"],
+        "likelihood_scale": config.get("likelihood_scale"),
     }
+    if kwargs["likelihood_scale"] is not None and not kwargs["likelihood_scale"] > 0:
+        raise ConfigError(f"--likelihood-scale must be positive, got {kwargs['likelihood_scale']}")
     if config["latent_dim"] < 1:
         raise ConfigError(f"--latent-dim must be a positive integer, got {config['latent_dim']}")
     spec = config["model"]

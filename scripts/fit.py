@@ -69,6 +69,9 @@ def parser() -> argparse.ArgumentParser:
                            "optimal-mean-field (linear-gaussian only); default: the model's own")
     pair.add_argument("--likelihood", choices=("auto", "bernoulli", "gaussian"), default="auto",
                       help="observation model; auto: bernoulli for binary data, else gaussian")
+    pair.add_argument("--likelihood-scale", type=float,
+                      help="fixed standard deviation of the gaussian likelihood (default: learned "
+                           "per pixel)")
     pair.add_argument("--latent-dim", type=int,
                       help="latent dimensions (default: 50; 10 for data of < 400 pixels; 3 for "
                            "synthetic)")
@@ -118,6 +121,7 @@ def make_config(args: argparse.Namespace, data) -> dict:
         "model": model,
         "guide": args.guide or default_guide(args.model),
         "likelihood": likelihood,
+        "likelihood_scale": args.likelihood_scale,
         "latent_dim": args.latent_dim if args.latent_dim is not None else (
             SYNTHETIC_LATENT if args.data == "synthetic" else 10 if small else 50
         ),
