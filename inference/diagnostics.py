@@ -30,8 +30,21 @@ from tqdm.auto import tqdm
 
 from inference.errors import ConfigError
 from inference.kl import MONTE_CARLO, kl_to_prior
-from inference.traces import PairLayout, inspect_pair, per_datapoint, sample_sites, site_log_prob
+from inference.psis import importance_ess, khat_summary, pareto_khat
+from inference.traces import (
+    PairLayout,
+    datapoint_rows,
+    inspect_pair,
+    per_datapoint,
+    sample_sites,
+    site_log_prob,
+)
 from inference.traces import trace_pair as _trace_pair
+
+# Burda et al. (2016): a latent dimension is active when Cov_x(E_q[z_d | x]) exceeds this.
+ACTIVE_UNIT_THRESHOLD = 0.01
+# PSIS fits the largest min(K/5, 3 sqrt(K)) weights: below this K there is no tail to fit.
+MIN_SAMPLES_KHAT = 20
 
 # Rows (particles x data points) pushed through the pair at once: bounds memory for any K.
 DEFAULT_ROWS_PER_CHUNK = 32768
@@ -63,8 +76,15 @@ class Diagnostics:
     kl_sites: dict[str, torch.Tensor]
     kl_per_dim: dict[str, torch.Tensor]
     kl_method: dict[str, str]
+    khat: torch.Tensor
+    ess: torch.Tensor
+    latent_mean: dict[str, torch.Tensor]
     num_samples: int
     log_weights: torch.Tensor | None = field(default=None, repr=False)
+
+    def active_units(self, threshold: float = ACTIVE_UNIT_THRESHOLD) -> dict[str, torch.Tensor]:
+        """Per latent site, which dimensions have Cov_x(E_q[z_d | x]) > threshold."""
+        return {name: m.var(0, unbiased=False) > threshold for name, m in self.latent_mean.items()}
 
     @property
     def num_data(self) -> int:
@@ -89,7 +109,37 @@ class Diagnostics:
         out["kl_per_dim"] = {
             name: [float(v) for v in value.mean(0)] for name, value in self.kl_per_dim.items()
         }
+        if self.num_samples >= MIN_SAMPLES_KHAT:
+            out["khat"] = khat_summary(self.khat)
+        out["ess"] = {"mean": float(self.ess.mean()), "min": float(self.ess.min())}
+        out["active_units"] = active_units_summary(self)
         return out
+
+
+def active_units_summary(d: Diagnostics) -> dict:
+    """Active dimensions per site and a warning when most are not (posterior collapse)."""
+    if d.num_data < 2:
+        return {"sites": {}, "active": None, "total": None, "warning": None}
+    active = d.active_units()
+    variances = {name: m.var(0, unbiased=False) for name, m in d.latent_mean.items()}
+    total = sum(int(a.numel()) for a in active.values())
+    count = sum(int(a.sum()) for a in active.values())
+    warning = None
+    if count * 2 < total:
+        warning = (
+            f"posterior collapse: only {count} of {total} latent dimensions are active "
+            f"(Cov_x(E_q[z]) > {ACTIVE_UNIT_THRESHOLD}); the rest carry no information about x"
+        )
+    return {
+        "sites": {
+            name: {"active": int(active[name].sum()), "total": int(active[name].numel()),
+                   "variance": [float(v) for v in variances[name]]}
+            for name in active
+        },
+        "active": count,
+        "total": total,
+        "warning": warning,
+    }
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -134,7 +184,7 @@ def evaluate(
     if batch_size < 1:
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size}")
     with torch.no_grad():
-        layout = inspect_pair(model, guide, x[: min(n, 2)], data_plate)
+        layout = inspect_pair(model, guide, x[:batch_size], data_plate)
         starts = range(0, n, batch_size)
         parts = [
             _evaluate_batch(
@@ -158,6 +208,7 @@ def _evaluate_batch(
 ) -> dict:
     log_w, elbo_k = [], []
     kl_sums: dict[str, torch.Tensor] = {}
+    mean_sums: dict[str, torch.Tensor] = {}
     kl_method: dict[str, str] = {}
     done = 0
     while done < num_samples:
@@ -168,6 +219,9 @@ def _evaluate_batch(
         for name, kl_dim in chunk["kl_per_dim"].items():
             summed = kl_dim.double().sum(0)
             kl_sums[name] = summed if name not in kl_sums else kl_sums[name] + summed
+        for name, m in chunk["latent_mean"].items():
+            summed = m.double().sum(0)
+            mean_sums[name] = summed if name not in mean_sums else mean_sums[name] + summed
         kl_method.update(chunk["kl_method"])
         done += k
     log_w_all = torch.cat(log_w).double()
@@ -189,6 +243,10 @@ def _evaluate_batch(
         "kl_sites": kl_sites,
         "kl_per_dim": kl_per_dim,
         "kl_method": kl_method,
+        "khat": (pareto_khat(log_w_all) if num_samples >= MIN_SAMPLES_KHAT
+                 else torch.full((x.shape[0],), float("nan"), dtype=torch.float64)),
+        "ess": importance_ess(log_w_all),
+        "latent_mean": {name: s / num_samples for name, s in mean_sums.items()},
         "log_weights": log_w_all if keep_log_weights else None,
     }
 
@@ -217,7 +275,7 @@ def _particle_terms(
         log_w = log_w - reduce(site_log_prob(site), site)
 
     kl = torch.zeros_like(log_w)
-    kl_per_dim, kl_method = {}, {}
+    kl_per_dim, kl_method, latent_mean = {}, {}, {}
     for name in layout.latent:
         q_site, p_site = guide_sites[name], model_sites[name]
         site_kl = kl_to_prior(q_site["fn"], p_site["fn"], q_site["value"])
@@ -225,13 +283,25 @@ def _particle_terms(
         kl_per_dim[name] = per_dim
         kl_method[name] = site_kl.method
         kl = kl + per_dim.sum(-1)
+        latent_mean[name] = _site_mean(q_site, layout, data_plate).expand(shape + (-1,))
     return {
         "log_w": log_w,
         "reconstruction": reconstruction,
         "kl": kl,
         "kl_per_dim": kl_per_dim,
         "kl_method": kl_method,
+        "latent_mean": latent_mean,
     }
+
+
+def _site_mean(site: dict, layout: PairLayout, data_plate: str) -> torch.Tensor:
+    """E_q[z | x] at a guide site as ``[k, N, D]``: the distribution's mean, else the draw."""
+    fn = site["fn"]
+    try:
+        mean = fn.mean.expand(fn.batch_shape + fn.event_shape)
+    except NotImplementedError:
+        mean = site["value"]
+    return datapoint_rows(mean, site, layout, data_plate, len(fn.event_shape))
 
 
 def _with_control_variate(elbo_k: torch.Tensor, log_w: torch.Tensor) -> torch.Tensor:
@@ -305,6 +375,9 @@ def _concatenate(parts: list[dict], num_samples: int) -> Diagnostics:
         kl_sites=cat_dict("kl_sites"),
         kl_per_dim=cat_dict("kl_per_dim"),
         kl_method=kl_method,
+        khat=cat("khat"),
+        ess=cat("ess"),
+        latent_mean=cat_dict("latent_mean"),
         num_samples=num_samples,
         log_weights=(
             torch.cat([p["log_weights"] for p in parts], 1) if parts[0]["log_weights"] is not None

@@ -1,6 +1,7 @@
 """Figures of a run: curves from ``metrics.jsonl`` records, bars from a summary, image grids.
 
-Plotting only: every function takes numbers that were computed elsewhere and writes one PNG.
+Plotting only: every ``plot_*`` function takes numbers computed elsewhere and returns a
+matplotlib Figure; ``save_figure`` writes one as PNG, ``figure_png`` gives its bytes.
 """
 
 from __future__ import annotations
@@ -14,15 +15,21 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 from inference.atomic import write_atomic  # noqa: E402
 
 
-def save_figure(fig, path: str | Path) -> None:
+def figure_png(fig: Figure) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    write_atomic(path, lambda f: f.write(buffer.getvalue()))
+    return buffer.getvalue()
+
+
+def save_figure(fig: Figure, path: str | Path) -> None:
+    png = figure_png(fig)
+    write_atomic(path, lambda f: f.write(png))
 
 
 def _diagnosed(history: Sequence[dict]) -> list[dict]:
@@ -35,7 +42,7 @@ def _series(records: Sequence[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
     return mean, se
 
 
-def plot_elbo_curves(history: Sequence[dict], path: str | Path) -> None:
+def plot_elbo_curves(history: Sequence[dict]) -> Figure:
     epochs = [r["epoch"] for r in history]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(epochs, [r["train_elbo"] for r in history], label="train ELBO")
@@ -45,10 +52,10 @@ def plot_elbo_curves(history: Sequence[dict], path: str | Path) -> None:
     ax.set_title("ELBO during training")
     ax.legend()
     ax.grid(alpha=0.3)
-    save_figure(fig, path)
+    return fig
 
 
-def plot_terms_curves(history: Sequence[dict], path: str | Path) -> None:
+def plot_terms_curves(history: Sequence[dict]) -> Figure:
     records = _diagnosed(history)
     epochs = [r["epoch"] for r in records]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
@@ -64,10 +71,10 @@ def plot_terms_curves(history: Sequence[dict], path: str | Path) -> None:
         ax.set_title(f"test {title}")
         ax.legend()
         ax.grid(alpha=0.3)
-    save_figure(fig, path)
+    return fig
 
 
-def plot_evidence_gap(history: Sequence[dict], path: str | Path) -> None:
+def plot_evidence_gap(history: Sequence[dict]) -> Figure:
     records = _diagnosed(history)
     epochs = [r["epoch"] for r in records]
     k = records[-1]["diagnostics"]["num_samples"] if records else "?"
@@ -100,10 +107,10 @@ def plot_evidence_gap(history: Sequence[dict], path: str | Path) -> None:
     bottom.set_ylabel("nats per data point")
     bottom.set_title("evidence gap  log p(x) - ELBO  ≈ KL(q(z|x) || p(z|x))")
     bottom.grid(alpha=0.3)
-    save_figure(fig, path)
+    return fig
 
 
-def plot_kl_per_dim(kl_per_dim: dict[str, Sequence[float]], path: str | Path) -> None:
+def plot_kl_per_dim(kl_per_dim: dict[str, Sequence[float]]) -> Figure:
     sites = list(kl_per_dim)
     fig, axes = plt.subplots(len(sites), 1, figsize=(7, 2.6 * len(sites)), squeeze=False)
     for ax, site in zip(axes[:, 0], sites, strict=False):
@@ -113,7 +120,7 @@ def plot_kl_per_dim(kl_per_dim: dict[str, Sequence[float]], path: str | Path) ->
         ax.set_ylabel("KL (nats)")
         ax.set_title(f"mean KL(q || p(z)) per dimension, site '{site}'")
         ax.grid(alpha=0.3, axis="y")
-    save_figure(fig, path)
+    return fig
 
 
 def _tile(images: np.ndarray, image_shape: tuple[int, int], columns: int) -> np.ndarray:
@@ -127,9 +134,8 @@ def _tile(images: np.ndarray, image_shape: tuple[int, int], columns: int) -> np.
 
 
 def plot_reconstructions(
-    inputs: np.ndarray, reconstructions: np.ndarray, image_shape: tuple[int, int],
-    path: str | Path,
-) -> None:
+    inputs: np.ndarray, reconstructions: np.ndarray, image_shape: tuple[int, int]
+) -> Figure:
     """Inputs on odd rows, their reconstructions (mean of p(x|z), z ~ q(z|x)) beneath."""
     columns = 8
     rows = []
@@ -140,14 +146,86 @@ def plot_reconstructions(
     ax.imshow(_tile(pairs, image_shape, columns), cmap="gray", vmin=0, vmax=1)
     ax.set_title("test inputs (odd rows) and reconstructions E[x|z], z ~ q(z|x) (even rows)")
     ax.axis("off")
-    save_figure(fig, path)
+    return fig
 
 
 def plot_image_grid(
-    images: np.ndarray, image_shape: tuple[int, int], path: str | Path, title: str
-) -> None:
+    images: np.ndarray, image_shape: tuple[int, int], title: str
+) -> Figure:
     fig, ax = plt.subplots(figsize=(6, 6))
     ax.imshow(_tile(images, image_shape, 8), cmap="gray", vmin=0, vmax=1)
     ax.set_title(title)
     ax.axis("off")
-    save_figure(fig, path)
+    return fig
+
+
+def plot_khat_histogram(khat: np.ndarray) -> Figure:
+    """Pareto k-hat per data point, with the reliability thresholds 0.5 and 0.7."""
+    finite = khat[np.isfinite(khat)]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.hist(finite, bins=40, color="C0")
+    ax.axvline(0.5, color="C2", ls="--", lw=1.2, label="0.5: good below")
+    ax.axvline(0.7, color="C3", ls="--", lw=1.2, label="0.7: unreliable above")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    perfect = int((~np.isfinite(khat)).sum())
+    note = f" ({perfect} points with constant weights not shown)" if perfect else ""
+    ax.set_xlabel("Pareto k-hat of the importance weights (dimensionless)")
+    ax.set_ylabel("data points")
+    ax.set_title(f"reliability of log p(x) per data point{note}")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def plot_active_units(variances: dict[str, Sequence[float]], threshold: float) -> Figure:
+    """Cov_x(E_q[z_d | x]) per latent dimension, log scale, with the activity threshold."""
+    sites = list(variances)
+    fig, axes = plt.subplots(len(sites), 1, figsize=(7, 2.8 * len(sites)), squeeze=False)
+    for ax, site in zip(axes[:, 0], sites, strict=False):
+        values = np.maximum(np.asarray(variances[site], dtype=float), 1e-12)
+        colors = ["C0" if v > threshold else "C7" for v in values]
+        ax.bar(np.arange(len(values)), values, color=colors)
+        ax.axhline(threshold, color="C3", ls="--", lw=1, label=f"threshold {threshold}")
+        ax.set_yscale("log")
+        ax.set_xlabel(f"dimension of latent site '{site}'")
+        ax.set_ylabel("Cov_x(E_q[z_d|x])  (latent units²)")
+        active = int((values > threshold).sum())
+        ax.set_title(f"active units, site '{site}': {active} of {len(values)} (grey: inactive)")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        ax.grid(alpha=0.3, axis="y")
+    return fig
+
+
+def plot_gap_decomposition(approximation: np.ndarray, amortization: np.ndarray) -> Figure:
+    """Mean approximation and amortization gaps (± 2 SE over points), and their spread."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    means = [approximation.mean(), amortization.mean()]
+    ses = [approximation.std(ddof=1) / np.sqrt(len(approximation)),
+           amortization.std(ddof=1) / np.sqrt(len(amortization))]
+    labels = ["approximation gap\nlog p(x) - ELBO[q*]", "amortization gap\nELBO[q*] - ELBO[encoder]"]
+    left.bar(labels, means, yerr=[2 * s for s in ses], color=["C1", "C2"], capsize=6)
+    left.set_ylabel("nats per data point")
+    left.set_title(f"where the evidence gap comes from (n={len(approximation)})")
+    left.grid(alpha=0.3, axis="y")
+    bins = np.histogram_bin_edges(np.concatenate([approximation, amortization]), bins=30)
+    right.hist(approximation, bins=bins, histtype="step", lw=2, color="C1", label="approximation")
+    right.hist(amortization, bins=bins, histtype="step", lw=2, color="C2", label="amortization")
+    right.set_xlabel("gap per data point (nats)")
+    right.set_ylabel("data points")
+    right.set_title("spread over data points")
+    right.legend()
+    right.grid(alpha=0.3)
+    return fig
+
+
+def plot_latent_scatter(
+    means: np.ndarray, color: np.ndarray, color_label: str, axis_labels: tuple[str, str]
+) -> Figure:
+    """Points in a 2-D latent space (or a projection of it), coloured by a per-point value."""
+    fig, ax = plt.subplots(figsize=(6, 5))
+    points = ax.scatter(means[:, 0], means[:, 1], c=color, s=10, cmap="viridis")
+    fig.colorbar(points, ax=ax, label=color_label)
+    ax.set_xlabel(axis_labels[0])
+    ax.set_ylabel(axis_labels[1])
+    ax.set_title("E_q[z | x] of test points")
+    ax.grid(alpha=0.3)
+    return fig

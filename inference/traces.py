@@ -156,3 +156,18 @@ def site_log_prob(site: dict) -> torch.Tensor:
     if mask is not None and mask is not True:
         log_prob = torch.where(mask, log_prob, log_prob.new_zeros(()))
     return log_prob
+
+
+def datapoint_rows(values: torch.Tensor, site: dict, layout: PairLayout, data_plate: str,
+                   event_ndim: int) -> torch.Tensor:
+    """Rearrange a site's values (batch shape, then ``event_ndim`` dims) to ``[K, N, -1]``.
+
+    Unlike ``per_datapoint`` nothing is summed: dimensions of other plates are kept, flattened
+    with the event dimensions, so a per-coordinate quantity stays per coordinate.
+    """
+    width = layout.max_plate_nesting + 1
+    batch = values.shape[: values.dim() - event_ndim]
+    padded = values.reshape((1,) * (width - len(batch)) + tuple(values.shape))
+    data_axis = width + data_frame(site, data_plate).dim
+    moved = padded.movedim(data_axis, 1)
+    return moved.reshape(moved.shape[0], moved.shape[1], -1)

@@ -4,16 +4,30 @@ turning elbogap's errors into one-line messages."""
 from __future__ import annotations
 
 import inspect
+import json
 import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
+import pyro
 import torch
 
 from guides import GUIDES
+from inference.checkpoint import load_checkpoint
 from inference.datasets import DATA_SEED, Dataset, load_dataset
 from inference.errors import ConfigError, ElbogapError
+from inference.plotting import (
+    plot_elbo_curves,
+    plot_evidence_gap,
+    plot_image_grid,
+    plot_kl_per_dim,
+    plot_reconstructions,
+    plot_terms_curves,
+)
+from inference.reconstruction import reconstruct, sample_prior_means
+from inference.training import CHECKPOINT
 from inference.user_code import is_file_spec, load_object
 from models import MODELS
 from models.linear_gaussian import LinearGaussian
@@ -157,7 +171,61 @@ def format_summary(summary: dict) -> str:
     mc = summary.get("log_evidence_mc_se")
     if mc is not None:
         lines.append(f"(Monte Carlo SE of log p(x) per data point, mean over points: {mc:.3f})")
+    khat = summary.get("khat")
+    if khat is not None:
+        spread = (f"median {khat['median']:.2f}, max {khat['max']:.2f}; "
+                  if khat["median"] is not None else "")
+        lines.append(f"Pareto k-hat: {spread}{khat['verdict']}")
+    if "ess" in summary:
+        lines.append(f"importance-sampling ESS: mean {summary['ess']['mean']:.1f} of K={k} "
+                     f"(min {summary['ess']['min']:.1f})")
+    units = summary.get("active_units") or {}
+    if units.get("total"):
+        lines.append(f"active units (Cov_x E_q[z] > 0.01): {units['active']} of {units['total']}")
+        if units["warning"]:
+            lines.append(f"WARNING: {units['warning']}")
     return "\n".join(lines)
+
+
+def read_config(run_dir: Path) -> dict:
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir}: no config.json; is it a run directory of scripts/fit.py?")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+
+
+def load_run(run_dir: Path) -> tuple[dict, Dataset, Pair]:
+    """A run's config, its data, and its model and guide with the checkpoint's parameters."""
+    config = read_config(run_dir)
+    pyro.clear_param_store()
+    data = load_data(config["data"], config["data_dir"], config["binarize"])
+    pair = build_pair(config, data)
+    load_checkpoint(run_dir / CHECKPOINT, pair.model, pair.guide, data.test[:2])
+    return config, data, pair
+
+
+def run_figures(history: list[dict], kl_per_dim: dict, pair: Pair, data: Dataset) -> dict:
+    """The figures of a run by file name: curves over training, KL per dimension, and for image
+    data reconstructions and prior samples read off the model's observed site."""
+    figures = {
+        "elbo.png": plot_elbo_curves(history),
+        "reconstruction_kl.png": plot_terms_curves(history),
+        "evidence_gap.png": plot_evidence_gap(history),
+        "kl_per_dim.png": plot_kl_per_dim(kl_per_dim),
+    }
+    if data.image_shape is not None:
+        x = data.test[:32]
+        figures["reconstructions.png"] = plot_reconstructions(
+            x.numpy(), reconstruct(pair.model, pair.guide, x).numpy(), data.image_shape
+        )
+        figures["prior_samples.png"] = plot_image_grid(
+            sample_prior_means(pair.model, data.test[:64]).numpy(), data.image_shape,
+            "prior samples: E[x|z], z ~ p(z)",
+        )
+    return figures
 
 
 EXACT_ROWS = ("elbo", "reconstruction", "kl_prior", "log_evidence", "evidence_gap")

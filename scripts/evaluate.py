@@ -6,7 +6,6 @@ Writes RUN_DIR/evaluation-SPLIT-K{K}.json (diagnostics.json of the run is left a
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -14,19 +13,11 @@ import pyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (  # noqa: E402
-    build_pair,
-    format_exact_comparison,
-    format_summary,
-    load_data,
-    run_main,
-)
+from _common import format_exact_comparison, format_summary, load_run, run_main  # noqa: E402
 
 from inference.atomic import write_json_atomic  # noqa: E402
-from inference.checkpoint import load_checkpoint  # noqa: E402
 from inference.diagnostics import evaluate  # noqa: E402
 from inference.errors import ConfigError  # noqa: E402
-from inference.training import CHECKPOINT  # noqa: E402
 
 
 def parser() -> argparse.ArgumentParser:
@@ -44,30 +35,16 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def read_config(run_dir: Path) -> dict:
-    path = run_dir / "config.json"
-    if not path.is_file():
-        raise ConfigError(f"{run_dir}: no config.json; is it a run directory of scripts/fit.py?")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     run_dir = Path(args.run_dir)
-    config = read_config(run_dir)
-    k = args.num_samples if args.num_samples is not None else config["num_samples"]
-    for flag, value in (("--num-samples", k), ("--batch-size", args.batch_size),
+    for flag, value in (("--num-samples", args.num_samples), ("--batch-size", args.batch_size),
                         ("--max-points", args.max_points)):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} must be a positive integer, got {value}")
     pyro.set_rng_seed(args.seed)
-    pyro.clear_param_store()
-    data = load_data(config["data"], config["data_dir"], config["binarize"])
-    pair = build_pair(config, data)
-    load_checkpoint(run_dir / CHECKPOINT, pair.model, pair.guide, data.test[:2])
+    config, data, pair = load_run(run_dir)
+    k = args.num_samples if args.num_samples is not None else config["num_samples"]
     x = data.test if args.split == "test" else data.train_epoch()
     x = x[: args.max_points]
     diagnostics = evaluate(pair.model, pair.guide, x, num_samples=k, batch_size=args.batch_size,

@@ -24,6 +24,7 @@ from _common import (  # noqa: E402
     format_summary,
     load_data,
     parse_hidden_dims,
+    run_figures,
     run_main,
     synthetic_truth,
 )
@@ -32,15 +33,7 @@ from inference.atomic import write_json_atomic  # noqa: E402
 from inference.datasets import BINARIZATIONS  # noqa: E402
 from inference.diagnostics import evaluate  # noqa: E402
 from inference.errors import ConfigError  # noqa: E402
-from inference.plotting import (  # noqa: E402
-    plot_elbo_curves,
-    plot_evidence_gap,
-    plot_image_grid,
-    plot_kl_per_dim,
-    plot_reconstructions,
-    plot_terms_curves,
-)
-from inference.reconstruction import reconstruct, sample_prior_means  # noqa: E402
+from inference.plotting import save_figure  # noqa: E402
 from inference.training import FitOptions, fit  # noqa: E402
 
 DATASETS = ("digits", "synthetic", "mnist", "binarized_mnist", "frey_face", "array")
@@ -156,17 +149,8 @@ def prepare_run_dir(args: argparse.Namespace) -> Path:
 
 
 def write_plots(run_dir: Path, history: list[dict], summary: dict, pair, data) -> None:
-    plot_elbo_curves(history, run_dir / "elbo.png")
-    plot_terms_curves(history, run_dir / "reconstruction_kl.png")
-    plot_evidence_gap(history, run_dir / "evidence_gap.png")
-    plot_kl_per_dim(summary["kl_per_dim"], run_dir / "kl_per_dim.png")
-    if data.image_shape is None:
-        return
-    x = data.test[:32]
-    plot_reconstructions(x.numpy(), reconstruct(pair.model, pair.guide, x).numpy(),
-                         data.image_shape, run_dir / "reconstructions.png")
-    plot_image_grid(sample_prior_means(pair.model, data.test[:64]).numpy(), data.image_shape,
-                    run_dir / "prior_samples.png", "prior samples: E[x|z], z ~ p(z)")
+    for name, fig in run_figures(history, summary["kl_per_dim"], pair, data).items():
+        save_figure(fig, run_dir / name)
 
 
 def exact_means(pair, x) -> dict[str, float] | None:

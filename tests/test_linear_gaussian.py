@@ -158,9 +158,12 @@ def test_svi_approaches_the_optimal_mean_field_elbo_and_improves_the_likelihood(
     model, guide = LinearGaussian(8, 3), LinearEncoderGuide(8, 3)
     train = data.train
     before = model.log_evidence(train).mean().item()
-    fit(model.model, guide.guide, data,
-        FitOptions(epochs=200, batch_size=100, lr=0.02, eval_every=200, eval_samples=10,
-                   progress=False))
+    # A tenfold smaller step at the end lets Adam settle instead of jittering about the optimum
+    # (measured over seeds 0-3: 0.007-0.011 nats below the optimal mean-field ELBO).
+    for epochs, lr in ((150, 0.02), (50, 0.002)):
+        fit(model.model, guide.guide, data,
+            FitOptions(epochs=epochs, batch_size=100, lr=lr, eval_every=1000, eval_samples=10,
+                       progress=False))
     with torch.no_grad():
         after = model.log_evidence(train).mean().item()
         learned = model.exact_diagnostics(train, *guide.encode(train))["elbo"].mean().item()
@@ -169,4 +172,4 @@ def test_svi_approaches_the_optimal_mean_field_elbo_and_improves_the_likelihood(
     assert after > before + 5
     assert after > truth_loglik - 0.05  # as good as the data-generating model on its own data
     assert learned <= optimal + 1e-9  # the optimal mean-field guide is optimal
-    assert learned > optimal - 0.1, (learned, optimal)
+    assert learned > optimal - 0.05, (learned, optimal)

@@ -4,6 +4,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,29 @@ def test_evaluate_reloads_the_checkpoint(fitted_run):
     # The analytic KL depends only on the encoder: equal iff the parameters came back.
     assert again["kl_prior"]["mean"] == pytest.approx(original["kl_prior"]["mean"], rel=1e-6)
     assert again["num_samples"] == 20
+
+
+def test_report_is_self_contained_and_exports_arviz_data(fitted_run):
+    out, _ = fitted_run
+    result = run("report.py", str(out), "-K", "100", "--max-points", "60",
+                 "--amortization-points", "10", "--amortization-steps", "20",
+                 "--idata-points", "3", "--idata-draws", "50", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    page = (out / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') >= 9
+    assert "src=\"http" not in page and "<script" not in page
+    for heading in ("Reliability of the evidence estimate", "Active units", "Gap decomposition",
+                    "Latent space", "Where the gap comes from"):
+        assert heading in page
+    report = json.loads((out / "report.json").read_text())
+    assert report["num_data"] == 60 and report["gap_decomposition"]["num_data"] == 10
+    assert 0 <= report["khat"]["share_unreliable"] <= 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        import arviz
+    idata = arviz.from_netcdf(str(out / "inference_data.nc"))
+    assert idata.posterior["z"].shape == (1, 50, 3, 10)
+    assert idata.sample_stats["log_importance_weight"].shape == (1, 50, 3)
 
 
 def test_existing_run_directory_is_not_overwritten(fitted_run):

@@ -45,23 +45,31 @@ def test_training_improves_the_test_elbo(trained):
 
 
 def test_log_evidence_bounds_elbo_and_grows_with_k(trained):
+    """IWAE monotonicity: E[log mean of K weights] grows with K.
+
+    From one set of 1000 draws per point, the K-sample estimate is averaged over the 1000/K
+    disjoint blocks of K draws: the same expectation with far less noise, so that differences of
+    a few hundredths of a nat are resolved.
+    """
     data, vae, enc, _ = trained
     x = data.test
-    results = {}
-    for k in (1, 10, 100, 1000):
-        pyro.set_rng_seed(1)
-        results[k] = evaluate(vae.model, enc.guide, x, num_samples=k)
-    elbo = results[1000].elbo
-    # K = 1: log-mean-exp of one weight is an unbiased ELBO estimate.
-    diff = results[1].log_evidence - results[1000].elbo
+    pyro.set_rng_seed(1)
+    d = evaluate(vae.model, enc.guide, x, num_samples=1000, keep_log_weights=True)
+    log_w = d.log_weights
+    torch.testing.assert_close(torch.logsumexp(log_w, 0) - math.log(1000), d.log_evidence)
+    estimates = {
+        k: (torch.logsumexp(log_w.reshape(1000 // k, k, -1), 1) - math.log(k)).mean(0)
+        for k in (1, 10, 100, 1000)
+    }
+    # K = 1: the mean log-weight is an unbiased ELBO estimate, as is evaluate's ELBO.
+    diff = estimates[1] - d.elbo
     assert abs(diff.mean().item()) < 4 * diff.std().item() / math.sqrt(len(x))
-    means = [results[k].log_evidence.mean().item() for k in (1, 10, 100, 1000)]
-    for small, large in zip((1, 10, 100), (10, 100, 1000), strict=False):
-        step = results[large].log_evidence - results[small].log_evidence
+    for small, large in ((1, 10), (10, 100), (100, 1000)):
+        step = estimates[large] - estimates[small]
         se = step.std().item() / math.sqrt(len(x))
-        assert step.mean().item() > 2 * se, (small, large, means)
-    assert results[1000].log_evidence.mean() > elbo.mean()
-    assert (results[1000].evidence_gap.mean() > 0).item()
+        assert step.mean().item() > 4 * se, (small, large, step.mean().item(), se)
+    assert d.log_evidence.mean() > d.elbo.mean()
+    assert (d.evidence_gap.mean() > 0).item()
 
 
 def test_minibatch_scaling_multiplies_data_plate_sites_only():

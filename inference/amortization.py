@@ -1,0 +1,142 @@
+"""Where the gap comes from: approximation gap and amortization gap (Cremer, Li & Duvenaud 2018).
+
+    log p(x) - ELBO[q_encoder]  =  [log p(x) - ELBO[q*]]   +   [ELBO[q*] - ELBO[q_encoder]]
+                                    approximation gap            amortization gap
+
+q* is the best guide of the same family fitted to each data point on its own (a local guide,
+optimized here with SVI from the encoder's output).  The approximation gap is what the family
+cannot do; the amortization gap is what sharing one encoder across all points costs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from pyro.infer import Trace_ELBO
+from torch.distributions import Independent, Normal
+
+from inference.diagnostics import Diagnostics, evaluate, mean_and_se
+from inference.errors import ConventionError
+from inference.traces import inspect_pair, sample_sites, trace_pair
+
+
+def normal_sites(
+    model: Callable, guide: Callable, x: torch.Tensor, data_plate: str = "data"
+) -> dict[str, dict]:
+    """For each latent site of the guide at ``x``: its Normal's loc and scale and its plates.
+
+    The returned dict (keys ``loc``, ``scale``, ``event_ndim``, ``plates``) is what a local
+    mean-field guide needs to start at the encoder's output.
+    """
+    inspect_pair(model, guide, x, data_plate)  # the conventions, with a clear error if broken
+    with torch.no_grad():
+        guide_trace, _ = trace_pair(model, guide, x)
+    out = {}
+    for name, site in sample_sites(guide_trace).items():
+        fn = site["fn"]
+        base = fn
+        while isinstance(base, Independent):
+            base = base.base_dist
+        if not isinstance(base, Normal):
+            raise ConventionError(
+                f"guide site '{name}' is {type(base).__name__}, not Normal: the local guide of "
+                "the amortization gap is a mean-field Normal"
+            )
+        shape = fn.batch_shape + fn.event_shape
+        out[name] = {
+            "loc": base.loc.expand(shape).detach().clone(),
+            "scale": base.scale.expand(shape).detach().clone(),
+            "event_ndim": len(fn.event_shape),
+            "plates": tuple(
+                (f.name, f.size, f.dim)
+                for f in reversed(site["cond_indep_stack"]) if f.vectorized
+            ),
+        }
+    return out
+
+
+def fit_local_guide(
+    model: Callable,
+    local_guide: Callable,
+    parameters: Iterable[torch.Tensor],
+    x: torch.Tensor,
+    *,
+    steps: int = 1000,
+    lr: float = 0.02,
+    num_particles: int = 8,
+) -> list[float]:
+    """Maximize the ELBO of ``local_guide`` on ``x`` over ``parameters`` only.
+
+    Gradients are taken for the local parameters alone, so the model's parameters (and their
+    .grad) are left untouched.  Returns the loss (minus the summed ELBO) per step.
+    """
+    parameters = list(parameters)
+    layout = inspect_pair(model, local_guide, x)
+    optimizer = torch.optim.Adam(parameters, lr=lr)
+    # The step size shrinks tenfold over the run, so the last steps settle instead of jitter.
+    schedule = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.1 ** (1 / steps))
+    elbo = Trace_ELBO(num_particles=num_particles, vectorize_particles=True,
+                      max_plate_nesting=layout.max_plate_nesting)
+    losses = []
+    for _ in range(steps):
+        loss = elbo.differentiable_loss(model, local_guide, x)
+        grads = torch.autograd.grad(loss, parameters)
+        for p, g in zip(parameters, grads, strict=True):
+            p.grad = g
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+    return losses
+
+
+@dataclass
+class GapDecomposition:
+    """Per-datapoint tensors ``[n]`` in nats, and the two evaluations they came from."""
+
+    log_evidence: torch.Tensor
+    elbo_amortized: torch.Tensor
+    elbo_local: torch.Tensor
+    approximation_gap: torch.Tensor
+    amortization_gap: torch.Tensor
+    amortized: Diagnostics
+    local: Diagnostics
+
+    def summary(self) -> dict:
+        return {
+            "num_data": int(self.log_evidence.shape[0]),
+            "num_samples": self.local.num_samples,
+            "log_evidence": mean_and_se(self.log_evidence),
+            "elbo_amortized": mean_and_se(self.elbo_amortized),
+            "elbo_local": mean_and_se(self.elbo_local),
+            "approximation_gap": mean_and_se(self.approximation_gap),
+            "amortization_gap": mean_and_se(self.amortization_gap),
+        }
+
+
+def decompose_gap(
+    model: Callable,
+    guide: Callable,
+    local_guide: Callable,
+    x: torch.Tensor,
+    *,
+    num_samples: int = 1000,
+    data_plate: str = "data",
+) -> GapDecomposition:
+    """Split the evidence gap of ``guide`` on ``x`` using a fitted ``local_guide`` (q*).
+
+    log p(x) is the importance-sampling estimate with q* as proposal: closer to the posterior
+    than the encoder, it is the better proposal of the two.
+    """
+    amortized = evaluate(model, guide, x, num_samples=num_samples, data_plate=data_plate)
+    local = evaluate(model, local_guide, x, num_samples=num_samples, data_plate=data_plate)
+    return GapDecomposition(
+        log_evidence=local.log_evidence,
+        elbo_amortized=amortized.elbo,
+        elbo_local=local.elbo,
+        approximation_gap=local.log_evidence - local.elbo,
+        amortization_gap=local.elbo - amortized.elbo,
+        amortized=amortized,
+        local=local,
+    )

@@ -1,0 +1,90 @@
+"""Can the importance-sampled evidence be believed?  Pareto k-hat and the effective sample size.
+
+k-hat is the shape of a generalized Pareto distribution fitted to the largest importance
+weights (PSIS; Vehtari, Simpson, Gelman, Yao & Gabry 2024).  Yao, Vehtari, Simpson & Gelman
+(2018) read it as: k < 0.5 good, 0.5 <= k <= 0.7 usable (slow convergence), k > 0.7 unreliable
+(the estimate of log p(x), and so the gap, may be far off however large K is).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import torch
+
+KHAT_GOOD = 0.5
+KHAT_UNRELIABLE = 0.7
+
+
+def _psis_backend():
+    """``f(log_weights (N, K)) -> k-hat (N,)`` from whichever ArviZ line is installed.
+
+    ArviZ 0.x (Python 3.11) has ``arviz.psislw`` taking the log-weights as they are.  ArviZ 1.x
+    moved it to ``arviz_stats.base.array_stats.psislw``, which follows the LOO convention of
+    taking log-likelihoods and negates them itself: it must be handed -log_weights.  Both use
+    the last axis, and r_eff = 1 because importance draws are independent.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        import arviz
+
+    if hasattr(arviz, "psislw"):
+        return lambda lw: np.asarray(arviz.psislw(lw, reff=1.0)[1])
+    from arviz_stats.base import array_stats
+
+    return lambda lw: np.asarray(array_stats.psislw(-lw, r_eff=1, axis=-1)[1])
+
+
+def pareto_khat(log_weights: torch.Tensor) -> torch.Tensor:
+    """k-hat of the importance weights of each data point; ``log_weights`` is ``[K, N]``.
+
+    Constant weights (a guide equal to the posterior) have no tail to fit, and ArviZ rejects
+    them: their k-hat is -inf, the limit of bounded weights.
+    """
+    lw = log_weights.detach().double().T.cpu().numpy()
+    spread = lw.max(1) - lw.min(1)
+    constant = spread <= 1e-9 * np.maximum(1.0, np.abs(lw).max(1))
+    khat = np.full(lw.shape[0], -math.inf)
+    if (~constant).any():
+        with warnings.catch_warnings():
+            # ArviZ warns per point when k-hat is large; the summary reports that once.
+            warnings.simplefilter("ignore")
+            khat[~constant] = _psis_backend()(lw[~constant])
+    return torch.from_numpy(khat)
+
+
+def importance_ess(log_weights: torch.Tensor) -> torch.Tensor:
+    """Effective sample size (sum w)^2 / sum w^2 of each data point's K weights, ``[N]``."""
+    lw = log_weights.double()
+    return torch.exp(2 * torch.logsumexp(lw, 0) - torch.logsumexp(2 * lw, 0))
+
+
+def khat_summary(khat: torch.Tensor) -> dict:
+    """Shares of points in each reliability band, and a plain verdict."""
+    n = khat.numel()
+    bad = int((khat > KHAT_UNRELIABLE).sum())
+    ok = int(((khat >= KHAT_GOOD) & (khat <= KHAT_UNRELIABLE)).sum())
+    finite = khat[torch.isfinite(khat)]
+    if bad:
+        verdict = (
+            f"{bad} of {n} points ({100 * bad / n:.1f} %) have k-hat > {KHAT_UNRELIABLE}: their "
+            "log p(x) and evidence gap are NOT reliable (the guide's tails are too light for "
+            "importance sampling); treat those numbers as lower bounds"
+        )
+    elif ok:
+        verdict = (
+            f"all points have k-hat <= {KHAT_UNRELIABLE}; {ok} in [{KHAT_GOOD}, "
+            f"{KHAT_UNRELIABLE}] converge slowly: use a large K"
+        )
+    else:
+        verdict = f"all points have k-hat < {KHAT_GOOD}: the evidence estimates are reliable"
+    return {
+        "median": float(finite.median()) if finite.numel() else None,
+        "max": float(finite.max()) if finite.numel() else None,
+        "share_good": float((khat < KHAT_GOOD).double().mean()),
+        "share_ok": ok / n,
+        "share_unreliable": bad / n,
+        "verdict": verdict,
+    }
