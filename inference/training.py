@@ -49,6 +49,7 @@ class FitOptions:
     eval_points: int = 500
     data_plate: str = "data"
     progress: bool = True
+    time_budget: float | None = None  # seconds; training stops after the epoch that exceeds it
 
     def check(self, num_train: int) -> None:
         for name in ("epochs", "batch_size", "num_particles", "eval_every", "eval_samples",
@@ -58,6 +59,8 @@ class FitOptions:
                 raise ConfigError(f"{name.replace('_', '-')} must be a positive integer, got {value}")
         if not (isinstance(self.lr, float | int) and math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"lr must be a positive number, got {self.lr}")
+        if self.time_budget is not None and not self.time_budget > 0:
+            raise ConfigError(f"time budget must be positive, got {self.time_budget}")
         if self.elbo not in ELBOS:
             raise ConfigError(f"elbo must be one of {sorted(ELBOS)}, got {self.elbo!r}")
         if self.batch_size > num_train:
@@ -108,6 +111,7 @@ def fit(
     eval_x = data.test[: options.eval_points]
     epochs = tqdm(range(1, options.epochs + 1), desc="fit", unit="epoch",
                   disable=not options.progress)
+    fit_start = time.perf_counter()
     for epoch in epochs:
         start = time.perf_counter()
         x_epoch = data.train_epoch()
@@ -131,7 +135,9 @@ def fit(
                                   data_plate=options.data_plate).elbo.mean().item(),
             "seconds": time.perf_counter() - start,
         }
-        if epoch % options.eval_every == 0 or epoch == options.epochs:
+        out_of_time = (options.time_budget is not None
+                       and time.perf_counter() - fit_start >= options.time_budget)
+        if epoch % options.eval_every == 0 or epoch == options.epochs or out_of_time:
             diagnostics = evaluate(
                 model, guide, eval_x, num_samples=options.eval_samples,
                 data_plate=options.data_plate,
@@ -147,4 +153,6 @@ def fit(
                 run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in result.history)
             )
             save_checkpoint(run_dir / CHECKPOINT, optimizer, epoch=epoch)
+        if out_of_time:
+            break
     return result

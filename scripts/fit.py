@@ -80,6 +80,9 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--elbo", choices=("trace", "meanfield"), default=defaults.elbo,
                        help="Trace_ELBO or TraceMeanField_ELBO (analytic KL in the loss)")
     train.add_argument("--seed", type=int, default=0, help="fixes every random number on CPU")
+    train.add_argument("--time-budget", type=float, dest="time_budget_minutes",
+                       help="stop training after the epoch that exceeds this many minutes")
+    train.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     ev = p.add_argument_group("diagnostics")
     ev.add_argument("--num-samples", "-K", type=int, default=1000,
                     help="K, importance samples per test point in the final evaluation")
@@ -164,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"--num-samples must be a positive integer, got {args.num_samples}")
     if args.eval_batch_size < 1:
         raise ConfigError(f"--eval-batch-size must be a positive integer, got {args.eval_batch_size}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads must be a positive integer, got {args.threads}")
+        torch.set_num_threads(args.threads)
     pyro.set_rng_seed(args.seed)
     pyro.clear_param_store()
     data = load_data(args.data, args.data_dir, args.binarize)
@@ -172,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     options = FitOptions(**{f.name: config[f.name] for f in fields(FitOptions)
                             if f.name in config})
     options.progress = not args.no_progress
+    if args.time_budget_minutes is not None:
+        options.time_budget = args.time_budget_minutes * 60
     options.check(data.train.shape[0])
     run_dir = prepare_run_dir(args)
     write_json_atomic(run_dir / "config.json", {**config, "fit_options": asdict(options)})
