@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pyro
 import torch
-from pyro.optim import PyroOptim
 
 from inference.atomic import write_atomic
 from inference.errors import ConfigError
@@ -37,15 +36,13 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
 
 
-def save_checkpoint(
-    path: str | Path, optimizer: PyroOptim | None = None, **extra: object
-) -> None:
-    """Write the param store (and optimizer state) to ``path`` atomically."""
+def save_checkpoint(path: str | Path, optimizer_state: dict | None = None, **extra: object) -> None:
+    """Write the param store (and the optimizer's state) to ``path`` atomically."""
     state = {
         "params": {
             name: p.detach().clone() for name, p in pyro.get_param_store().named_parameters()
         },
-        "optimizer": optimizer.get_state() if optimizer is not None else None,
+        "optimizer": optimizer_state,
         "rng": rng_state(),
         **extra,
     }
@@ -63,9 +60,9 @@ def load_checkpoint(
     model: Callable,
     guide: Callable,
     x_example: torch.Tensor,
-    optimizer: PyroOptim | None = None,
 ) -> dict:
-    """Load parameters saved by ``save_checkpoint`` into the pair; return the whole state."""
+    """Load parameters saved by ``save_checkpoint`` into the pair; return the whole state
+    (its ``optimizer`` entry is for ``ElboStep.load_state_dict``)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no checkpoint file")
@@ -94,6 +91,4 @@ def load_checkpoint(
                     f"but {tuple(current[name].shape)} in the pair (different sizes?)"
                 )
             current[name].copy_(value)
-    if optimizer is not None and state.get("optimizer"):
-        optimizer.set_state(state["optimizer"])
     return state

@@ -1,7 +1,8 @@
 """Fitting a model/guide pair with SVI, logging ELBO and diagnostics per epoch into a run directory.
 
 Each step hands the pair a minibatch of x; sites in the data plate are scaled by N / B so that
-Trace_ELBO's loss estimates minus the full-data ELBO (see ``inference.minibatch``).
+Trace_ELBO's loss estimates minus the full-data ELBO (see ``inference.minibatch``), and Adam
+takes one step on it (see ``inference.elbo_step``).
 """
 
 from __future__ import annotations
@@ -13,20 +14,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pyro
 import torch
-from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
-from pyro.optim import Adam
 from tqdm.auto import tqdm
 
 from inference.atomic import write_text_atomic
 from inference.checkpoint import save_checkpoint
 from inference.datasets import Dataset
 from inference.diagnostics import evaluate
+from inference.elbo_step import ELBOS, ElboStep
 from inference.errors import ConfigError, ElbogapError
-from inference.minibatch import scale_data_plate
 
-ELBOS = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO}
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 
@@ -72,7 +69,7 @@ class FitOptions:
 @dataclass
 class FitResult:
     history: list[dict] = field(default_factory=list)
-    optimizer: pyro.optim.PyroOptim | None = None
+    step: ElboStep | None = None
 
 
 def fit(
@@ -97,17 +94,9 @@ def fit(
     n = data.train.shape[0]
     options.check(n)
     run_dir = Path(run_dir) if run_dir is not None else None
-    loss = ELBOS[options.elbo](
-        num_particles=options.num_particles, vectorize_particles=options.num_particles > 1
-    )
-    optimizer = Adam({"lr": options.lr})
-    svi = SVI(
-        scale_data_plate(model, options.data_plate, n),
-        scale_data_plate(guide, options.data_plate, n),
-        optimizer,
-        loss,
-    )
-    result = FitResult(optimizer=optimizer)
+    step = ElboStep(model, guide, n, lr=options.lr, elbo=options.elbo,
+                    num_particles=options.num_particles, data_plate=options.data_plate)
+    result = FitResult(step=step)
     eval_x = data.test[: options.eval_points]
     epochs = tqdm(range(1, options.epochs + 1), desc="fit", unit="epoch",
                   disable=not options.progress)
@@ -120,7 +109,7 @@ def fit(
         steps = 0
         for s in range(0, n, options.batch_size):
             batch = x_epoch[order[s : s + options.batch_size]]
-            step_loss = svi.step(batch)
+            step_loss = step(batch)
             if not math.isfinite(step_loss):
                 raise TrainingError(
                     f"the loss became {step_loss} at epoch {epoch}, step {steps + 1}: the learning "
@@ -152,7 +141,7 @@ def fit(
             write_text_atomic(
                 run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in result.history)
             )
-            save_checkpoint(run_dir / CHECKPOINT, optimizer, epoch=epoch)
+            save_checkpoint(run_dir / CHECKPOINT, step.state_dict(), epoch=epoch)
         if out_of_time:
             break
     return result

@@ -13,6 +13,7 @@ from guides.mean_field import MeanFieldGuide
 from inference.checkpoint import load_checkpoint
 from inference.datasets import load_digits
 from inference.diagnostics import evaluate
+from inference.elbo_step import ElboStep
 from inference.errors import ConfigError
 from inference.minibatch import scale_data_plate
 from inference.training import CHECKPOINT, METRICS, FitOptions, fit
@@ -125,3 +126,45 @@ def test_bad_fit_options_are_named(field, value, message):
     setattr(options, field, value)
     with pytest.raises(ConfigError, match=message):
         fit(vae.model, enc.guide, data, options)
+
+
+def test_elbo_step_is_svi_with_trace_elbo():
+    """Same seed and parameters: the same loss as pyro.infer.SVI, and the same Adam update."""
+    data = load_digits()
+    x = data.train[:64]
+    results = []
+    for use_svi in (True, False):
+        pyro.clear_param_store()
+        torch.manual_seed(0)
+        vae, enc = VAE(64, 5, (32,)), MeanFieldGuide(64, 5, (32,))
+        pyro.set_rng_seed(1)
+        if use_svi:
+            svi = pyro.infer.SVI(scale_data_plate(vae.model, "data", 1500),
+                                 scale_data_plate(enc.guide, "data", 1500),
+                                 pyro.optim.Adam({"lr": 0.01}), pyro.infer.Trace_ELBO())
+            losses = [svi.step(x) for _ in range(3)]
+        else:
+            step = ElboStep(vae.model, enc.guide, 1500, lr=0.01)
+            losses = [step(x) for _ in range(3)]
+        params = {n: p.detach().clone() for n, p in pyro.get_param_store().named_parameters()}
+        results.append((losses, params))
+    (svi_losses, svi_params), (our_losses, our_params) = results
+    assert svi_losses == pytest.approx(our_losses, rel=1e-6)
+    assert svi_params.keys() == our_params.keys()
+    for name in svi_params:
+        torch.testing.assert_close(our_params[name], svi_params[name], rtol=1e-5, atol=1e-6)
+
+
+def test_optimizer_state_survives_a_checkpoint(tmp_path):
+    data, vae, enc = digits_pair()
+    result = fit(vae.model, enc.guide, data, FitOptions(epochs=1, progress=False), tmp_path)
+    saved = result.step.state_dict()
+    pyro.clear_param_store()
+    _, vae2, enc2 = digits_pair()
+    state = load_checkpoint(tmp_path / CHECKPOINT, vae2.model, enc2.guide, data.test[:2])
+    step = ElboStep(vae2.model, enc2.guide, 1500, lr=1e-3)
+    step.load_state_dict(state["optimizer"])
+    step(data.train[:100])
+    assert step.names == saved["names"]
+    first = step.optimizer.state_dict()["state"][0]["step"]
+    assert float(first) == float(saved["adam"]["state"][0]["step"]) + 1
