@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from tqdm.auto import tqdm
 
+from inference.distributed import SINGLE, Distributed
 from inference.errors import ConfigError
 from inference.kl import MONTE_CARLO, kl_to_prior
 from inference.psis import importance_ess, khat_summary, pareto_khat
@@ -165,6 +166,7 @@ def evaluate(
     rows_per_chunk: int = DEFAULT_ROWS_PER_CHUNK,
     keep_log_weights: bool = False,
     progress: bool = False,
+    distributed: Distributed = SINGLE,
 ) -> Diagnostics:
     """Diagnose the guide of any model/guide pair that follows the conventions.
 
@@ -174,7 +176,19 @@ def evaluate(
     :param data_plate: name of the plate that indexes data points in model and guide.
     :param rows_per_chunk: particles x data points evaluated at once; memory stays bounded in K.
     :param keep_log_weights: also return the ``[K, N]`` importance log-weights.
+    :param distributed: under torchrun, each rank evaluates its share of the points and every
+        rank gets all of them back, in their original order.
     """
+    if distributed.enabled:
+        share = x[distributed.shard(x.shape[0])]
+        local = None
+        if share.shape[0]:
+            local = evaluate(model, guide, share, num_samples=num_samples, batch_size=batch_size,
+                             data_plate=data_plate, rows_per_chunk=rows_per_chunk,
+                             keep_log_weights=keep_log_weights, progress=progress)
+        parts = [d for d in distributed.gather(local) if d is not None]
+        return _concatenate([{f.name: getattr(d, f.name) for f in fields(d)} for d in parts],
+                            num_samples)
     if num_samples < 1:
         raise ConfigError(f"num_samples (K) must be a positive integer, got {num_samples}")
     if x.shape[0] == 0:

@@ -19,7 +19,9 @@ import torch
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from pyro.poutine.util import is_validation_enabled
 
-from inference.minibatch import scale_data_plate
+from inference.distributed import SINGLE, Distributed
+from inference.minibatch import ScaleDataPlate
+from inference.traces import trace_pair
 
 ELBOS = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO}
 
@@ -41,9 +43,12 @@ class ElboStep:
         elbo: str = "trace",
         num_particles: int = 1,
         data_plate: str = "data",
+        distributed: Distributed = SINGLE,
     ):
-        self.model = scale_data_plate(model, data_plate, num_data)
-        self.guide = scale_data_plate(guide, data_plate, num_data)
+        self.scale = ScaleDataPlate(data_plate, num_data)
+        self.model = self.scale(model)
+        self.guide = self.scale(guide)
+        self.distributed = distributed
         self.loss = ELBOS[elbo](
             num_particles=num_particles, vectorize_particles=num_particles > 1
         )
@@ -53,15 +58,38 @@ class ElboStep:
         self._pending_state: dict | None = None
         self._validated = False
 
-    def __call__(self, batch: torch.Tensor) -> float:
-        with pyro.validation_enabled(is_validation_enabled() and not self._validated):
-            loss = self.loss.differentiable_loss(self.model, self.guide, batch)
-        self._validated = True
-        self._register_new_parameters()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+    def __call__(self, batch: torch.Tensor, global_batch_size: int | None = None) -> float:
+        """One step on ``batch``; returns the loss.  Under data parallelism ``batch`` is this
+        rank's shard (possibly empty) of a global minibatch of ``global_batch_size`` points, and
+        the loss returned is the global minibatch's, the same on every rank."""
+        if self.distributed.enabled:
+            self._prepare_distributed(batch, global_batch_size)
+        loss_value = 0.0
+        if batch.shape[0]:
+            with pyro.validation_enabled(is_validation_enabled() and not self._validated):
+                loss = self.loss.differentiable_loss(self.model, self.guide, batch)
+            self._validated = True
+            self._register_new_parameters()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            loss_value = loss.item()
+        else:
+            # A rank whose shard of the last global batch is empty contributes zero gradient.
+            self.optimizer.zero_grad(set_to_none=True)
+        loss_value = self.distributed.average_gradients(self._parameters(), loss_value)
         self.optimizer.step()
-        return loss.item()
+        return loss_value
+
+    def _prepare_distributed(self, batch: torch.Tensor, global_batch_size: int) -> None:
+        if self.optimizer is None:
+            with torch.no_grad():
+                trace_pair(self.model, self.guide, batch[:1])  # creates the parameters
+            self._register_new_parameters()
+            self.distributed.broadcast_parameters(self._parameters())
+        self.scale.batch_size = global_batch_size / self.distributed.world_size
+
+    def _parameters(self) -> list[torch.Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def _register_new_parameters(self) -> None:
         store = dict(pyro.get_param_store().named_parameters())

@@ -21,13 +21,16 @@ class ScaleDataPlate(Messenger):
         super().__init__()
         self.data_plate = data_plate
         self.full_size = full_size
+        # Data-parallel training sets this to (global batch) / (number of ranks), so that the
+        # ranks' average gradient is that of the global batch even when shards differ in size.
+        self.batch_size: float | None = None
 
     def _process_message(self, msg: dict) -> None:
         if msg["type"] != "sample":
             return
         frame = data_frame(msg, self.data_plate)
         if frame is not None and frame.size:
-            msg["scale"] = msg["scale"] * (self.full_size / frame.size)
+            msg["scale"] = msg["scale"] * (self.full_size / (self.batch_size or frame.size))
 
 
 def scale_data_plate(fn: Callable, data_plate: str, full_size: int) -> Callable:

@@ -21,6 +21,7 @@ from inference.atomic import write_text_atomic
 from inference.checkpoint import save_checkpoint
 from inference.datasets import Dataset
 from inference.diagnostics import evaluate
+from inference.distributed import SINGLE, Distributed
 from inference.elbo_step import ELBOS, ElboStep
 from inference.errors import ConfigError, ElbogapError
 
@@ -47,8 +48,9 @@ class FitOptions:
     data_plate: str = "data"
     progress: bool = True
     time_budget: float | None = None  # seconds; training stops after the epoch that exceeds it
+    seed: int = 0  # fixes the data order and dynamic binarization of every epoch
 
-    def check(self, num_train: int) -> None:
+    def check(self, num_train: int, world_size: int = 1) -> None:
         for name in ("epochs", "batch_size", "num_particles", "eval_every", "eval_samples",
                      "eval_points"):
             value = getattr(self, name)
@@ -60,9 +62,11 @@ class FitOptions:
             raise ConfigError(f"time budget must be positive, got {self.time_budget}")
         if self.elbo not in ELBOS:
             raise ConfigError(f"elbo must be one of {sorted(ELBOS)}, got {self.elbo!r}")
-        if self.batch_size > num_train:
+        if self.batch_size * world_size > num_train:
+            per = f" x {world_size} processes" if world_size > 1 else ""
             raise ConfigError(
-                f"batch-size {self.batch_size} is larger than the training set ({num_train} points)"
+                f"batch-size {self.batch_size}{per} is larger than the training set "
+                f"({num_train} points)"
             )
 
 
@@ -79,6 +83,7 @@ def fit(
     options: FitOptions | None = None,
     run_dir: str | Path | None = None,
     on_epoch: Callable[[dict], None] | None = None,
+    distributed: Distributed = SINGLE,
 ) -> FitResult:
     """Train ``model`` and ``guide`` on ``data.train``; evaluate on ``data.test`` every epoch.
 
@@ -89,27 +94,40 @@ def fit(
     ``checkpoint.pt`` after every epoch (both written atomically).  Parameters live in Pyro's
     global param store, which ``fit`` does not clear.  ``on_epoch(record)`` may add entries to
     each epoch's record before it is written (for example closed-form values to compare with).
+
+    Under torchrun (``distributed``) each global minibatch is ``batch_size`` points per process,
+    split across the ranks; gradients are averaged so that a step equals the single-process step
+    on the global minibatch; metrics are global; only rank 0 writes files.  The data order of
+    every epoch is a permutation drawn from ``options.seed`` and the epoch number, the same on
+    every rank and in every rerun.
     """
     options = options or FitOptions()
     n = data.train.shape[0]
-    options.check(n)
-    run_dir = Path(run_dir) if run_dir is not None else None
+    options.check(n, distributed.world_size)
+    run_dir = Path(run_dir) if run_dir is not None and distributed.is_main else None
     step = ElboStep(model, guide, n, lr=options.lr, elbo=options.elbo,
-                    num_particles=options.num_particles, data_plate=options.data_plate)
+                    num_particles=options.num_particles, data_plate=options.data_plate,
+                    distributed=distributed)
+    if distributed.enabled:
+        # Parameters were initialized alike on every rank; the noise of the draws must differ.
+        torch.manual_seed(options.seed * 1_000_003 + distributed.rank + 1)
     result = FitResult(step=step)
     eval_x = data.test[: options.eval_points]
+    global_batch = options.batch_size * distributed.world_size
     epochs = tqdm(range(1, options.epochs + 1), desc="fit", unit="epoch",
-                  disable=not options.progress)
+                  disable=not (options.progress and distributed.is_main))
     fit_start = time.perf_counter()
     for epoch in epochs:
         start = time.perf_counter()
-        x_epoch = data.train_epoch()
-        order = torch.randperm(n)
+        epoch_rng = torch.Generator().manual_seed(options.seed * 1_000_003 + epoch)
+        x_epoch = data.train_epoch(epoch_rng)
+        order = torch.randperm(n, generator=epoch_rng)
         total = 0.0
         steps = 0
-        for s in range(0, n, options.batch_size):
-            batch = x_epoch[order[s : s + options.batch_size]]
-            step_loss = step(batch)
+        for s in range(0, n, global_batch):
+            indices = order[s : s + global_batch]
+            batch = x_epoch[indices[distributed.shard(len(indices))]]
+            step_loss = step(batch, len(indices))
             if not math.isfinite(step_loss):
                 raise TrainingError(
                     f"the loss became {step_loss} at epoch {epoch}, step {steps + 1}: the learning "
@@ -121,15 +139,19 @@ def fit(
             "epoch": epoch,
             "train_elbo": -total / steps / n,
             "test_elbo": evaluate(model, guide, data.test, num_samples=1, batch_size=1000,
-                                  data_plate=options.data_plate).elbo.mean().item(),
+                                  data_plate=options.data_plate,
+                                  distributed=distributed).elbo.mean().item(),
             "seconds": time.perf_counter() - start,
         }
-        out_of_time = (options.time_budget is not None
-                       and time.perf_counter() - fit_start >= options.time_budget)
+        # Rank 0's clock decides, so that every rank stops after the same epoch.
+        out_of_time = distributed.mean(float(
+            distributed.is_main and options.time_budget is not None
+            and time.perf_counter() - fit_start >= options.time_budget
+        )) > 0
         if epoch % options.eval_every == 0 or epoch == options.epochs or out_of_time:
             diagnostics = evaluate(
                 model, guide, eval_x, num_samples=options.eval_samples,
-                data_plate=options.data_plate,
+                data_plate=options.data_plate, distributed=distributed,
             )
             record["diagnostics"] = diagnostics.summary()
         if on_epoch is not None:

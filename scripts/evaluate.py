@@ -17,6 +17,7 @@ from _common import format_exact_comparison, format_summary, load_run, run_main 
 
 from inference.atomic import write_json_atomic  # noqa: E402
 from inference.diagnostics import evaluate  # noqa: E402
+from inference.distributed import Distributed  # noqa: E402
 from inference.errors import ConfigError  # noqa: E402
 
 
@@ -42,13 +43,20 @@ def main(argv: list[str] | None = None) -> int:
                         ("--max-points", args.max_points)):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} must be a positive integer, got {value}")
-    pyro.set_rng_seed(args.seed)
-    config, data, pair = load_run(run_dir)
-    k = args.num_samples if args.num_samples is not None else config["num_samples"]
-    x = data.test if args.split == "test" else data.train_epoch()
-    x = x[: args.max_points]
-    diagnostics = evaluate(pair.model, pair.guide, x, num_samples=k, batch_size=args.batch_size,
-                           progress=not args.no_progress)
+    ctx = Distributed.from_environment()
+    try:
+        pyro.set_rng_seed(args.seed + ctx.rank)
+        config, data, pair = load_run(run_dir)
+        k = args.num_samples if args.num_samples is not None else config["num_samples"]
+        x = data.test if args.split == "test" else data.train_epoch()
+        x = x[: args.max_points]
+        diagnostics = evaluate(pair.model, pair.guide, x, num_samples=k,
+                               batch_size=args.batch_size,
+                               progress=not args.no_progress and ctx.is_main, distributed=ctx)
+    finally:
+        ctx.shutdown()
+    if not ctx.is_main:
+        return 0
     summary = {"data": config["data"], "split": args.split, **diagnostics.summary()}
     exact = pair.exact(x)
     if exact is not None:

@@ -32,6 +32,7 @@ from _common import (  # noqa: E402
 from inference.atomic import write_json_atomic  # noqa: E402
 from inference.datasets import BINARIZATIONS  # noqa: E402
 from inference.diagnostics import evaluate  # noqa: E402
+from inference.distributed import Distributed  # noqa: E402
 from inference.errors import ConfigError  # noqa: E402
 from inference.plotting import save_figure  # noqa: E402
 from inference.training import FitOptions, fit  # noqa: E402
@@ -171,6 +172,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads < 1:
             raise ConfigError(f"--threads must be a positive integer, got {args.threads}")
         torch.set_num_threads(args.threads)
+    ctx = Distributed.from_environment()
+    try:
+        return train_and_report(args, ctx)
+    finally:
+        ctx.shutdown()
+
+
+def train_and_report(args: argparse.Namespace, ctx: Distributed) -> int:
+    # The same seed on every rank: the same initial parameters (fit varies the draws per rank).
     pyro.set_rng_seed(args.seed)
     pyro.clear_param_store()
     data = load_data(args.data, args.data_dir, args.binarize)
@@ -178,13 +188,16 @@ def main(argv: list[str] | None = None) -> int:
     pair = build_pair(config, data)
     options = FitOptions(**{f.name: config[f.name] for f in fields(FitOptions)
                             if f.name in config})
-    options.progress = not args.no_progress
+    options.progress = not args.no_progress and ctx.is_main
     if args.time_budget_minutes is not None:
         options.time_budget = args.time_budget_minutes * 60
-    options.check(data.train.shape[0])
-    run_dir = prepare_run_dir(args)
-    write_json_atomic(run_dir / "config.json", {**config, "fit_options": asdict(options)})
-    print(f"run directory: {run_dir}")
+    options.check(data.train.shape[0], ctx.world_size)
+    run_dir = ctx.on_main(lambda: prepare_run_dir(args))
+    if ctx.is_main:
+        write_json_atomic(run_dir / "config.json", {**config, "fit_options": asdict(options),
+                                                    "processes": ctx.world_size})
+        print(f"run directory: {run_dir}" + (f" ({ctx.world_size} processes)" if ctx.enabled
+                                             else ""))
 
     eval_x = data.test[: options.eval_points]
 
@@ -192,9 +205,13 @@ def main(argv: list[str] | None = None) -> int:
         if "diagnostics" in record and (exact := exact_means(pair, eval_x)) is not None:
             record["exact"] = exact
 
-    result = fit(pair.model, pair.guide, data, options, run_dir, on_epoch=add_exact)
+    result = fit(pair.model, pair.guide, data, options, run_dir, on_epoch=add_exact,
+                 distributed=ctx)
     diagnostics = evaluate(pair.model, pair.guide, data.test, num_samples=args.num_samples,
-                           batch_size=args.eval_batch_size, progress=options.progress)
+                           batch_size=args.eval_batch_size, progress=options.progress,
+                           distributed=ctx)
+    if not ctx.is_main:
+        return 0
     summary = {"data": args.data, "split": "test", **diagnostics.summary()}
     exact = pair.exact(data.test)
     if exact is not None:
