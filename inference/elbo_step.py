@@ -19,6 +19,7 @@ import torch
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from pyro.poutine.util import is_validation_enabled
 
+from inference.checkpoint import rng_state, set_rng_state
 from inference.distributed import SINGLE, Distributed
 from inference.minibatch import ScaleDataPlate
 from inference.traces import trace_pair
@@ -82,8 +83,10 @@ class ElboStep:
 
     def _prepare_distributed(self, batch: torch.Tensor, global_batch_size: int) -> None:
         if self.optimizer is None:
+            saved = rng_state()  # creating the parameters must not move the random stream
             with torch.no_grad():
-                trace_pair(self.model, self.guide, batch[:1])  # creates the parameters
+                trace_pair(self.model, self.guide, batch[:1])
+            set_rng_state(saved)
             self._register_new_parameters()
             self.distributed.broadcast_parameters(self._parameters())
         self.scale.batch_size = global_batch_size / self.distributed.world_size

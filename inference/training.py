@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from inference.atomic import write_text_atomic
-from inference.checkpoint import save_checkpoint
+from inference.checkpoint import rng_state, save_checkpoint, set_rng_state
 from inference.datasets import Dataset
 from inference.diagnostics import evaluate
 from inference.distributed import SINGLE, Distributed
@@ -84,6 +84,7 @@ def fit(
     run_dir: str | Path | None = None,
     on_epoch: Callable[[dict], None] | None = None,
     distributed: Distributed = SINGLE,
+    resume: dict | None = None,
 ) -> FitResult:
     """Train ``model`` and ``guide`` on ``data.train``; evaluate on ``data.test`` every epoch.
 
@@ -100,6 +101,11 @@ def fit(
     on the global minibatch; metrics are global; only rank 0 writes files.  The data order of
     every epoch is a permutation drawn from ``options.seed`` and the epoch number, the same on
     every rank and in every rerun.
+
+    ``resume`` continues a run: the state ``load_checkpoint`` returned (parameters already
+    restored) with the run's earlier records under ``"history"``.  Adam's moments, the epoch
+    counter and every random stream continue where the checkpoint left them, so a resumed run
+    writes the numbers the uninterrupted run would have written.
     """
     options = options or FitOptions()
     n = data.train.shape[0]
@@ -108,13 +114,22 @@ def fit(
     step = ElboStep(model, guide, n, lr=options.lr, elbo=options.elbo,
                     num_particles=options.num_particles, data_plate=options.data_plate,
                     distributed=distributed)
-    if distributed.enabled:
+    result = FitResult(step=step)
+    first_epoch = 1
+    if resume is not None:
+        step.load_state_dict(resume["optimizer"])
+        first_epoch = resume["epoch"] + 1
+        result.history = [r for r in resume.get("history", []) if r["epoch"] < first_epoch]
+        per_rank = resume.get("rng_per_rank")
+        set_rng_state(per_rank[distributed.rank] if per_rank and
+                      len(per_rank) == distributed.world_size else resume["rng"])
+    elif distributed.enabled:
         # Parameters were initialized alike on every rank; the noise of the draws must differ.
         torch.manual_seed(options.seed * 1_000_003 + distributed.rank + 1)
-    result = FitResult(step=step)
     eval_x = data.test[: options.eval_points]
     global_batch = options.batch_size * distributed.world_size
-    epochs = tqdm(range(1, options.epochs + 1), desc="fit", unit="epoch",
+    epochs = tqdm(range(first_epoch, options.epochs + 1), desc="fit", unit="epoch",
+                  initial=first_epoch - 1, total=options.epochs,
                   disable=not (options.progress and distributed.is_main))
     fit_start = time.perf_counter()
     for epoch in epochs:
@@ -159,11 +174,13 @@ def fit(
         result.history.append(record)
         epochs.set_postfix(train_elbo=f"{record['train_elbo']:.2f}",
                            test_elbo=f"{record['test_elbo']:.2f}")
+        rng_per_rank = distributed.gather(rng_state())
         if run_dir is not None:
             write_text_atomic(
                 run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in result.history)
             )
-            save_checkpoint(run_dir / CHECKPOINT, step.state_dict(), epoch=epoch)
+            save_checkpoint(run_dir / CHECKPOINT, step.state_dict(), epoch=epoch,
+                            rng_per_rank=rng_per_rank)
         if out_of_time:
             break
     return result

@@ -197,14 +197,15 @@ def read_config(run_dir: Path) -> dict:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
 
 
-def load_run(run_dir: Path) -> tuple[dict, Dataset, Pair]:
-    """A run's config, its data, and its model and guide with the checkpoint's parameters."""
+def load_run(run_dir: Path) -> tuple[dict, Dataset, Pair, dict]:
+    """A run's config, its data, its model and guide with the checkpoint's parameters, and the
+    checkpoint's state (optimizer, epoch, random streams)."""
     config = read_config(run_dir)
     pyro.clear_param_store()
     data = load_data(config["data"], config["data_dir"], config["binarize"])
     pair = build_pair(config, data)
-    load_checkpoint(run_dir / CHECKPOINT, pair.model, pair.guide, data.test[:2])
-    return config, data, pair
+    state = load_checkpoint(run_dir / CHECKPOINT, pair.model, pair.guide, data.test[:2])
+    return config, data, pair, state
 
 
 def run_figures(history: list[dict], kl_per_dim: dict, pair: Pair, data: Dataset) -> dict:

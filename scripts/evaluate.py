@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx = Distributed.from_environment()
     try:
         pyro.set_rng_seed(args.seed + ctx.rank)
-        config, data, pair = load_run(run_dir)
+        config, data, pair, _ = load_run(run_dir)
         k = args.num_samples if args.num_samples is not None else config["num_samples"]
         x = data.test if args.split == "test" else data.train_epoch()
         x = x[: args.max_points]

@@ -6,6 +6,7 @@ With no arguments: the VAE on scikit-learn's bundled 8x8 digits (no download).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from dataclasses import asdict, fields
@@ -23,6 +24,7 @@ from _common import (  # noqa: E402
     format_exact_comparison,
     format_summary,
     load_data,
+    load_run,
     parse_hidden_dims,
     run_figures,
     run_main,
@@ -35,7 +37,7 @@ from inference.diagnostics import evaluate  # noqa: E402
 from inference.distributed import Distributed  # noqa: E402
 from inference.errors import ConfigError  # noqa: E402
 from inference.plotting import save_figure  # noqa: E402
-from inference.training import FitOptions, fit  # noqa: E402
+from inference.training import CHECKPOINT, METRICS, FitOptions, fit  # noqa: E402
 
 DATASETS = ("digits", "synthetic", "mnist", "binarized_mnist", "frey_face", "array")
 
@@ -73,7 +75,8 @@ def parser() -> argparse.ArgumentParser:
                       help="comma-separated hidden layer sizes, '' for none "
                            "(default: 400, or 200 for data of < 400 pixels)")
     train = p.add_argument_group("training")
-    train.add_argument("--epochs", type=int, default=defaults.epochs)
+    train.add_argument("--epochs", type=int,
+                       help=f"epochs in all (default {defaults.epochs}; with --resume: the run's)")
     train.add_argument("--batch-size", type=int, default=defaults.batch_size)
     train.add_argument("--lr", type=float, default=defaults.lr, help="Adam learning rate")
     train.add_argument("--num-particles", type=int, default=defaults.num_particles,
@@ -98,6 +101,9 @@ def parser() -> argparse.ArgumentParser:
     out = p.add_argument_group("output")
     out.add_argument("--out", help="run directory (default: runs/DATA-MODEL-TIME)")
     out.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    out.add_argument("--resume", metavar="RUN_DIR",
+                     help="continue the run in RUN_DIR from its checkpoint with its own settings "
+                          "(or start it there if it has none yet: safe under torchrun restarts)")
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
     out.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     return p
@@ -130,6 +136,8 @@ def make_config(args: argparse.Namespace, data) -> dict:
     for f in fields(FitOptions):
         if hasattr(args, f.name):
             config[f.name] = getattr(args, f.name)
+    if config["epochs"] is None:
+        config["epochs"] = FitOptions.epochs
     return config
 
 
@@ -179,7 +187,23 @@ def main(argv: list[str] | None = None) -> int:
         ctx.shutdown()
 
 
-def train_and_report(args: argparse.Namespace, ctx: Distributed) -> int:
+def resume_run(args: argparse.Namespace, ctx: Distributed):
+    """The saved run in --resume, ready to continue: config, data, pair, options, state."""
+    run_dir = Path(args.resume)
+    config, data, pair, state = load_run(run_dir)
+    options = FitOptions(**config["fit_options"])
+    if args.epochs is not None:
+        options.epochs = args.epochs
+    options.check(data.train.shape[0], ctx.world_size)
+    metrics = run_dir / METRICS
+    lines = metrics.read_text().splitlines() if metrics.is_file() else []
+    state["history"] = [json.loads(line) for line in lines if line.strip()]
+    if ctx.is_main:
+        print(f"resuming {run_dir} after epoch {state['epoch']} of {options.epochs}")
+    return run_dir, config, data, pair, options, state
+
+
+def start_run(args: argparse.Namespace, ctx: Distributed):
     # The same seed on every rank: the same initial parameters (fit varies the draws per rank).
     pyro.set_rng_seed(args.seed)
     pyro.clear_param_store()
@@ -188,7 +212,6 @@ def train_and_report(args: argparse.Namespace, ctx: Distributed) -> int:
     pair = build_pair(config, data)
     options = FitOptions(**{f.name: config[f.name] for f in fields(FitOptions)
                             if f.name in config})
-    options.progress = not args.no_progress and ctx.is_main
     if args.time_budget_minutes is not None:
         options.time_budget = args.time_budget_minutes * 60
     options.check(data.train.shape[0], ctx.world_size)
@@ -198,6 +221,19 @@ def train_and_report(args: argparse.Namespace, ctx: Distributed) -> int:
                                                     "processes": ctx.world_size})
         print(f"run directory: {run_dir}" + (f" ({ctx.world_size} processes)" if ctx.enabled
                                              else ""))
+    return run_dir, config, data, pair, options, None
+
+
+def train_and_report(args: argparse.Namespace, ctx: Distributed) -> int:
+    if args.resume and args.out and Path(args.out) != Path(args.resume):
+        raise ConfigError("--resume RUN_DIR continues RUN_DIR: leave out --out, or give the same")
+    resuming = args.resume and (Path(args.resume) / CHECKPOINT).is_file()
+    if args.resume and not resuming:
+        args.out, args.overwrite = args.resume, True  # nothing to continue yet: start it there
+    run_dir, config, data, pair, options, state = (
+        resume_run if resuming else start_run)(args, ctx)
+    options.progress = not args.no_progress and ctx.is_main
+    args.data = config["data"]
 
     eval_x = data.test[: options.eval_points]
 
@@ -206,9 +242,9 @@ def train_and_report(args: argparse.Namespace, ctx: Distributed) -> int:
             record["exact"] = exact
 
     result = fit(pair.model, pair.guide, data, options, run_dir, on_epoch=add_exact,
-                 distributed=ctx)
-    diagnostics = evaluate(pair.model, pair.guide, data.test, num_samples=args.num_samples,
-                           batch_size=args.eval_batch_size, progress=options.progress,
+                 distributed=ctx, resume=state)
+    diagnostics = evaluate(pair.model, pair.guide, data.test, num_samples=config["num_samples"],
+                           batch_size=config["eval_batch_size"], progress=options.progress,
                            distributed=ctx)
     if not ctx.is_main:
         return 0

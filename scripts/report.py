@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError("--amortization-points must be 0 or more")
     run_dir = Path(args.run_dir)
     pyro.set_rng_seed(args.seed)
-    config, data, pair = load_run(run_dir)
+    config, data, pair, _ = load_run(run_dir)
     x = data.test[: args.max_points]
     progress = not args.no_progress
     d = evaluate(pair.model, pair.guide, x, num_samples=args.num_samples, batch_size=100,
