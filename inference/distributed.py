@@ -110,6 +110,10 @@ class Distributed:
             raise errors[0]
         return value
 
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
     def shutdown(self) -> None:
         if self.enabled and dist.is_initialized():
             dist.destroy_process_group()

@@ -41,6 +41,7 @@ from guides.mean_field import MeanFieldGuide  # noqa: E402
 from inference.atomic import write_json_atomic, write_text_atomic  # noqa: E402
 from inference.datasets import load_mnist  # noqa: E402
 from inference.diagnostics import evaluate  # noqa: E402
+from inference.distributed import Distributed  # noqa: E402
 from inference.elbo_step import ElboStep  # noqa: E402
 from inference.errors import ConfigError  # noqa: E402
 from inference.psis import pareto_khat  # noqa: E402
@@ -255,6 +256,52 @@ def run_probe(spec: dict) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def data_parallel_probe(spec: dict) -> dict | None:
+    """Under torchrun (or alone): examples/s of ElboStep at ``batch`` points per process."""
+    ctx = Distributed.from_environment()
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(ctx.rank)
+    pyro.clear_param_store()
+    vae, enc = elbogap_pair()
+    step = ElboStep(vae.model, enc.guide, TRAIN_SIZE, lr=1e-3, distributed=ctx)
+    batch = spec["batch"]
+    x = torch.bernoulli(torch.full((batch, DATA_DIM), 0.13))
+    for _ in range(spec["warmup"]):
+        step(x, batch * ctx.world_size)
+    ctx.barrier()
+    start = time.perf_counter()
+    for _ in range(spec["steps"]):
+        step(x, batch * ctx.world_size)
+    seconds = ctx.mean(time.perf_counter() - start)
+    params = sum(p.numel() for p in step._parameters())
+    ctx.shutdown()
+    if not ctx.is_main:
+        return None
+    return {"processes": ctx.world_size, "threads_per_process": spec["threads"],
+            "batch_per_process": batch, "global_batch": batch * ctx.world_size,
+            "examples_per_second": spec["steps"] * batch * ctx.world_size / seconds,
+            "ms_per_step": 1000 * seconds / spec["steps"],
+            "allreduce_bytes_per_step": 4 * (params + 1) if ctx.enabled else 0}
+
+
+def data_parallel_section(args) -> list[dict]:
+    rows = []
+    for processes, threads in ((1, 2), (1, 1), (2, 1)):
+        spec = {"threads": threads, "batch": args.dp_global_batch // processes,
+                "steps": args.dp_steps, "warmup": args.dp_warmup}
+        prefix = [sys.executable]
+        if processes > 1:
+            port = 29500 + int(time.time()) % 1000
+            prefix += ["-m", "torch.distributed.run", f"--nproc_per_node={processes}",
+                       f"--master_port={port}"]
+        result = subprocess.run([*prefix, __file__, "--dp-probe", json.dumps(spec)],
+                                capture_output=True, text=True, timeout=3600)
+        if result.returncode != 0:
+            raise RuntimeError(f"data-parallel probe failed: {result.stderr[-2000:]}")
+        rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    return rows
+
+
 # ---- the report -------------------------------------------------------------------------------
 
 
@@ -336,6 +383,12 @@ def markdown(report: dict) -> str:
     lines += [f"| vary {r['vary']} | {r['k']} | {r['n']} | {r['seconds']:.2f} | "
               f"{r['points_per_second']:.2f} | {r['peak_extra_mib']:.0f} |"
               for r in report["scaling"]]
+    lines += ["", "| data parallel | processes × threads | global batch | examples/s | ms / step | "
+              "all-reduced per step |", "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| elbogap fit step | {r['processes']} × {r['threads_per_process']} | "
+              f"{r['global_batch']} | {r['examples_per_second']:.0f} | {r['ms_per_step']:.2f} | "
+              f"{r['allreduce_bytes_per_step'] / 2**20:.2f} MiB |"
+              for r in report["data_parallel"]]
     return "\n".join(lines) + "\n"
 
 
@@ -346,6 +399,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/benchmark", help="directory for benchmark.json/.md")
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks the script runs")
     p.add_argument("--probe", help=argparse.SUPPRESS)
+    p.add_argument("--dp-probe", help=argparse.SUPPRESS)
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     return p
 
@@ -362,12 +416,19 @@ def configure(args) -> None:
     args.scaling_n_fixed = 4 if quick else 20
     args.scaling_n = (2, 8) if quick else (10, 100, 1000)
     args.scaling_k_fixed = 20 if quick else 1000
+    args.dp_global_batch = 32 if quick else 256
+    args.dp_steps, args.dp_warmup = (3, 1) if quick else (60, 10)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.probe:
         print(json.dumps(probe(json.loads(args.probe))))
+        return 0
+    if args.dp_probe:
+        result = data_parallel_probe(json.loads(args.dp_probe))
+        if result is not None:
+            print(json.dumps(result))
         return 0
     configure(args)
     torch.manual_seed(0)
@@ -393,6 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     report["training"] = training_section(args, x_train, gflops)
     report["evidence"] = evidence_section(args, x_test)
     report["scaling"] = scaling_section(args)
+    report["data_parallel"] = data_parallel_section(args)
     write_json_atomic(out / "benchmark.json", report)
     table = markdown(report)
     write_text_atomic(out / "benchmark.md", table)
