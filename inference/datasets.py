@@ -8,6 +8,7 @@ an installed package.
 from __future__ import annotations
 
 import gzip
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -258,7 +259,10 @@ def load_array(path: str | Path, num_test: int | None = None) -> Dataset:
                     raise DataError(f"{path}: holds arrays {archive.files}; expected exactly one")
                 array = archive[archive.files[0]]
         elif path.suffix in (".csv", ".txt"):
-            array = np.loadtxt(path, delimiter="," if path.suffix == ".csv" else None, ndmin=2)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # an empty file is refused below, by name
+                array = np.loadtxt(path, delimiter="," if path.suffix == ".csv" else None,
+                                   ndmin=2)
         else:
             raise DataError(f"{path}: unknown extension, expected .npy, .npz, .csv or .txt")
     except (ValueError, OSError, EOFError) as e:

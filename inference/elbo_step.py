@@ -12,6 +12,7 @@ in ``scripts/benchmark.py``):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import pyro
@@ -21,6 +22,7 @@ from pyro.poutine.util import is_validation_enabled
 
 from inference.checkpoint import rng_state, set_rng_state
 from inference.distributed import SINGLE, Distributed
+from inference.errors import ConventionError
 from inference.minibatch import ScaleDataPlate
 from inference.traces import trace_pair
 
@@ -58,6 +60,8 @@ class ElboStep:
         self.names: list[str] = []
         self._pending_state: dict | None = None
         self._validated = False
+        self.skipped = 0  # steps whose loss or gradient was not finite, never applied
+        self.consecutive_skipped = 0
 
     def __call__(self, batch: torch.Tensor, global_batch_size: int | None = None) -> float:
         """One step on ``batch``; returns the loss.  Under data parallelism ``batch`` is this
@@ -67,8 +71,17 @@ class ElboStep:
             self._prepare_distributed(batch, global_batch_size)
         loss_value = 0.0
         if batch.shape[0]:
-            with pyro.validation_enabled(is_validation_enabled() and not self._validated):
-                loss = self.loss.differentiable_loss(self.model, self.guide, batch)
+            first = not self._validated
+            try:
+                with pyro.validation_enabled(is_validation_enabled() and first):
+                    loss = self.loss.differentiable_loss(self.model, self.guide, batch)
+            except (ValueError, RuntimeError) as e:
+                if not first:
+                    raise
+                # Pyro's checks of the first step name the site; keep its first line only.
+                raise ConventionError(
+                    "the first training step failed: " + str(e).strip().splitlines()[0]
+                ) from e
             self._validated = True
             self._register_new_parameters()
             self.optimizer.zero_grad(set_to_none=True)
@@ -77,7 +90,16 @@ class ElboStep:
         else:
             # A rank whose shard of the last global batch is empty contributes zero gradient.
             self.optimizer.zero_grad(set_to_none=True)
-        loss_value = self.distributed.average_gradients(self._parameters(), loss_value)
+        params = self._parameters()
+        loss_value = self.distributed.average_gradients(params, loss_value)
+        if not (math.isfinite(loss_value) and all(
+                p.grad is None or torch.isfinite(p.grad).all() for p in params)):
+            # Skipped, not applied: one bad minibatch must not poison the parameters.  After
+            # averaging, every rank sees the same verdict.
+            self.skipped += 1
+            self.consecutive_skipped += 1
+            return loss_value
+        self.consecutive_skipped = 0
         self.optimizer.step()
         return loss_value
 

@@ -78,7 +78,19 @@ def inspect_pair(
     model: Callable, guide: Callable, x: torch.Tensor, data_plate: str = "data"
 ) -> PairLayout:
     """Trace the pair once and check the conventions; raise ConventionError naming the site."""
-    guide_trace, model_trace = trace_pair(model, guide, x)
+    try:
+        guide_trace = poutine.trace(guide).get_trace(x)
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        raise ConventionError(f"the guide failed when called on x of shape {tuple(x.shape)}: "
+                              f"{type(e).__name__}: {_first_line(e)}") from e
+    try:
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        raise ConventionError(
+            "the model failed when replayed on the guide's samples: "
+            f"{type(e).__name__}: {_first_line(e)} (does the guide sample every latent site "
+            "with the shape the model expects?)"
+        ) from e
     model_sites = sample_sites(model_trace)
     guide_sites = sample_sites(guide_trace)
     latent = tuple(n for n, s in model_sites.items() if not s["is_observed"])
@@ -99,6 +111,14 @@ def inspect_pair(
             f"the guide samples site(s) {extra} that the model does not have; the evidence "
             "estimate needs q over exactly the model's latent sites"
         )
+    for name in latent:
+        expected = tuple(model_sites[name]["fn"].shape())
+        got = tuple(guide_sites[name]["value"].shape)
+        if expected != got:
+            raise ConventionError(
+                f"latent site '{name}': the guide samples shape {got} but the model's "
+                f"distribution there has shape {expected}"
+            )
     for where, sites in (("model", model_sites), ("guide", guide_sites)):
         for name, site in sites.items():
             if data_frame(site, data_plate) is None:
@@ -122,6 +142,11 @@ def inspect_pair(
             if frame.vectorized:
                 nesting = max(nesting, -frame.dim)
     return PairLayout(latent=latent, observed=observed, max_plate_nesting=nesting)
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
 
 
 def per_datapoint(

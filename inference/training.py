@@ -24,6 +24,7 @@ from inference.diagnostics import evaluate
 from inference.distributed import SINGLE, Distributed
 from inference.elbo_step import ELBOS, ElboStep
 from inference.errors import ConfigError, ElbogapError
+from inference.traces import inspect_pair
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -31,6 +32,10 @@ METRICS = "metrics.jsonl"
 
 class TrainingError(ElbogapError):
     """Training cannot go on (for example the loss became NaN or infinite)."""
+
+
+class TrainingInterrupted(TrainingError):
+    """Ctrl-C: the checkpoint of the last complete epoch stays as it was."""
 
 
 @dataclass
@@ -49,6 +54,7 @@ class FitOptions:
     progress: bool = True
     time_budget: float | None = None  # seconds; training stops after the epoch that exceeds it
     seed: int = 0  # fixes the data order and dynamic binarization of every epoch
+    max_nonfinite_steps: int = 10  # consecutive skipped steps before training stops
 
     def check(self, num_train: int, world_size: int = 1) -> None:
         for name in ("epochs", "batch_size", "num_particles", "eval_every", "eval_samples",
@@ -110,6 +116,11 @@ def fit(
     options = options or FitOptions()
     n = data.train.shape[0]
     options.check(n, distributed.world_size)
+    # The conventions, checked once up front: a clear error now rather than a quietly wrong fit.
+    saved_rng = rng_state()
+    with torch.no_grad():
+        inspect_pair(model, guide, data.train[: options.batch_size], options.data_plate)
+    set_rng_state(saved_rng)
     run_dir = Path(run_dir) if run_dir is not None and distributed.is_main else None
     step = ElboStep(model, guide, n, lr=options.lr, elbo=options.elbo,
                     num_particles=options.num_particles, data_plate=options.data_plate,
@@ -132,55 +143,68 @@ def fit(
                   initial=first_epoch - 1, total=options.epochs,
                   disable=not (options.progress and distributed.is_main))
     fit_start = time.perf_counter()
-    for epoch in epochs:
-        start = time.perf_counter()
-        epoch_rng = torch.Generator().manual_seed(options.seed * 1_000_003 + epoch)
-        x_epoch = data.train_epoch(epoch_rng)
-        order = torch.randperm(n, generator=epoch_rng)
-        total = 0.0
-        steps = 0
-        for s in range(0, n, global_batch):
-            indices = order[s : s + global_batch]
-            batch = x_epoch[indices[distributed.shard(len(indices))]]
-            step_loss = step(batch, len(indices))
-            if not math.isfinite(step_loss):
-                raise TrainingError(
-                    f"the loss became {step_loss} at epoch {epoch}, step {steps + 1}: the learning "
-                    f"rate ({options.lr}) may be too large, or a scale parameter reached zero"
+    epoch = first_epoch - 1
+    try:
+        for epoch in epochs:
+            start = time.perf_counter()
+            epoch_rng = torch.Generator().manual_seed(options.seed * 1_000_003 + epoch)
+            x_epoch = data.train_epoch(epoch_rng)
+            order = torch.randperm(n, generator=epoch_rng)
+            total = 0.0
+            steps = 0
+            for index, s in enumerate(range(0, n, global_batch), start=1):
+                indices = order[s : s + global_batch]
+                batch = x_epoch[indices[distributed.shard(len(indices))]]
+                step_loss = step(batch, len(indices))
+                if step.consecutive_skipped >= options.max_nonfinite_steps:
+                    raise TrainingError(
+                        f"{step.consecutive_skipped} steps in a row had a loss or gradient that is not "
+                        f"finite (last loss {step_loss}), up to epoch {epoch}, step {index}: the "
+                        f"learning rate ({options.lr}) may be too large, or a scale parameter reached "
+                        "zero. Those steps were skipped; the checkpoint of the last complete epoch is "
+                        "intact"
+                    )
+                if math.isfinite(step_loss):
+                    total += step_loss
+                    steps += 1
+            if steps == 0:
+                raise TrainingError(f"no step of epoch {epoch} had a finite loss")
+            record = {
+                "epoch": epoch,
+                "train_elbo": -total / steps / n,
+                "test_elbo": evaluate(model, guide, data.test, num_samples=1, batch_size=1000,
+                                      data_plate=options.data_plate,
+                                      distributed=distributed).elbo.mean().item(),
+                "seconds": time.perf_counter() - start,
+                "skipped_steps": step.skipped,
+            }
+            # Rank 0's clock decides, so that every rank stops after the same epoch.
+            out_of_time = distributed.mean(float(
+                distributed.is_main and options.time_budget is not None
+                and time.perf_counter() - fit_start >= options.time_budget
+            )) > 0
+            if epoch % options.eval_every == 0 or epoch == options.epochs or out_of_time:
+                diagnostics = evaluate(
+                    model, guide, eval_x, num_samples=options.eval_samples,
+                    data_plate=options.data_plate, distributed=distributed,
                 )
-            total += step_loss
-            steps += 1
-        record = {
-            "epoch": epoch,
-            "train_elbo": -total / steps / n,
-            "test_elbo": evaluate(model, guide, data.test, num_samples=1, batch_size=1000,
-                                  data_plate=options.data_plate,
-                                  distributed=distributed).elbo.mean().item(),
-            "seconds": time.perf_counter() - start,
-        }
-        # Rank 0's clock decides, so that every rank stops after the same epoch.
-        out_of_time = distributed.mean(float(
-            distributed.is_main and options.time_budget is not None
-            and time.perf_counter() - fit_start >= options.time_budget
-        )) > 0
-        if epoch % options.eval_every == 0 or epoch == options.epochs or out_of_time:
-            diagnostics = evaluate(
-                model, guide, eval_x, num_samples=options.eval_samples,
-                data_plate=options.data_plate, distributed=distributed,
-            )
-            record["diagnostics"] = diagnostics.summary()
-        if on_epoch is not None:
-            on_epoch(record)
-        result.history.append(record)
-        epochs.set_postfix(train_elbo=f"{record['train_elbo']:.2f}",
-                           test_elbo=f"{record['test_elbo']:.2f}")
-        rng_per_rank = distributed.gather(rng_state())
-        if run_dir is not None:
-            write_text_atomic(
-                run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in result.history)
-            )
-            save_checkpoint(run_dir / CHECKPOINT, step.state_dict(), epoch=epoch,
-                            rng_per_rank=rng_per_rank)
-        if out_of_time:
-            break
+                record["diagnostics"] = diagnostics.summary()
+            if on_epoch is not None:
+                on_epoch(record)
+            result.history.append(record)
+            epochs.set_postfix(train_elbo=f"{record['train_elbo']:.2f}",
+                               test_elbo=f"{record['test_elbo']:.2f}")
+            rng_per_rank = distributed.gather(rng_state())
+            if run_dir is not None:
+                write_text_atomic(
+                    run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in result.history)
+                )
+                save_checkpoint(run_dir / CHECKPOINT, step.state_dict(), epoch=epoch,
+                                rng_per_rank=rng_per_rank)
+            if out_of_time:
+                break
+    except KeyboardInterrupt:
+        where = (f"{run_dir / CHECKPOINT} holds epoch {epoch - 1}; continue with --resume {run_dir}"
+                 if run_dir is not None and epoch > first_epoch else "no epoch was completed")
+        raise TrainingInterrupted(f"interrupted during epoch {epoch}: {where}") from None
     return result

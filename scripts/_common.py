@@ -27,7 +27,7 @@ from inference.plotting import (
     plot_terms_curves,
 )
 from inference.reconstruction import reconstruct, sample_prior_means
-from inference.training import CHECKPOINT
+from inference.training import CHECKPOINT, TrainingInterrupted
 from inference.user_code import is_file_spec, load_object
 from models import MODELS
 from models.linear_gaussian import LinearGaussian
@@ -252,6 +252,9 @@ def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
     args = sys.argv[1:] if argv is None else argv
     try:
         return main(args)
+    except TrainingInterrupted as e:
+        print(str(e), file=sys.stderr)
+        return 130
     except ElbogapError as e:
         if "--debug" in args:
             traceback.print_exc()

@@ -187,6 +187,20 @@ def main(argv: list[str] | None = None) -> int:
         ctx.shutdown()
 
 
+def check_likelihood(likelihood: str, data) -> None:
+    if likelihood != "bernoulli":
+        return
+    # Dynamically binarized training data holds grey levels, drawn to 0/1 every epoch.
+    for split in (data.test,) if data.dynamic_binarization else (data.train, data.test):
+        if not ((split == 0) | (split == 1)).all():
+            low, high = split.min().item(), split.max().item()
+            raise ConfigError(
+                f"--likelihood bernoulli needs data of 0s and 1s, but data set '{data.name}' has "
+                f"values from {low:g} to {high:g}: binarize it (for mnist: --binarize), or use "
+                "--likelihood gaussian"
+            )
+
+
 def resume_run(args: argparse.Namespace, ctx: Distributed):
     """The saved run in --resume, ready to continue: config, data, pair, options, state."""
     run_dir = Path(args.resume)
@@ -209,6 +223,7 @@ def start_run(args: argparse.Namespace, ctx: Distributed):
     pyro.clear_param_store()
     data = load_data(args.data, args.data_dir, args.binarize)
     config = make_config(args, data)
+    check_likelihood(config["likelihood"], data)
     pair = build_pair(config, data)
     options = FitOptions(**{f.name: config[f.name] for f in fields(FitOptions)
                             if f.name in config})
