@@ -168,6 +168,10 @@ def format_summary(summary: dict) -> str:
     lines = [f"{'nats per data point, N=' + str(summary['num_data']):<{width}}  "
              f"{'mean':>12}   ± SE"]
     lines += [f"{name:<{width}}  {_fmt(entry)}" for name, entry in rows]
+    for site, entry in summary["kl_sites"].items():
+        if entry["method"] == "monte-carlo":
+            lines.append(f"note: torch has no closed-form KL for site '{site}'; its KL is the "
+                         "Monte Carlo mean of log q(z) - log p(z) over the K draws")
     mc = summary.get("log_evidence_mc_se")
     if mc is not None:
         lines.append(f"(Monte Carlo SE of log p(x) per data point, mean over points: {mc:.3f})")
