@@ -25,6 +25,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
+import pyro
 import torch
 from tqdm.auto import tqdm
 
@@ -269,7 +270,10 @@ def _particle_terms(
     model: Callable, guide: Callable, x: torch.Tensor, layout: PairLayout, k: int, data_plate: str
 ) -> dict:
     """Per-particle, per-datapoint terms ``[k, N]`` from one vectorized pass of the pair."""
-    guide_trace, model_trace = _trace_pair(model, guide, x, k, layout.particle_dim)
+    # Pyro's argument and support checks ran in inspect_pair; on every chunk they would cost
+    # about a tenth of the time (measured with cProfile) and find nothing new.
+    with pyro.validation_enabled(False):
+        guide_trace, model_trace = _trace_pair(model, guide, x, k, layout.particle_dim)
     model_sites = sample_sites(model_trace)
     guide_sites = sample_sites(guide_trace)
     shape = (k, x.shape[0])
