@@ -19,6 +19,7 @@ from torch.distributions import Independent, Normal
 
 from inference.diagnostics import Diagnostics, evaluate, mean_and_se
 from inference.errors import ConventionError
+from inference.optimize import minimize
 from inference.traces import inspect_pair, sample_sites, trace_pair
 
 
@@ -67,28 +68,13 @@ def fit_local_guide(
     lr: float = 0.02,
     num_particles: int = 8,
 ) -> list[float]:
-    """Maximize the ELBO of ``local_guide`` on ``x`` over ``parameters`` only.
-
-    Gradients are taken for the local parameters alone, so the model's parameters (and their
-    .grad) are left untouched.  Returns the loss (minus the summed ELBO) per step.
-    """
-    parameters = list(parameters)
+    """Maximize the ELBO of ``local_guide`` on ``x`` over ``parameters`` only (the model's
+    parameters and their .grad are left untouched).  Returns minus the summed ELBO per step."""
     layout = inspect_pair(model, local_guide, x)
-    optimizer = torch.optim.Adam(parameters, lr=lr)
-    # The step size shrinks tenfold over the run, so the last steps settle instead of jitter.
-    schedule = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.1 ** (1 / steps))
     elbo = Trace_ELBO(num_particles=num_particles, vectorize_particles=True,
                       max_plate_nesting=layout.max_plate_nesting)
-    losses = []
-    for _ in range(steps):
-        loss = elbo.differentiable_loss(model, local_guide, x)
-        grads = torch.autograd.grad(loss, parameters)
-        for p, g in zip(parameters, grads, strict=True):
-            p.grad = g
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-    return losses
+    return minimize(lambda: elbo.differentiable_loss(model, local_guide, x), parameters,
+                    steps=steps, lr=lr)
 
 
 @dataclass

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from inference.errors import ConfigError
+from inference.optimize import minimize
 
 ESTIMATORS = ("score-function", "pathwise")
 DIRECTIONS = ("reverse", "forward")
@@ -132,23 +133,11 @@ def fit_kl(
     lr: float = 0.02,
     num_samples: int = 64,
 ) -> list[float]:
-    """Descend D(p_theta || q) (``reverse``) or D(q || p_theta) (``forward``) with Adam.
-
-    The step size decays tenfold over the run so that the last iterates settle near the optimum
-    rather than jitter around it.  Returns the surrogate loss per step.
-    """
+    """Descend D(p_theta || q) (``reverse``) or D(q || p_theta) (``forward``) with Adam (step
+    size decaying tenfold over the run).  Returns the surrogate loss per step."""
     loss_fn = surrogate_loss(direction, estimator, baseline)
-    optimizer = torch.optim.Adam(family.parameters(), lr=lr)
-    schedule = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.1 ** (1 / steps))
-    losses = []
-    for _ in range(steps):
-        optimizer.zero_grad()
-        loss = loss_fn(family, target, num_samples)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-    return losses
+    return minimize(lambda: loss_fn(family, target, num_samples), family.parameters(),
+                    steps=steps, lr=lr)
 
 
 @dataclass
