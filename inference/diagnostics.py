@@ -48,8 +48,10 @@ ACTIVE_UNIT_THRESHOLD = 0.01
 # PSIS fits the largest min(K/5, 3 sqrt(K)) weights: below this K there is no tail to fit.
 MIN_SAMPLES_KHAT = 20
 
-# Rows (particles x data points) pushed through the pair at once: bounds memory for any K.
-DEFAULT_ROWS_PER_CHUNK = 32768
+# Rows (particles x data points) pushed through the pair at once: bounds memory for any K. 4096
+# keeps the intermediates of a 784-pixel decoder (12 MiB each) near the caches: measured 12 us per
+# row against 20 us at 32768, and below 2048 the per-pass Python cost of Pyro shows.
+DEFAULT_ROWS_PER_CHUNK = 4096
 
 # Below this many draws the ELBO uses the analytic KL alone (see _with_control_variate).
 MIN_SAMPLES_CONTROL_VARIATE = 20
