@@ -129,8 +129,11 @@ def test_gap_decomposition_against_closed_forms():
     exact_approximation = at_local["evidence_gap"]
     amortization_se = torch.hypot(gaps.local.elbo_se, gaps.amortized.elbo_se)
     assert ((gaps.amortization_gap - exact_amortization).abs() < 4 * amortization_se).all()
-    assert ((gaps.approximation_gap - exact_approximation).abs()
-            < 4 * gaps.local.evidence_gap_se + 1e-6).all()
+    # The approximation gap is tiny here (q* is nearly the posterior), and the standard error of
+    # a variance-like quantity is itself noisy: checked as calibration over the 50 points (seeds
+    # 10-12 gave mean z -0.02/-0.10/-0.20, spread 1.08/1.02/0.79, max |z| 2.6/3.4/3.1).
+    z = (gaps.approximation_gap - exact_approximation) / gaps.local.evidence_gap_se
+    assert abs(z.mean()) < 4 / math.sqrt(len(z)) and 0.5 < z.std() < 1.5 and z.abs().max() < 5
     assert gaps.amortization_gap.mean() > 1.0  # an untrained encoder is far from q*
     summary = gaps.summary()
     assert set(summary) >= {"approximation_gap", "amortization_gap", "log_evidence"}
