@@ -76,6 +76,38 @@ class FitOptions:
             )
 
 
+def _train_epoch(
+    step: ElboStep, data: Dataset, epoch: int, options: FitOptions, distributed: Distributed
+) -> float:
+    """One pass over the training set; the mean loss of its steps with a finite loss.
+
+    The epoch's order (and dynamic binarization) is drawn from the seed and the epoch number
+    alone, so that every rank and every resumed run sees the same one.
+    """
+    n = data.train.shape[0]
+    global_batch = options.batch_size * distributed.world_size
+    epoch_rng = torch.Generator().manual_seed(options.seed * 1_000_003 + epoch)
+    x_epoch = data.train_epoch(epoch_rng)
+    order = torch.randperm(n, generator=epoch_rng)
+    total, steps = 0.0, 0
+    for index, s in enumerate(range(0, n, global_batch), start=1):
+        indices = order[s : s + global_batch]
+        loss = step(x_epoch[indices[distributed.shard(len(indices))]], len(indices))
+        if step.consecutive_skipped >= options.max_nonfinite_steps:
+            raise TrainingError(
+                f"{step.consecutive_skipped} steps in a row had a loss or gradient that is not "
+                f"finite (last loss {loss}), up to epoch {epoch}, step {index}: the learning "
+                f"rate ({options.lr}) may be too large, or a scale parameter reached zero. Those "
+                "steps were skipped; the checkpoint of the last complete epoch is intact"
+            )
+        if math.isfinite(loss):
+            total += loss
+            steps += 1
+    if steps == 0:
+        raise TrainingError(f"no step of epoch {epoch} had a finite loss")
+    return total / steps
+
+
 @dataclass
 class FitResult:
     history: list[dict] = field(default_factory=list)
@@ -138,7 +170,6 @@ def fit(
         # Parameters were initialized alike on every rank; the noise of the draws must differ.
         torch.manual_seed(options.seed * 1_000_003 + distributed.rank + 1)
     eval_x = data.test[: options.eval_points]
-    global_batch = options.batch_size * distributed.world_size
     epochs = tqdm(range(first_epoch, options.epochs + 1), desc="fit", unit="epoch",
                   initial=first_epoch - 1, total=options.epochs,
                   disable=not (options.progress and distributed.is_main))
@@ -147,31 +178,10 @@ def fit(
     try:
         for epoch in epochs:
             start = time.perf_counter()
-            epoch_rng = torch.Generator().manual_seed(options.seed * 1_000_003 + epoch)
-            x_epoch = data.train_epoch(epoch_rng)
-            order = torch.randperm(n, generator=epoch_rng)
-            total = 0.0
-            steps = 0
-            for index, s in enumerate(range(0, n, global_batch), start=1):
-                indices = order[s : s + global_batch]
-                batch = x_epoch[indices[distributed.shard(len(indices))]]
-                step_loss = step(batch, len(indices))
-                if step.consecutive_skipped >= options.max_nonfinite_steps:
-                    raise TrainingError(
-                        f"{step.consecutive_skipped} steps in a row had a loss or gradient that is not "
-                        f"finite (last loss {step_loss}), up to epoch {epoch}, step {index}: the "
-                        f"learning rate ({options.lr}) may be too large, or a scale parameter reached "
-                        "zero. Those steps were skipped; the checkpoint of the last complete epoch is "
-                        "intact"
-                    )
-                if math.isfinite(step_loss):
-                    total += step_loss
-                    steps += 1
-            if steps == 0:
-                raise TrainingError(f"no step of epoch {epoch} had a finite loss")
+            train_loss = _train_epoch(step, data, epoch, options, distributed)
             record = {
                 "epoch": epoch,
-                "train_elbo": -total / steps / n,
+                "train_elbo": -train_loss / n,
                 "test_elbo": evaluate(model, guide, data.test, num_samples=1, batch_size=1000,
                                       data_plate=options.data_plate,
                                       distributed=distributed).elbo.mean().item(),
