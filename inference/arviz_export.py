@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import numpy as np
 import torch
 
 from inference.atomic import write_atomic
+from inference.psis import import_arviz
 from inference.traces import (
     datapoint_rows,
     inspect_pair,
@@ -18,14 +18,6 @@ from inference.traces import (
     site_log_prob,
     trace_pair,
 )
-
-
-def _arviz():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        import arviz
-
-    return arviz
 
 
 def guide_inference_data(
@@ -48,7 +40,7 @@ def guide_inference_data(
         log_w -= per_datapoint(site_log_prob(site), site, layout, data_plate).double()
     for site in sample_sites(model_trace).values():
         log_w += per_datapoint(site_log_prob(site), site, layout, data_plate).double()
-    return _arviz().from_dict(
+    return import_arviz().from_dict(
         posterior=posterior,
         sample_stats={"log_importance_weight": log_w.numpy()[None]},
         observed_data={"x": x.detach().double().numpy()},

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import io
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,16 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
+
+
+@contextmanager
+def rng_preserved() -> Iterator[None]:
+    """Run a block (a trace that creates parameters, say) without moving any random stream."""
+    saved = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(saved)
 
 
 def save_checkpoint(path: str | Path, optimizer_state: dict | None = None, **extra: object) -> None:
@@ -71,10 +82,8 @@ def load_checkpoint(
     except Exception as e:  # torch raises several types for a damaged file
         raise ConfigError(f"{path}: not a readable checkpoint ({e})") from None
     # Running the pair draws random numbers; a restore must not change the random stream.
-    saved_rng = rng_state()
-    with torch.no_grad():
+    with rng_preserved(), torch.no_grad():
         trace_pair(model, guide, x_example)
-    set_rng_state(saved_rng)
     current = dict(pyro.get_param_store().named_parameters())
     missing = sorted(set(current) - set(state["params"]))
     unknown = sorted(set(state["params"]) - set(current))

@@ -20,11 +20,11 @@ import torch
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from pyro.poutine.util import is_validation_enabled
 
-from inference.checkpoint import rng_state, set_rng_state
+from inference.checkpoint import rng_preserved
 from inference.distributed import SINGLE, Distributed
 from inference.errors import ConventionError
 from inference.minibatch import ScaleDataPlate
-from inference.traces import trace_pair
+from inference.traces import first_line, trace_pair
 
 ELBOS = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO}
 
@@ -79,9 +79,7 @@ class ElboStep:
                 if not first:
                     raise
                 # Pyro's checks of the first step name the site; keep its first line only.
-                raise ConventionError(
-                    "the first training step failed: " + str(e).strip().splitlines()[0]
-                ) from e
+                raise ConventionError(f"the first training step failed: {first_line(e)}") from e
             self._validated = True
             self._register_new_parameters()
             self.optimizer.zero_grad(set_to_none=True)
@@ -104,10 +102,9 @@ class ElboStep:
 
     def _prepare_distributed(self, batch: torch.Tensor, global_batch_size: int) -> None:
         if self.optimizer is None:
-            saved = rng_state()  # creating the parameters must not move the random stream
-            with torch.no_grad():
+            # Creating the parameters must not move the random stream.
+            with rng_preserved(), torch.no_grad():
                 trace_pair(self.model, self.guide, batch[:1])
-            set_rng_state(saved)
             self._register_new_parameters()
             self.distributed.broadcast_parameters(self._parameters())
         self.scale.batch_size = global_batch_size / self.distributed.world_size

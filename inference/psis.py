@@ -18,6 +18,16 @@ KHAT_GOOD = 0.5
 KHAT_UNRELIABLE = 0.7
 
 
+def import_arviz():
+    """ArviZ 0.x announces its coming refactor with a FutureWarning on import; users get the
+    message from ArviZ's own documentation, not on every elbogap run."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        import arviz
+
+    return arviz
+
+
 def _psis_backend():
     """``f(log_weights (N, K)) -> k-hat (N,)`` from whichever ArviZ line is installed.
 
@@ -26,10 +36,7 @@ def _psis_backend():
     taking log-likelihoods and negates them itself: it must be handed -log_weights.  Both use
     the last axis, and r_eff = 1 because importance draws are independent.
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        import arviz
-
+    arviz = import_arviz()
     if hasattr(arviz, "psislw"):
         return lambda lw: np.asarray(arviz.psislw(lw, reff=1.0)[1])
     from arviz_stats.base import array_stats

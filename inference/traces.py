@@ -82,13 +82,13 @@ def inspect_pair(
         guide_trace = poutine.trace(guide).get_trace(x)
     except (RuntimeError, ValueError, TypeError, IndexError) as e:
         raise ConventionError(f"the guide failed when called on x of shape {tuple(x.shape)}: "
-                              f"{type(e).__name__}: {_first_line(e)}") from e
+                              f"{type(e).__name__}: {first_line(e)}") from e
     try:
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
     except (RuntimeError, ValueError, TypeError, IndexError) as e:
         raise ConventionError(
             "the model failed when replayed on the guide's samples: "
-            f"{type(e).__name__}: {_first_line(e)} (does the guide sample every latent site "
+            f"{type(e).__name__}: {first_line(e)} (does the guide sample every latent site "
             "with the shape the model expects?)"
         ) from e
     model_sites = sample_sites(model_trace)
@@ -144,7 +144,8 @@ def inspect_pair(
     return PairLayout(latent=latent, observed=observed, max_plate_nesting=nesting)
 
 
-def _first_line(e: Exception) -> str:
+def first_line(e: Exception) -> str:
+    """The first line of an exception's message: Pyro appends whole trace tables below it."""
     text = str(e).strip()
     return text.splitlines()[0] if text else ""
 

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from inference.atomic import write_text_atomic
-from inference.checkpoint import rng_state, save_checkpoint, set_rng_state
+from inference.checkpoint import rng_preserved, rng_state, save_checkpoint, set_rng_state
 from inference.datasets import Dataset
 from inference.diagnostics import evaluate
 from inference.distributed import SINGLE, Distributed
@@ -149,10 +149,8 @@ def fit(
     n = data.train.shape[0]
     options.check(n, distributed.world_size)
     # The conventions, checked once up front: a clear error now rather than a quietly wrong fit.
-    saved_rng = rng_state()
-    with torch.no_grad():
+    with rng_preserved(), torch.no_grad():
         inspect_pair(model, guide, data.train[: options.batch_size], options.data_plate)
-    set_rng_state(saved_rng)
     run_dir = Path(run_dir) if run_dir is not None and distributed.is_main else None
     step = ElboStep(model, guide, n, lr=options.lr, elbo=options.elbo,
                     num_particles=options.num_particles, data_plate=options.data_plate,

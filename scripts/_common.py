@@ -73,6 +73,11 @@ class Pair:
             return self.model_object.exact_diagnostics(x, *self.guide_object.encode(x))
 
 
+def exact_means(exact: dict[str, torch.Tensor] | None) -> dict[str, float] | None:
+    """Means over data points of ``Pair.exact``'s closed forms (None stays None)."""
+    return None if exact is None else {k: v.double().mean().item() for k, v in exact.items()}
+
+
 # Synthetic data for --data synthetic: 1200 points from a fixed factor-analysis model.
 SYNTHETIC_DIM, SYNTHETIC_LATENT, SYNTHETIC_TRAIN, SYNTHETIC_TEST = 10, 3, 1000, 200
 

@@ -13,7 +13,13 @@ import pyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import format_exact_comparison, format_summary, load_run, run_main  # noqa: E402
+from _common import (  # noqa: E402
+    exact_means,
+    format_exact_comparison,
+    format_summary,
+    load_run,
+    run_main,
+)
 
 from inference.atomic import write_json_atomic  # noqa: E402
 from inference.diagnostics import evaluate  # noqa: E402
@@ -60,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"data": config["data"], "split": args.split, **diagnostics.summary()}
     exact = pair.exact(x)
     if exact is not None:
-        summary["exact"] = {name: v.double().mean().item() for name, v in exact.items()}
+        summary["exact"] = exact_means(exact)
     out = run_dir / f"evaluation-{args.split}-K{k}.json"
     write_json_atomic(out, summary)
     print(format_summary(summary))

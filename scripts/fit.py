@@ -21,6 +21,7 @@ from _common import (  # noqa: E402
     SYNTHETIC_LATENT,
     build_pair,
     default_guide,
+    exact_means,
     format_exact_comparison,
     format_summary,
     load_data,
@@ -165,11 +166,6 @@ def write_plots(run_dir: Path, history: list[dict], summary: dict, pair, data) -
         save_figure(fig, run_dir / name)
 
 
-def exact_means(pair, x) -> dict[str, float] | None:
-    exact = pair.exact(x)
-    return None if exact is None else {k: v.double().mean().item() for k, v in exact.items()}
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.num_samples < 1:
@@ -253,7 +249,7 @@ def train_and_report(args: argparse.Namespace, ctx: Distributed) -> int:
     eval_x = data.test[: options.eval_points]
 
     def add_exact(record: dict) -> None:
-        if "diagnostics" in record and (exact := exact_means(pair, eval_x)) is not None:
+        if "diagnostics" in record and (exact := exact_means(pair.exact(eval_x))) is not None:
             record["exact"] = exact
 
     result = fit(pair.model, pair.guide, data, options, run_dir, on_epoch=add_exact,
@@ -266,7 +262,7 @@ def train_and_report(args: argparse.Namespace, ctx: Distributed) -> int:
     summary = {"data": args.data, "split": "test", **diagnostics.summary()}
     exact = pair.exact(data.test)
     if exact is not None:
-        summary["exact"] = exact_means(pair, data.test)
+        summary["exact"] = exact_means(exact)
     if args.data == "synthetic":
         with torch.no_grad():
             truth = synthetic_truth().log_evidence(data.test).double().mean().item()

@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import EXACT_ROWS, load_run, run_figures, run_main  # noqa: E402
+from _common import EXACT_ROWS, exact_means, load_run, run_figures, run_main  # noqa: E402
 
 from guides.local import LocalMeanFieldGuide, LocalSite  # noqa: E402
 from inference.amortization import decompose_gap, fit_local_guide, normal_sites  # noqa: E402
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                     ("quantity", "mean", "± SE over points"), rows)]
     exact = pair.exact(x)
     if exact is not None:
-        report["exact"] = {k: float(v.double().mean()) for k, v in exact.items()}
+        report["exact"] = exact_means(exact)
         tables.append(Table(
             "Closed forms (the model has them)", ("quantity", "estimated", "exact"),
             [(name, f"{summary[name]['mean']:.4f}", f"{report['exact'][name]:.4f}")
