@@ -8,6 +8,9 @@ in ``scripts/benchmark.py``):
   trace every step; a single ``torch.optim.Adam`` over all parameters does the same update.
 * Distribution argument and support checks (Pyro's validation) run on the first step only: a
   pair that passes them once has the same shapes and supports on every later minibatch.
+* With ``jit`` (the default) later steps replay a recording of the loss's tensor operations
+  instead of running the pair's Python (``inference.compiled_loss``: verified against the eager
+  loss first, eager for good if the pair cannot be recorded faithfully).
 """
 
 from __future__ import annotations
@@ -16,11 +19,12 @@ import math
 from collections.abc import Callable
 
 import pyro
+import pyro.ops.jit
 import torch
-from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
-from pyro.poutine.util import is_validation_enabled
+from pyro.infer import JitTrace_ELBO, Trace_ELBO, TraceMeanField_ELBO
 
 from inference.checkpoint import rng_preserved
+from inference.compiled_loss import CompiledLoss
 from inference.distributed import SINGLE, Distributed
 from inference.errors import ConventionError
 from inference.minibatch import ScaleDataPlate
@@ -47,14 +51,19 @@ class ElboStep:
         num_particles: int = 1,
         data_plate: str = "data",
         distributed: Distributed = SINGLE,
+        jit: bool = True,
     ):
         self.scale = ScaleDataPlate(data_plate, num_data)
         self.model = self.scale(model)
         self.guide = self.scale(guide)
         self.distributed = distributed
-        self.loss = ELBOS[elbo](
-            num_particles=num_particles, vectorize_particles=num_particles > 1
+        particles = {"num_particles": num_particles, "vectorize_particles": num_particles > 1}
+        self.loss = ELBOS[elbo](**particles)
+        self.compiled = CompiledLoss(
+            self._eager_loss, lambda: _recorded_loss(elbo, particles, self.model, self.guide)
         )
+        if not jit:
+            self.compiled.disable("jit is off")
         self.lr = lr
         self.optimizer: torch.optim.Adam | None = None
         self.names: list[str] = []
@@ -73,8 +82,13 @@ class ElboStep:
         if batch.shape[0]:
             first = not self._validated
             try:
-                with pyro.validation_enabled(is_validation_enabled() and first):
-                    loss = self.loss.differentiable_loss(self.model, self.guide, batch)
+                if first:
+                    # Pyro's checks (when enabled) on a loss that is thrown away: every step,
+                    # the first too, is then computed alike, which keeps --resume exact.
+                    with rng_preserved(), torch.no_grad():
+                        self.loss.differentiable_loss(self.model, self.guide, batch)
+                # The data-plate scale is a constant of a recording: part of its key.
+                loss = self.compiled(batch, self.scale.batch_size)
             except (ValueError, RuntimeError) as e:
                 if not first:
                     raise
@@ -99,6 +113,10 @@ class ElboStep:
         self.consecutive_skipped = 0
         self.optimizer.step()
         return loss_value
+
+    def _eager_loss(self, batch: torch.Tensor) -> torch.Tensor:
+        with pyro.validation_enabled(False):
+            return self.loss.differentiable_loss(self.model, self.guide, batch)
 
     def _prepare_distributed(self, batch: torch.Tensor, global_batch_size: int) -> None:
         if self.optimizer is None:
@@ -129,16 +147,48 @@ class ElboStep:
     def state_dict(self) -> dict | None:
         if self.optimizer is None:
             return None
-        return {"names": list(self.names), "adam": self.optimizer.state_dict()}
+        return {"names": list(self.names), "adam": self.optimizer.state_dict(),
+                "eager_because": self.compiled.reason}
 
     def load_state_dict(self, state: dict | None) -> None:
         """Adam's moments from a checkpoint, applied once the same parameters are registered."""
         if state is None:
             return
+        if state.get("eager_because") is not None:
+            # A run that fell back to the eager loss goes on with it after --resume.
+            self.compiled.disable(state["eager_because"])
         self._pending_state = state
         if self.optimizer is not None and state["names"] == self.names:
             self.optimizer.load_state_dict(state["adam"])
             self._pending_state = None
+
+
+def _recorded_loss(elbo: str, particles: dict, model: Callable, guide: Callable) -> Callable:
+    """A loss function that records itself on its first call, with Pyro's JIT machinery."""
+    if elbo == "meanfield":
+        # JitTraceMeanField_ELBO's own loop.  Not that class itself: in Pyro 1.9 it never keeps
+        # its recording (it tests for an attribute it does not set) and records anew, with new
+        # draws, on every call.  Nor TraceMeanField_ELBO.differentiable_loss, whose value
+        # passes through Python floats that a recording would freeze.
+        meanfield = TraceMeanField_ELBO(**particles)
+
+        def meanfield_loss(batch: torch.Tensor) -> torch.Tensor:
+            loss = 0.0
+            for model_trace, guide_trace in meanfield._get_traces(model, guide, (batch,), {}):
+                particle = meanfield._differentiable_loss_particle(model_trace, guide_trace)[1]
+                loss = loss + particle / meanfield.num_particles
+            return loss
+
+        return pyro.ops.jit.trace(meanfield_loss)
+    recorded = JitTrace_ELBO(**particles)
+
+    def loss(batch: torch.Tensor) -> torch.Tensor:
+        value, surrogate = recorded.loss_and_surrogate_loss(model, guide, batch)
+        # Not JitTrace_ELBO.differentiable_loss: in Pyro 1.9 it leaves ``value`` attached to
+        # the graph, so reparameterized gradients come out twice over.
+        return value.detach() + (surrogate - surrogate.detach())
+
+    return loss
 
 
 def _gradients_finite(params: list[torch.Tensor]) -> bool:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from pyro.poutine.messenger import Messenger
+from pyro.util import ignore_jit_warnings
 
 from inference.traces import data_frame
 
@@ -29,8 +31,16 @@ class ScaleDataPlate(Messenger):
         if msg["type"] != "sample":
             return
         frame = data_frame(msg, self.data_plate)
-        if frame is not None and frame.size:
-            msg["scale"] = msg["scale"] * (self.full_size / (self.batch_size or frame.size))
+        if frame is None:
+            return
+        size = frame.size
+        if torch.is_tensor(size):
+            # Under torch.jit.trace a plate's size is a traced shape.  Recordings are keyed on
+            # the minibatch's shape (inference.compiled_loss), so holding it fixed is exact.
+            with ignore_jit_warnings():
+                size = int(size)
+        if size:
+            msg["scale"] = msg["scale"] * (self.full_size / (self.batch_size or size))
 
 
 def scale_data_plate(fn: Callable, data_plate: str, full_size: int) -> Callable:

@@ -55,6 +55,7 @@ class FitOptions:
     time_budget: float | None = None  # seconds; training stops after the epoch that exceeds it
     seed: int = 0  # fixes the data order and dynamic binarization of every epoch
     max_nonfinite_steps: int = 10  # consecutive skipped steps before training stops
+    jit: bool = True  # replay a checked recording of the loss (inference.compiled_loss)
 
     def check(self, num_train: int, world_size: int = 1) -> None:
         for name in ("epochs", "batch_size", "num_particles", "eval_every", "eval_samples",
@@ -89,6 +90,7 @@ def _train_epoch(
     epoch_rng = torch.Generator().manual_seed(options.seed * 1_000_003 + epoch)
     x_epoch = data.train_epoch(epoch_rng)
     order = torch.randperm(n, generator=epoch_rng)
+    step.compiled.recheck()
     total, steps = 0.0, 0
     for index, s in enumerate(range(0, n, global_batch), start=1):
         indices = order[s : s + global_batch]
@@ -154,7 +156,7 @@ def fit(
     run_dir = Path(run_dir) if run_dir is not None and distributed.is_main else None
     step = ElboStep(model, guide, n, lr=options.lr, elbo=options.elbo,
                     num_particles=options.num_particles, data_plate=options.data_plate,
-                    distributed=distributed)
+                    distributed=distributed, jit=options.jit)
     result = FitResult(step=step)
     first_epoch = 1
     if resume is not None:
@@ -173,10 +175,15 @@ def fit(
                   disable=not (options.progress and distributed.is_main))
     fit_start = time.perf_counter()
     epoch = first_epoch - 1
+    eager_told = not options.jit or not step.compiled.enabled
     try:
         for epoch in epochs:
             start = time.perf_counter()
             train_loss = _train_epoch(step, data, epoch, options, distributed)
+            if not (eager_told or step.compiled.enabled) and distributed.is_main:
+                # Slower, not wrong: worth one line, not an error.
+                tqdm.write(f"note: training steps run the pair eagerly: {step.compiled.reason}")
+                eager_told = True
             record = {
                 "epoch": epoch,
                 "train_elbo": -train_loss / n,

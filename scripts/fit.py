@@ -85,6 +85,9 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--elbo", choices=("trace", "meanfield"), default=defaults.elbo,
                        help="Trace_ELBO or TraceMeanField_ELBO (analytic KL in the loss)")
     train.add_argument("--seed", type=int, default=0, help="fixes every random number on CPU")
+    train.add_argument("--no-jit", dest="jit", action="store_false",
+                       help="run the pair's Python on every step instead of replaying a checked "
+                            "recording of the loss (see README, Performance)")
     train.add_argument("--time-budget", type=float, dest="time_budget_minutes",
                        help="stop training after the epoch that exceeds this many minutes")
     train.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")

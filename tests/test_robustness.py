@@ -131,8 +131,9 @@ class PoisonedVAE(VAE):
 def test_a_few_nonfinite_steps_are_skipped_and_counted():
     data = load_digits()
     vae, enc = PoisonedVAE(poisoned={5, 6, 30}), MeanFieldGuide(64, 4, (16,))
+    # The faults are keyed to the model's call count: Python state no recording sees.
     result = fit(vae.model, enc.guide, data, FitOptions(epochs=2, eval_every=2, eval_samples=5,
-                                                        progress=False))
+                                                        progress=False, jit=False))
     assert result.step.skipped == 3
     assert result.history[-1]["skipped_steps"] == 3
     assert all(torch.isfinite(p).all() for _, p in pyro.get_param_store().named_parameters())
@@ -210,7 +211,9 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_numbers(tmp_path):
     wait_for_epochs(killed, 5, process)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert torch.load(killed / CHECKPOINT, weights_only=False)["epoch"] >= 5  # still loadable
+    # Still loadable; metrics are written just before the checkpoint, so a kill between the two
+    # leaves it one epoch behind them (--resume then redoes that epoch).
+    assert torch.load(killed / CHECKPOINT, weights_only=False)["epoch"] >= 4
     resumed = subprocess.run(fit_command("--resume", str(killed), "--no-progress"),
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
@@ -232,7 +235,9 @@ def test_ctrl_c_exits_cleanly_and_says_how_to_resume(tmp_path):
     assert "interrupted during epoch" in err and f"--resume {run}" in err
     assert "Traceback" not in err
     epoch = torch.load(run / CHECKPOINT, weights_only=False)["epoch"]
-    assert len((run / "metrics.jsonl").read_text().splitlines()) == epoch
+    # An interrupt between writing an epoch's metrics and its checkpoint leaves one record more
+    # than the checkpoint holds; --resume drops it and redoes that epoch.
+    assert len((run / "metrics.jsonl").read_text().splitlines()) in (epoch, epoch + 1)
 
 
 def test_resume_into_another_out_is_refused(tmp_path):

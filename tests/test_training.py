@@ -128,8 +128,10 @@ def test_bad_fit_options_are_named(field, value, message):
         fit(vae.model, enc.guide, data, options)
 
 
-def test_elbo_step_is_svi_with_trace_elbo():
-    """Same seed and parameters: the same loss as pyro.infer.SVI, and the same Adam update."""
+@pytest.mark.parametrize("jit", [True, False])
+def test_elbo_step_is_svi_with_trace_elbo(jit):
+    """Same seed and parameters: the same loss as pyro.infer.SVI, and the same Adam update,
+    also once the steps replay a recording (step 3 verifies it, 4-6 replay it)."""
     data = load_digits()
     x = data.train[:64]
     results = []
@@ -142,10 +144,11 @@ def test_elbo_step_is_svi_with_trace_elbo():
             svi = pyro.infer.SVI(scale_data_plate(vae.model, "data", 1500),
                                  scale_data_plate(enc.guide, "data", 1500),
                                  pyro.optim.Adam({"lr": 0.01}), pyro.infer.Trace_ELBO())
-            losses = [svi.step(x) for _ in range(3)]
+            losses = [svi.step(x) for _ in range(6)]
         else:
-            step = ElboStep(vae.model, enc.guide, 1500, lr=0.01)
-            losses = [step(x) for _ in range(3)]
+            step = ElboStep(vae.model, enc.guide, 1500, lr=0.01, jit=jit)
+            losses = [step(x) for _ in range(6)]
+            assert step.compiled.enabled == jit, step.compiled.reason
         params = {n: p.detach().clone() for n, p in pyro.get_param_store().named_parameters()}
         results.append((losses, params))
     (svi_losses, svi_params), (our_losses, our_params) = results

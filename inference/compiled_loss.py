@@ -1,0 +1,166 @@
+"""A minibatch loss with Pyro's per-step Python overhead traced away, verified against eager.
+
+Running a Pyro pair costs far more Python than the tensors need: every ``pyro.module``,
+``pyro.param`` and ``pyro.sample`` goes through the handler stack, every site builds
+distribution objects, and ``Trace_ELBO`` walks both traces.  On the 784-400-50 VAE that is
+~2.4 ms of a 4 ms step at batch 32 (``scripts/benchmark.py``).  ``torch.jit.trace`` records
+the tensor operations of one call, and later calls replay them without any of that Python;
+the sampling ops are recorded as ops, so every replay draws fresh noise.
+
+Recording is only correct for a pair whose operations do not depend on the values of the data
+or on Python-side state, so a recording is trusted only after two checks:
+
+* the pair's own code raised no ``TracerWarning`` (the tracer warns when a tensor value steers
+  Python: a branch on ``x.sum() > 0``, an ``.item()``, a Python number taken from a tensor);
+* on the minibatch it was recorded on and on the next one of the same shape, the recording's
+  loss *and gradient* equal the eager ones for the same random draws.  (The gradient check is
+  not idle: Pyro 1.9's ``JitTrace_ELBO.differentiable_loss`` doubles reparameterized gradients.)
+
+The same check runs again at the start of every epoch (``recheck``).  What no check can see is
+Python state that changes from one step to the next inside an epoch (a weight annealed per
+call): such a pair must train with ``jit`` off.
+
+Anything else (a warning, a mismatch, a tracer error, a torch without ``torch.jit.trace``)
+makes this object fall back to the eager loss for good, with ``reason`` saying why.  A recording
+is keyed on the minibatch's shape and dtype and on ``key`` (the data-plate scale, which the
+recording holds as a constant), so the short last minibatch of an epoch gets its own.
+
+Recordings run with the graph executor's optimizations off: the ops are replayed as recorded
+and differentiated by the same autograd formulas as the eager loss, so a step is the eager
+step to rounding; the JIT's own derivatives (softplus's, for one) were no faster here.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Hashable
+from pathlib import Path
+
+import pyro
+import torch
+
+from inference.checkpoint import rng_preserved
+from inference.traces import first_line
+
+# The recording runs the eager loss's operations; only the summation order of its value
+# (float32 tensors against Pyro's float64 Python sum) may differ, by about 1e-7.
+RELATIVE_TOLERANCE = 1e-5
+CHECKS_PER_KEY = 2  # the recording minibatch and the next one
+
+
+class CompiledLoss:
+    """``loss(x, key) -> scalar tensor``: ``eager(x)``, or where that is safe a recording of it.
+
+    ``record()`` returns a fresh recording function (a new ``pyro.infer.JitTrace_ELBO``'s loss,
+    say) whose first call records; one is made per key.  ``eager`` and the recordings must read
+    their parameters from Pyro's param store, so that optimizer updates reach every replay.
+    """
+
+    def __init__(
+        self,
+        eager: Callable[[torch.Tensor], torch.Tensor],
+        record: Callable[[], Callable[[torch.Tensor], torch.Tensor]],
+    ):
+        self.eager = eager
+        self.record = record
+        self.reason: str | None = None  # why recordings are off, once they are
+        self._recordings: dict[Hashable, Callable] = {}
+        self._checks: dict[Hashable, int] = {}
+        self._param_names: tuple[str, ...] = ()
+
+    @property
+    def enabled(self) -> bool:
+        return self.reason is None
+
+    def disable(self, reason: str) -> None:
+        self.reason = reason
+        self._recordings.clear()
+
+    def recheck(self) -> None:
+        """Check each recording once more on its next call.  ``fit`` does this every epoch, so
+        Python state a pair changes between epochs (a KL weight, say) ends the recordings at
+        the first step that would have used a stale one."""
+        self._checks = {key: min(n, CHECKS_PER_KEY - 1) for key, n in self._checks.items()}
+
+    def __call__(self, x: torch.Tensor, key: Hashable = None) -> torch.Tensor:
+        if not self.enabled:
+            return self.eager(x)
+        key = (tuple(x.shape), x.dtype, key)
+        names = tuple(pyro.get_param_store().keys())
+        if names != self._param_names:
+            # A parameter created since the recordings were made is not one of their inputs.
+            self._recordings.clear()
+            self._checks.clear()
+            self._param_names = names
+        if key not in self._recordings and not self._record(x, key):
+            return self.eager(x)
+        if self._checks.get(key, 0) < CHECKS_PER_KEY:
+            return self._checked(x, key)
+        return self._replay(key, x)
+
+    def _replay(self, key: Hashable, x: torch.Tensor) -> torch.Tensor:
+        with torch.jit.optimized_execution(False):
+            return self._recordings[key](x)
+
+    def _record(self, x: torch.Tensor, key: Hashable) -> bool:
+        recording = self.record()
+        with rng_preserved(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                with torch.jit.optimized_execution(False):
+                    recording(x)
+            except Exception as e:  # noqa: BLE001 - any tracer failure means: stay eager
+                self.disable(f"the pair could not be recorded: {first_line(e)}")
+                return False
+        pair_warnings = [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)
+                         and not _in_library(w.filename)]
+        if pair_warnings:
+            w = pair_warnings[0]
+            self.disable(f"{w.filename}:{w.lineno} makes Python depend on a tensor's value "
+                         f"({first_line(w.message)})")
+            return False
+        self._recordings[key] = recording
+        return True
+
+    def _checked(self, x: torch.Tensor, key: Hashable) -> torch.Tensor:
+        """The recording's loss for this minibatch, once its loss and gradient are found equal
+        to the eager ones for the same random draws; else the eager loss, from now on."""
+        params = [p for p in pyro.get_param_store()._params.values() if p.requires_grad]
+        with rng_preserved():
+            loss = self._replay(key, x)
+            grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        # The eager loss last, so that the random streams move as in any one step.
+        expected = self.eager(x)
+        expected_grads = torch.autograd.grad(expected, params, retain_graph=True,
+                                             allow_unused=True)
+        mismatch = _first_mismatch(loss, expected, grads, expected_grads, params)
+        if mismatch is not None:
+            self.disable(f"the recording's {mismatch} differs from the eager one: the pair "
+                         "depends on something a recording holds fixed")
+            return expected
+        self._checks[key] = self._checks.get(key, 0) + 1
+        return loss
+
+
+def _first_mismatch(loss, expected, grads, expected_grads, params) -> str | None:
+    if not torch.allclose(loss.detach(), expected.detach(), rtol=RELATIVE_TOLERANCE):
+        return f"loss {loss.item():.7g} (eager {expected.item():.7g})"
+    names = {id(p): n for n, p in pyro.get_param_store()._params.items()}
+    for p, g, e in zip(params, grads, expected_grads, strict=True):
+        if (g is None) != (e is None):
+            return f"gradient of {names[id(p)]}"
+        if g is not None:
+            atol = RELATIVE_TOLERANCE * float(e.abs().max()) + 1e-12
+            if not torch.allclose(g, e, rtol=RELATIVE_TOLERANCE, atol=atol):
+                return f"gradient of {names[id(p)]}"
+    return None
+
+
+def _in_library(filename: str) -> bool:
+    """Warnings raised inside torch or Pyro come from their shape checks and bookkeeping (the
+    shapes are part of a recording's key, the values are checked); the pair's own code must
+    not raise any."""
+    return filename.startswith(_LIBRARY_ROOTS)
+
+
+_LIBRARY_ROOTS = tuple(str(Path(m.__file__).resolve().parent) for m in (torch, pyro))
