@@ -17,6 +17,7 @@ from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 
 from inference.errors import ConventionError
+from inference.log_density import log_density
 
 PARTICLE_PLATE = "_elbogap_particles"
 
@@ -177,7 +178,7 @@ def per_datapoint(
 
 def site_log_prob(site: dict) -> torch.Tensor:
     """Unscaled log-density of a site's value, with the site's mask applied."""
-    log_prob = site["fn"].log_prob(site["value"])
+    log_prob = log_density(site["fn"], site["value"])
     mask = site["mask"]
     if mask is not None and mask is not True:
         log_prob = torch.where(mask, log_prob, log_prob.new_zeros(()))
