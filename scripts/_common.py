@@ -15,8 +15,8 @@ import pyro
 import torch
 
 from guides import GUIDES
-from inference.allocator import reuse_freed_memory
 from inference.checkpoint import load_checkpoint
+from inference.cpu import configure_cpu
 from inference.datasets import DATA_SEED, Dataset, load_dataset
 from inference.errors import ConfigError, ElbogapError
 from inference.plotting import (
@@ -260,7 +260,7 @@ def format_exact_comparison(d, exact: dict[str, torch.Tensor]) -> str:
 def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
     """Run ``main``; a user error becomes one line on stderr and exit code 2 (``--debug``: raise)."""
     args = sys.argv[1:] if argv is None else argv
-    reuse_freed_memory()
+    configure_cpu()
     try:
         return main(args)
     except TrainingInterrupted as e:
