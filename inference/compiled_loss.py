@@ -125,7 +125,8 @@ class CompiledLoss:
     def _checked(self, x: torch.Tensor, key: Hashable) -> torch.Tensor:
         """The recording's loss for this minibatch, once its loss and gradient are found equal
         to the eager ones for the same random draws; else the eager loss, from now on."""
-        params = [p for p in pyro.get_param_store()._params.values() if p.requires_grad]
+        named = [(n, p) for n, p in pyro.get_param_store().named_parameters() if p.requires_grad]
+        params = [p for _, p in named]
         with rng_preserved():
             loss = self._replay(key, x)
             grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
@@ -133,7 +134,7 @@ class CompiledLoss:
         expected = self.eager(x)
         expected_grads = torch.autograd.grad(expected, params, retain_graph=True,
                                              allow_unused=True)
-        mismatch = _first_mismatch(loss, expected, grads, expected_grads, params)
+        mismatch = _first_mismatch(loss, expected, grads, expected_grads, [n for n, _ in named])
         if mismatch is not None:
             self.disable(f"the recording's {mismatch} differs from the eager one: the pair "
                          "depends on something a recording holds fixed")
@@ -142,17 +143,18 @@ class CompiledLoss:
         return loss
 
 
-def _first_mismatch(loss, expected, grads, expected_grads, params) -> str | None:
-    if not torch.allclose(loss.detach(), expected.detach(), rtol=RELATIVE_TOLERANCE):
+def _first_mismatch(loss, expected, grads, expected_grads, names) -> str | None:
+    # NaN on both sides is agreement: a bad minibatch is the step's business, not the recording's.
+    if not torch.allclose(loss.detach(), expected.detach(), rtol=RELATIVE_TOLERANCE,
+                          equal_nan=True):
         return f"loss {loss.item():.7g} (eager {expected.item():.7g})"
-    names = {id(p): n for n, p in pyro.get_param_store()._params.items()}
-    for p, g, e in zip(params, grads, expected_grads, strict=True):
+    for name, g, e in zip(names, grads, expected_grads, strict=True):
         if (g is None) != (e is None):
-            return f"gradient of {names[id(p)]}"
+            return f"gradient of {name}"
         if g is not None:
-            atol = RELATIVE_TOLERANCE * float(e.abs().max()) + 1e-12
-            if not torch.allclose(g, e, rtol=RELATIVE_TOLERANCE, atol=atol):
-                return f"gradient of {names[id(p)]}"
+            atol = RELATIVE_TOLERANCE * float(e.abs().nan_to_num().max()) + 1e-12
+            if not torch.allclose(g, e, rtol=RELATIVE_TOLERANCE, atol=atol, equal_nan=True):
+                return f"gradient of {name}"
     return None
 
 
