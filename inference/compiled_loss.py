@@ -116,8 +116,9 @@ class CompiledLoss:
                          and not _in_library(w.filename)]
         if pair_warnings:
             w = pair_warnings[0]
-            self.disable(f"{w.filename}:{w.lineno} makes Python depend on a tensor's value "
-                         f"({first_line(w.message)})")
+            # torch's wording runs to four sentences; the first says what happened.
+            said = first_line(w.message).split(". ")[0]
+            self.disable(f"{w.filename}:{w.lineno} makes Python depend on a tensor's value ({said})")
             return False
         self._recordings[key] = recording
         return True

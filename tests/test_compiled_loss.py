@@ -127,3 +127,18 @@ def test_python_state_changed_between_epochs_ends_the_recordings_before_a_stale_
         reasons.append(result.step.compiled.reason)
     assert "differs from the eager" in reasons[0]
     assert histories[0] == pytest.approx(histories[1], rel=1e-5)
+
+
+def test_fit_says_once_why_it_trains_eagerly(capsys):
+    data = load_digits()
+    vae, enc = VAE(64, 4, (16,)), MeanFieldGuide(64, 4, (16,))
+
+    def model(x):
+        if x.mean() > 0.5:  # a branch on the data's values
+            x = 1 - x
+        vae.model(x)
+
+    pyro.clear_param_store()
+    fit(model, enc.guide, data, FitOptions(epochs=2, eval_every=2, eval_samples=5, progress=False))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert len(lines) == 1 and "test_compiled_loss.py" in lines[0], lines
