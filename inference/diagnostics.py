@@ -203,12 +203,16 @@ def evaluate(
     with torch.no_grad():
         layout = inspect_pair(model, guide, x[:batch_size], data_plate)
         starts = range(0, n, batch_size)
+        if progress:
+            # Only then: fit evaluates every epoch, and a Ctrl-C that lands in a finished bar's
+            # __del__ is printed and dropped by Python instead of stopping the run.
+            starts = tqdm(starts, desc="evaluate", unit="batch")
         parts = [
             _evaluate_batch(
                 model, guide, x[s : s + batch_size], layout, num_samples, data_plate,
                 max(1, rows_per_chunk // min(batch_size, n - s)), keep_log_weights,
             )
-            for s in tqdm(starts, desc="evaluate", unit="batch", disable=not progress)
+            for s in starts
         ]
     return _concatenate(parts, num_samples)
 

@@ -116,6 +116,9 @@ class Distributed:
 
     def shutdown(self) -> None:
         if self.enabled and dist.is_initialized():
+            # No rank closes its connections while another may still be reading from them (a
+            # gloo rank aborted at exit once in CI without this).
+            dist.barrier()
             dist.destroy_process_group()
 
 

@@ -231,7 +231,7 @@ def test_ctrl_c_exits_cleanly_and_says_how_to_resume(tmp_path):
     wait_for_epochs(run, 3, process)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=60)
-    assert process.returncode == 130
+    assert process.returncode == 130, err[-3000:]
     assert "interrupted during epoch" in err and f"--resume {run}" in err
     assert "Traceback" not in err
     epoch = torch.load(run / CHECKPOINT, weights_only=False)["epoch"]
