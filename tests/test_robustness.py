@@ -226,8 +226,11 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_numbers(tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_exits_cleanly_and_says_how_to_resume(tmp_path):
     run = tmp_path / "run"
+    # A shell without job control starts background jobs with SIGINT ignored, and Python then
+    # keeps it ignored: give the child the default disposition, as a terminal would.
     process = subprocess.Popen(fit_command(*RUN, "--epochs", "500", "--out", str(run)),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     wait_for_epochs(run, 3, process)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=60)
