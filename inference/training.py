@@ -175,7 +175,8 @@ def fit(
                   disable=not (options.progress and distributed.is_main))
     fit_start = time.perf_counter()
     epoch = first_epoch - 1
-    eager_told = not options.jit or not step.compiled.enabled
+    # Off from the start (--no-jit, or a resumed run that had fallen back) is no news.
+    eager_told = not step.compiled.enabled
     try:
         for epoch in epochs:
             start = time.perf_counter()
