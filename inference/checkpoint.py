@@ -20,6 +20,7 @@ import torch
 
 from inference.atomic import write_atomic
 from inference.errors import ConfigError
+from inference.parameters import pair_parameters
 from inference.traces import trace_pair
 
 
@@ -47,12 +48,14 @@ def rng_preserved() -> Iterator[None]:
         set_rng_state(saved)
 
 
-def save_checkpoint(path: str | Path, optimizer_state: dict | None = None, **extra: object) -> None:
-    """Write the param store (and the optimizer's state) to ``path`` atomically."""
+def save_checkpoint(path: str | Path, optimizer_state: dict | None = None,
+                    params: dict[str, torch.Tensor] | None = None, **extra: object) -> None:
+    """Write the parameters (by default the param store's) and the optimizer's state to
+    ``path`` atomically."""
+    if params is None:
+        params = dict(pyro.get_param_store().named_parameters())
     state = {
-        "params": {
-            name: p.detach().clone() for name, p in pyro.get_param_store().named_parameters()
-        },
+        "params": {name: p.detach().clone() for name, p in params.items()},
         "optimizer": optimizer_state,
         "rng": rng_state(),
         **extra,
@@ -70,10 +73,12 @@ def load_checkpoint(
     path: str | Path,
     model: Callable,
     guide: Callable,
-    x_example: torch.Tensor,
+    x_example: torch.Tensor | tuple[torch.Tensor, ...],
 ) -> dict:
     """Load parameters saved by ``save_checkpoint`` into the pair; return the whole state
-    (its ``optimizer`` entry is for ``ElboStep.load_state_dict``)."""
+    (its ``optimizer`` entry is for ``ElboStep.load_state_dict``).  ``x_example`` is data the
+    pair runs on (it creates the parameters); given several, the first that works is used, so
+    a guide with parameters per training point can be handed the training set as a fallback."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no checkpoint file")
@@ -82,9 +87,16 @@ def load_checkpoint(
     except Exception as e:  # torch raises several types for a damaged file
         raise ConfigError(f"{path}: not a readable checkpoint ({e})") from None
     # Running the pair draws random numbers; a restore must not change the random stream.
+    examples = x_example if isinstance(x_example, tuple) else (x_example,)
     with rng_preserved(), torch.no_grad():
-        trace_pair(model, guide, x_example)
-    current = dict(pyro.get_param_store().named_parameters())
+        for i, x in enumerate(examples):
+            try:
+                trace_pair(model, guide, x)
+                break
+            except (RuntimeError, ValueError, TypeError, IndexError, AssertionError):
+                if i == len(examples) - 1:
+                    raise
+    current = pair_parameters(model, guide)
     missing = sorted(set(current) - set(state["params"]))
     unknown = sorted(set(state["params"]) - set(current))
     if missing or unknown:

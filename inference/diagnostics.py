@@ -1,4 +1,5 @@
-"""Per-datapoint ELBO, KL to the prior, importance-sampled evidence and the evidence gap.
+"""ELBO, KL to the prior, importance-sampled evidence and the evidence gap, per data point or for
+the whole data set.
 
 For each data point x_n and K draws z_k ~ q(z | x_n) (the guide), with
 log-weights  w_k = log p(x_n, z_k) - log q(z_k | x_n):
@@ -9,44 +10,54 @@ log-weights  w_k = log p(x_n, z_k) - log q(z_k | x_n):
 * ``log_evidence``   = log (1/K) sum_k exp(w_k)        (importance sampling, q as proposal)
 * ``evidence_gap``   = log_evidence - elbo             (estimates KL(q(z | x_n) || p(z | x_n)))
 
+A pair with global latent variables (sites outside the data plate) has no per-point evidence:
+its unit is the data set, with one joint weight per draw of (theta, z_1..N),
+w_k = log p(x_1..N, theta_k, z_k) - log q(theta_k, z_k | x_1..N), exactly the setting of Yao,
+Vehtari, Simpson & Gelman (2018).  ``Diagnostics.total`` holds the data set's numbers for every
+pair (for a pair of local latents only, the sums of the per-point ones).
+
 The Monte Carlo part uses the sampled KL, log q(z_k) - log p(z_k), as a control variate for
 the reconstruction term (from 20 draws on): with a perfect guide the log-weights are constant and
 the ELBO, and so the gap, come out exact instead of carrying the reconstruction's sampling noise.
 
-All in nats per data point.  ``log_evidence`` is a stochastic lower bound on log p(x_n) whose
-bias shrinks as K grows (Burda et al. 2016), so ``evidence_gap`` is an underestimate of the
-true gap for small K.  Standard errors are Monte Carlo errors over the K draws (delta method
-for the log of a mean).
+All in nats.  ``log_evidence`` is a stochastic lower bound on log p(x) whose bias shrinks as K
+grows (Burda et al. 2016), so ``evidence_gap`` is an underestimate of the true gap for small K.
+Standard errors are Monte Carlo errors over the K draws (delta method for the log of a mean).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import pyro
 import torch
+from torch.distributions import biject_to, transforms
 from tqdm.auto import tqdm
 
 from inference.distributed import SINGLE, Distributed
-from inference.errors import ConfigError
-from inference.kl import MONTE_CARLO, kl_to_prior
+from inference.errors import ConfigError, ConventionError
+from inference.kl import MONTE_CARLO, SiteKL, kl_to_prior
 from inference.psis import importance_ess, khat_summary, pareto_khat
 from inference.traces import (
     PairLayout,
+    data_frame,
     datapoint_rows,
+    global_part,
     inspect_pair,
+    is_point_mass,
     per_datapoint,
     sample_sites,
     site_log_prob,
+    trace_pair,
 )
-from inference.traces import trace_pair as _trace_pair
 
 # Burda et al. (2016): a latent dimension is active when Cov_x(E_q[z_d | x]) exceeds this.
 ACTIVE_UNIT_THRESHOLD = 0.01
-# PSIS fits the largest min(K/5, 3 sqrt(K)) weights: below this K there is no tail to fit.
-MIN_SAMPLES_KHAT = 20
+# PSIS fits the largest ceil(min(K/5, 3 sqrt(K))) weights and needs at least 5 of them (ArviZ
+# returns +inf below that): from K = 25 on there is a tail to fit.
+MIN_SAMPLES_KHAT = 25
 
 # Rows (particles x data points) pushed through the pair at once: bounds memory for any K. 4096
 # keeps the intermediates of a 784-pixel decoder (12 MiB each) near the caches: measured 12 us per
@@ -64,19 +75,49 @@ PER_DATAPOINT_FIELDS = (
     "evidence_gap",
 )
 
+DATA_POINT = "data point"
+DATA_SET = "data set"
+
+
+@dataclass
+class DataSetTotals:
+    """The data set's numbers, in nats (sums over points for a pair of local latents)."""
+
+    num_data: int
+    elbo: float
+    elbo_se: float | None
+    reconstruction: float
+    kl_prior: float
+    log_evidence: float
+    log_evidence_se: float | None
+    evidence_gap: float
+    evidence_gap_se: float | None
+    # One k-hat and ESS of the joint weights (global latents); per point otherwise (None here).
+    khat: float | None = None
+    ess: float | None = None
+
+    def as_dict(self) -> dict:
+        return {k: (_finite_or_none(v) if isinstance(v, float) else v)
+                for k, v in asdict(self).items()}
+
 
 @dataclass
 class Diagnostics:
-    """Per-datapoint diagnostics; every tensor of shape ``[N]`` is in nats."""
+    """Diagnostics of a guide on a data set.
 
-    elbo: torch.Tensor
-    elbo_se: torch.Tensor
-    reconstruction: torch.Tensor
-    kl_prior: torch.Tensor
-    log_evidence: torch.Tensor
-    log_evidence_se: torch.Tensor
-    evidence_gap: torch.Tensor
-    evidence_gap_se: torch.Tensor
+    For a pair of local latents every tensor of shape ``[N]`` is per data point, in nats.  For a
+    pair with global latents (``unit == "data set"``) the per-point fields are None, and
+    ``khat``/``ess``/``log_weights`` are those of the joint weights (one "point": the data set).
+    """
+
+    elbo: torch.Tensor | None
+    elbo_se: torch.Tensor | None
+    reconstruction: torch.Tensor | None
+    kl_prior: torch.Tensor | None
+    log_evidence: torch.Tensor | None
+    log_evidence_se: torch.Tensor | None
+    evidence_gap: torch.Tensor | None
+    evidence_gap_se: torch.Tensor | None
     kl_sites: dict[str, torch.Tensor]
     kl_per_dim: dict[str, torch.Tensor]
     kl_method: dict[str, str]
@@ -84,48 +125,69 @@ class Diagnostics:
     ess: torch.Tensor
     latent_mean: dict[str, torch.Tensor]
     num_samples: int
+    total: DataSetTotals | None = None
+    unit: str = DATA_POINT
+    notes: list[str] = field(default_factory=list)
     log_weights: torch.Tensor | None = field(default=None, repr=False)
 
     def active_units(self, threshold: float = ACTIVE_UNIT_THRESHOLD) -> dict[str, torch.Tensor]:
         """Per latent site, which dimensions have Cov_x(E_q[z_d | x]) > threshold."""
-        return {name: m.var(0, unbiased=False) > threshold for name, m in self.latent_mean.items()}
+        return {name: _nan_var(m) > threshold for name, m in self.latent_mean.items()}
 
     @property
     def num_data(self) -> int:
-        return int(self.elbo.shape[0])
+        return self.total.num_data
 
     def summary(self) -> dict:
-        """Dataset means, each with the standard error of the mean over data points."""
-        out: dict = {"num_data": self.num_data, "num_samples": self.num_samples}
-        for name in PER_DATAPOINT_FIELDS:
-            out[name] = mean_and_se(getattr(self, name))
-        # Monte Carlo error of the dataset means (independent across points): what separates
-        # an estimate from the exact value on the same points.
-        n = self.num_data
-        out["log_evidence_mc_se"] = _finite_or_none(self.log_evidence_se.mean().item())
-        out["evidence_gap_mc_se"] = _finite_or_none(
-            self.evidence_gap_se.double().pow(2).sum().sqrt().item() / n
-        )
-        out["kl_sites"] = {
-            name: {**mean_and_se(value), "method": self.kl_method[name]}
-            for name, value in self.kl_sites.items()
-        }
-        out["kl_per_dim"] = {
-            name: [float(v) for v in value.mean(0)] for name, value in self.kl_per_dim.items()
-        }
+        """Dataset means, each with the standard error of the mean over data points; for a
+        pair with global latents, the data set's totals."""
+        out: dict = {"unit": self.unit, "num_data": self.num_data,
+                     "num_samples": self.num_samples, "total": self.total.as_dict()}
+        if self.unit == DATA_POINT:
+            for name in PER_DATAPOINT_FIELDS:
+                out[name] = mean_and_se(getattr(self, name))
+            # Monte Carlo error of the dataset means (independent across points): what
+            # separates an estimate from the exact value on the same points.
+            n = self.num_data
+            out["log_evidence_mc_se"] = _finite_or_none(self.log_evidence_se.mean().item())
+            out["evidence_gap_mc_se"] = _finite_or_none(
+                self.evidence_gap_se.double().pow(2).sum().sqrt().item() / n
+            )
+            out["kl_sites"] = {
+                name: {**mean_and_se(value), "method": self.kl_method[name]}
+                for name, value in self.kl_sites.items()
+            }
+            out["kl_per_dim"] = {
+                name: [float(v) for v in value.nanmean(0)] for name, value in self.kl_per_dim.items()
+            }
+        else:
+            out["kl_sites"] = {
+                name: {"mean": float(value.sum()), "se": None, "method": self.kl_method[name]}
+                for name, value in self.kl_sites.items()
+            }
+            out["kl_per_dim"] = {
+                name: [float(v) for v in value.sum(0)] for name, value in self.kl_per_dim.items()
+            }
         if self.num_samples >= MIN_SAMPLES_KHAT:
-            out["khat"] = khat_summary(self.khat)
+            out["khat"] = khat_summary(self.khat, self.unit)
         out["ess"] = {"mean": float(self.ess.mean()), "min": float(self.ess.min())}
         out["active_units"] = active_units_summary(self)
+        out["notes"] = list(self.notes)
         return out
+
+
+def _nan_var(m: torch.Tensor) -> torch.Tensor:
+    """Variance over data points (dim 0) of values that are NaN where a point lacks the site."""
+    centred = m - m.nanmean(0)
+    return centred.pow(2).nanmean(0)
 
 
 def active_units_summary(d: Diagnostics) -> dict:
     """Active dimensions per site and a warning when most are not (posterior collapse)."""
-    if d.num_data < 2:
+    if d.unit != DATA_POINT or d.num_data < 2 or not d.latent_mean:
         return {"sites": {}, "active": None, "total": None, "warning": None}
     active = d.active_units()
-    variances = {name: m.var(0, unbiased=False) for name, m in d.latent_mean.items()}
+    variances = {name: _nan_var(m) for name, m in d.latent_mean.items()}
     total = sum(int(a.numel()) for a in active.values())
     count = sum(int(a.sum()) for a in active.values())
     warning = None
@@ -173,25 +235,22 @@ def evaluate(
 ) -> Diagnostics:
     """Diagnose the guide of any model/guide pair that follows the conventions.
 
-    :param x: data, first dimension indexing the N data points.
-    :param num_samples: K, draws from the guide per data point.
-    :param batch_size: data points per pass (all at once when None).
+    :param x: data, first dimension indexing the N data points.  For a pair with global
+        latents, the data the guide was fitted to: its evidence gap is about those.
+    :param num_samples: K, draws from the guide per data point (per data set with global
+        latents).
+    :param batch_size: data points per pass (all at once when None).  Batches may hold
+        different latent sites (sequences of different lengths): a site a point lacks
+        contributes nothing to it.  With global latents every batch shares the same K draws
+        of the global sites.
     :param data_plate: name of the plate that indexes data points in model and guide.
     :param rows_per_chunk: particles x data points evaluated at once; memory stays bounded in K.
-    :param keep_log_weights: also return the ``[K, N]`` importance log-weights.
+    :param keep_log_weights: also return the ``[K, N]`` importance log-weights (``[K, 1]``,
+        the joint weights, with global latents).
     :param distributed: under torchrun, each rank evaluates its share of the points and every
-        rank gets all of them back, in their original order.
+        rank gets all of them back, in their original order.  (A pair with global latents is
+        evaluated whole on every rank: its weights do not split over points.)
     """
-    if distributed.enabled:
-        share = x[distributed.shard(x.shape[0])]
-        local = None
-        if share.shape[0]:
-            local = evaluate(model, guide, share, num_samples=num_samples, batch_size=batch_size,
-                             data_plate=data_plate, rows_per_chunk=rows_per_chunk,
-                             keep_log_weights=keep_log_weights, progress=progress)
-        parts = [d for d in distributed.gather(local) if d is not None]
-        return _concatenate([{f.name: getattr(d, f.name) for f in fields(d)} for d in parts],
-                            num_samples)
     if num_samples < 1:
         raise ConfigError(f"num_samples (K) must be a positive integer, got {num_samples}")
     if x.shape[0] == 0:
@@ -201,20 +260,186 @@ def evaluate(
     if batch_size < 1:
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size}")
     with torch.no_grad():
-        layout = inspect_pair(model, guide, x[:batch_size], data_plate)
-        starts = range(0, n, batch_size)
+        first, batch_size = _first_layout(model, guide, x, batch_size, data_plate)
+    if distributed.enabled and first.per_datapoint:
+        share = x[distributed.shard(x.shape[0])]
+        local = None
+        if share.shape[0]:
+            local = evaluate(model, guide, share, num_samples=num_samples, batch_size=batch_size,
+                             data_plate=data_plate, rows_per_chunk=rows_per_chunk,
+                             keep_log_weights=keep_log_weights, progress=progress)
+        parts = [d for d in distributed.gather(local) if d is not None]
+        return _concatenate([_as_part(d) for d in parts], num_samples)
+    starts = range(0, n, batch_size)
+    with torch.no_grad():
+        if not first.per_datapoint:
+            return _evaluate_data_set(model, guide, x, first, starts, batch_size, num_samples,
+                                      data_plate, rows_per_chunk, keep_log_weights, progress)
         if progress:
             # Only then: fit evaluates every epoch, and a Ctrl-C that lands in a finished bar's
             # __del__ is printed and dropped by Python instead of stopping the run.
             starts = tqdm(starts, desc="evaluate", unit="batch")
-        parts = [
-            _evaluate_batch(
-                model, guide, x[s : s + batch_size], layout, num_samples, data_plate,
-                max(1, rows_per_chunk // min(batch_size, n - s)), keep_log_weights,
-            )
-            for s in starts
-        ]
-    return _concatenate(parts, num_samples)
+        parts = []
+        for s in starts:
+            xb = x[s : s + batch_size]
+            layout = first if s == 0 else inspect_pair(model, guide, xb, data_plate)
+            if not layout.per_datapoint:
+                raise ConventionError(
+                    f"sites {list(layout.global_sites)} are outside plate '{data_plate}' in the "
+                    "batch of rows {s}..: a pair's global latents must be the same in every batch"
+                )
+            parts.append(_evaluate_batch(
+                model, guide, xb, layout, num_samples, data_plate,
+                max(1, rows_per_chunk // xb.shape[0]), keep_log_weights,
+            ))
+    d = _concatenate(parts, num_samples)
+    d.notes.extend(_notes(first))
+    return d
+
+
+def _first_layout(model: Callable, guide: Callable, x: torch.Tensor, batch_size: int,
+                  data_plate: str) -> tuple[PairLayout, int]:
+    """The first batch's layout, and the batch size to use.  A guide with parameters per data
+    point (an autoguide on local latents) runs only on the whole data set it was built for."""
+    try:
+        return inspect_pair(model, guide, x[:batch_size], data_plate), batch_size
+    except ConventionError:
+        if batch_size >= x.shape[0]:
+            raise
+        try:
+            layout = inspect_pair(model, guide, x, data_plate)
+        except ConventionError:
+            raise  # noqa: B904 - the whole-data error is the one that explains
+        return layout, x.shape[0]
+
+
+def _notes(layout: PairLayout) -> list[str]:
+    if layout.vectorized:
+        return []
+    return ["the pair does not broadcast over a leading particle dimension: evaluated one "
+            "particle at a time (slower; see README, Conventions)"]
+
+
+def _passes(model, guide, x, layout: PairLayout, k: int, replay=None):
+    """``(guide_trace, model_trace)`` covering ``k`` particles: one vectorized pass, or ``k``
+    passes for a pair that does not broadcast.  ``replay`` fixes global guide sites (a trace
+    with the particle dimension, or a list of ``k`` traces)."""
+    # Pyro's argument and support checks ran in inspect_pair; on every chunk they would cost
+    # about a tenth of the time (measured with cProfile) and find nothing new.
+    with pyro.validation_enabled(False):
+        if layout.vectorized:
+            return [trace_pair(model, guide, x, k, layout.particle_dim, replay)]
+        return [trace_pair(model, guide, x, replay_guide=None if replay is None else replay[j])
+                for j in range(k)]
+
+
+def _site_terms(guide_trace, model_trace, layout: PairLayout, data_plate: str, k: int,
+                n: int) -> dict:
+    """Per-particle terms of one pass: ``local_*`` per data point ``[k, N]``, ``global_*``
+    ``[k]``, KL per unit (site, or group of autoguide sites) ``[k, N or 1, D]``."""
+    model_sites = sample_sites(model_trace)
+    guide_sites = sample_sites(guide_trace)
+
+    def reduce(values, site, trailing=0):
+        out = per_datapoint(values, site, layout, data_plate, trailing).double()
+        rows = n if data_frame(site, data_plate) is not None else 1
+        return out.expand((k, rows) + out.shape[2:])
+
+    local_w = torch.zeros(k, n, dtype=torch.float64)
+    global_w = torch.zeros(k, dtype=torch.float64)
+    recon = torch.zeros(k, n, dtype=torch.float64)
+    for sign, sites in ((1.0, model_sites), (-1.0, guide_sites)):
+        for site in sites.values():
+            lp = reduce(site_log_prob(site), site)
+            if data_frame(site, data_plate) is not None:
+                local_w = local_w + sign * lp
+                if site["is_observed"]:
+                    recon = recon + lp
+            else:
+                global_w = global_w + sign * lp[:, 0]
+    kl = _kl_units(model_sites, guide_sites, layout, reduce)
+    latent_mean = {}
+    for name in layout.latent:
+        site = guide_sites[name]
+        if data_frame(site, data_plate) is not None:
+            latent_mean[name] = _site_mean(site, guide_sites, layout, data_plate).expand(
+                k, n, -1).double()
+    return {"local_w": local_w, "global_w": global_w, "recon": recon, "kl": kl,
+            "latent_mean": latent_mean}
+
+
+def _kl_units(model_sites: dict, guide_sites: dict, layout: PairLayout, reduce):
+    """KL(q || p) of each latent site, analytic where torch knows it; the sites an autoguide
+    draws jointly from one auxiliary site form one unit named after them all (Monte Carlo)."""
+    kl: dict[str, tuple[torch.Tensor, str]] = {}
+    grouped: list[str] = []
+    used_aux: set[str] = set()
+    for name in layout.latent:
+        q_site, p_site = guide_sites[name], model_sites[name]
+        if not is_point_mass(q_site["fn"]):
+            site_kl = _safe_kl(q_site["fn"], p_site["fn"], q_site["value"])
+            kl[name] = (_per_dim(reduce, site_kl.value, q_site, site_kl.event_ndim),
+                        site_kl.method)
+            continue
+        aux = guide_sites.get(f"{name}_unconstrained")
+        if aux is None or aux["name"] not in layout.auxiliary:
+            grouped.append(name)
+            continue
+        used_aux.add(aux["name"])
+        # AutoNormal: z = T(u), u ~ aux.  With T the identity q(z) is aux's distribution.
+        if _is_identity(p_site["fn"]):
+            site_kl = _safe_kl(aux["fn"], p_site["fn"], q_site["value"])
+            kl[name] = (_per_dim(reduce, site_kl.value, aux, site_kl.event_ndim), site_kl.method)
+        else:
+            value = (reduce(site_log_prob(aux), aux) + reduce(site_log_prob(q_site), q_site)
+                     - reduce(site_log_prob(p_site), p_site))
+            kl[name] = (value.unsqueeze(-1), MONTE_CARLO)
+    if grouped:
+        parts = [reduce(site_log_prob(guide_sites[a]), guide_sites[a]).sum(1, keepdim=True)
+                 for a in layout.auxiliary if a not in used_aux]
+        for name in grouped:
+            parts.append(reduce(site_log_prob(guide_sites[name]), guide_sites[name])
+                         .sum(1, keepdim=True))
+            parts.append(-reduce(site_log_prob(model_sites[name]), model_sites[name])
+                         .sum(1, keepdim=True))
+        kl[" + ".join(grouped)] = (sum(parts).unsqueeze(-1), MONTE_CARLO)
+    return kl
+
+
+def _per_dim(reduce, values, site, event_ndim) -> torch.Tensor:
+    out = reduce(values, site, event_ndim)
+    return out.reshape(out.shape[0], out.shape[1], -1)
+
+
+def _is_identity(p) -> bool:
+    t = biject_to(p.support)
+    while isinstance(t, transforms.IndependentTransform):
+        t = t.base_transform
+    return t == transforms.identity_transform
+
+
+def _safe_kl(q, p, z) -> SiteKL:
+    """Closed form where torch has one and it computes; any failure of it (torch's KL
+    functions that index with masks, say) falls back to Monte Carlo."""
+    try:
+        return kl_to_prior(q, p, z)
+    except Exception:  # noqa: BLE001 - a KL function that fails is one we cannot use
+        return SiteKL(q.log_prob(z) - p.log_prob(z), 0, MONTE_CARLO)
+
+
+def _stack_passes(model, guide, x, layout, k, data_plate, replay=None):
+    """``_site_terms`` of ``k`` particles, and the guide traces (for replaying global sites)."""
+    passes = _passes(model, guide, x, layout, k, replay)
+    per = [_site_terms(g, m, layout, data_plate, k if layout.vectorized else 1, x.shape[0])
+           for g, m in passes]
+    if len(per) == 1:
+        return per[0], passes
+    out = {key: torch.cat([p[key] for p in per]) for key in ("local_w", "global_w", "recon")}
+    out["kl"] = {name: (torch.cat([p["kl"][name][0] for p in per]), per[0]["kl"][name][1])
+                 for name in per[0]["kl"]}
+    out["latent_mean"] = {name: torch.cat([p["latent_mean"][name] for p in per])
+                          for name in per[0]["latent_mean"]}
+    return out, passes
 
 
 def _evaluate_batch(
@@ -234,22 +459,24 @@ def _evaluate_batch(
     done = 0
     while done < num_samples:
         k = min(particles_per_chunk, num_samples - done)
-        chunk = _particle_terms(model, guide, x, layout, k, data_plate)
-        log_w.append(chunk["log_w"])
-        elbo_k.append(chunk["reconstruction"] - chunk["kl"])
-        for name, kl_dim in chunk["kl_per_dim"].items():
-            summed = kl_dim.double().sum(0)
+        chunk, _ = _stack_passes(model, guide, x, layout, k, data_plate)
+        kl_total = torch.zeros_like(chunk["local_w"])
+        for name, (value, method) in chunk["kl"].items():
+            summed = value.sum(0)
             kl_sums[name] = summed if name not in kl_sums else kl_sums[name] + summed
+            kl_method[name] = method
+            kl_total = kl_total + value.sum(-1)
+        log_w.append(chunk["local_w"])
+        elbo_k.append(chunk["recon"] - kl_total)
         for name, m in chunk["latent_mean"].items():
-            summed = m.double().sum(0)
+            summed = m.sum(0)
             mean_sums[name] = summed if name not in mean_sums else mean_sums[name] + summed
-        kl_method.update(chunk["kl_method"])
         done += k
-    log_w_all = torch.cat(log_w).double()
-    elbo_all = _with_control_variate(torch.cat(elbo_k).double(), log_w_all)
+    log_w_all = torch.cat(log_w)
+    elbo_all = _with_control_variate(torch.cat(elbo_k), log_w_all)
     kl_per_dim = {name: s / num_samples for name, s in kl_sums.items()}
     kl_sites = {name: v.sum(1) for name, v in kl_per_dim.items()}
-    kl_prior = sum(kl_sites.values())
+    kl_prior = sum(kl_sites.values()) if kl_sites else torch.zeros(x.shape[0], dtype=torch.float64)
     elbo = elbo_all.mean(0)
     stats = _importance_stats(log_w_all, elbo_all)
     return {
@@ -264,68 +491,173 @@ def _evaluate_batch(
         "kl_sites": kl_sites,
         "kl_per_dim": kl_per_dim,
         "kl_method": kl_method,
-        "khat": (pareto_khat(log_w_all) if num_samples >= MIN_SAMPLES_KHAT
-                 else torch.full((x.shape[0],), float("nan"), dtype=torch.float64)),
+        "khat": _khat(log_w_all),
         "ess": importance_ess(log_w_all),
         "latent_mean": {name: s / num_samples for name, s in mean_sums.items()},
         "log_weights": log_w_all if keep_log_weights else None,
     }
 
 
-def _particle_terms(
-    model: Callable, guide: Callable, x: torch.Tensor, layout: PairLayout, k: int, data_plate: str
-) -> dict:
-    """Per-particle, per-datapoint terms ``[k, N]`` from one vectorized pass of the pair."""
-    # Pyro's argument and support checks ran in inspect_pair; on every chunk they would cost
-    # about a tenth of the time (measured with cProfile) and find nothing new.
-    with pyro.validation_enabled(False):
-        guide_trace, model_trace = _trace_pair(model, guide, x, k, layout.particle_dim)
-    model_sites = sample_sites(model_trace)
-    guide_sites = sample_sites(guide_trace)
-    shape = (k, x.shape[0])
-
-    def reduce(values, site, trailing=0):
-        out = per_datapoint(values, site, layout, data_plate, trailing)
-        return out.expand(shape + out.shape[2:])
-
-    log_w = torch.zeros(shape)
-    reconstruction = torch.zeros_like(log_w)
-    for site in model_sites.values():
-        lp = reduce(site_log_prob(site), site)
-        log_w = log_w + lp
-        if site["is_observed"]:
-            reconstruction = reconstruction + lp
-    for site in guide_sites.values():
-        log_w = log_w - reduce(site_log_prob(site), site)
-
-    kl = torch.zeros_like(log_w)
-    kl_per_dim, kl_method, latent_mean = {}, {}, {}
-    for name in layout.latent:
-        q_site, p_site = guide_sites[name], model_sites[name]
-        site_kl = kl_to_prior(q_site["fn"], p_site["fn"], q_site["value"])
-        per_dim = reduce(site_kl.value, q_site, site_kl.event_ndim).reshape(shape + (-1,))
-        kl_per_dim[name] = per_dim
-        kl_method[name] = site_kl.method
-        kl = kl + per_dim.sum(-1)
-        latent_mean[name] = _site_mean(q_site, layout, data_plate).expand(shape + (-1,))
-    return {
-        "log_w": log_w,
-        "reconstruction": reconstruction,
-        "kl": kl,
-        "kl_per_dim": kl_per_dim,
-        "kl_method": kl_method,
-        "latent_mean": latent_mean,
-    }
+def _khat(log_w: torch.Tensor) -> torch.Tensor:
+    if log_w.shape[0] >= MIN_SAMPLES_KHAT:
+        return pareto_khat(log_w)
+    return torch.full((log_w.shape[1],), float("nan"), dtype=torch.float64)
 
 
-def _site_mean(site: dict, layout: PairLayout, data_plate: str) -> torch.Tensor:
+def _evaluate_data_set(model, guide, x, first: PairLayout, starts, batch_size: int,
+                       num_samples: int, data_plate: str, rows_per_chunk: int,
+                       keep_log_weights: bool, progress: bool) -> Diagnostics:
+    """Joint importance sampling over every latent variable of the data set: each draw of the
+    global sites is shared by every batch, and its weight sums the whole data set."""
+    n = x.shape[0]
+    particles_per_chunk = max(1, rows_per_chunk // min(batch_size, n))
+    log_w, elbo_k = [], []
+    kl_sums: dict[str, torch.Tensor] = {}
+    kl_method: dict[str, str] = {}
+    layouts: dict[int, PairLayout] = {0: first}
+    chunks = range(0, num_samples, particles_per_chunk)
+    if progress:
+        chunks = tqdm(chunks, desc="evaluate", unit="chunk")
+    for done in chunks:
+        k = min(particles_per_chunk, num_samples - done)
+        total_w = torch.zeros(k, dtype=torch.float64)
+        total_recon = torch.zeros(k, dtype=torch.float64)
+        total_kl = torch.zeros(k, dtype=torch.float64)
+        replay = None
+        for s in starts:
+            xb = x[s : s + batch_size]
+            if s not in layouts:
+                layouts[s] = inspect_pair(model, guide, xb, data_plate)
+            layout = layouts[s]
+            terms, passes = _stack_passes(model, guide, xb, layout, k, data_plate, replay)
+            if replay is None:
+                replay = [global_part(g, layout) for g, _ in passes]
+                if layout.vectorized:
+                    replay = replay[0]
+                total_w = total_w + terms["global_w"]
+            total_w = total_w + terms["local_w"].sum(1)
+            total_recon = total_recon + terms["recon"].sum(1)
+            for name, (value, method) in terms["kl"].items():
+                if value.shape[1] == 1 and s != 0 and _is_global_unit(name, layout):
+                    continue  # a global site's KL counts once
+                per_dim = value.sum(1)
+                kl_sums[name] = per_dim.sum(0) + kl_sums.get(name, 0)
+                kl_method[name] = method
+                total_kl = total_kl + per_dim.sum(-1)
+        log_w.append(total_w)
+        elbo_k.append(total_recon - total_kl)
+    log_w_all = torch.cat(log_w).unsqueeze(1)
+    elbo_all = _with_control_variate(torch.cat(elbo_k).unsqueeze(1), log_w_all)
+    stats = _importance_stats(log_w_all, elbo_all)
+    kl_per_dim = {name: (s / num_samples).unsqueeze(0) for name, s in kl_sums.items()}
+    kl_sites = {name: v.sum(1) for name, v in kl_per_dim.items()}
+    kl_prior = float(sum(v.sum() for v in kl_sites.values())) if kl_sites else 0.0
+    elbo = float(elbo_all.mean())
+    khat = _khat(log_w_all)
+    ess = importance_ess(log_w_all)
+    total = DataSetTotals(
+        num_data=n, elbo=elbo, elbo_se=float(stats["elbo_se"][0]),
+        reconstruction=elbo + kl_prior, kl_prior=kl_prior,
+        log_evidence=float(stats["log_evidence"][0]),
+        log_evidence_se=float(stats["log_evidence_se"][0]),
+        evidence_gap=float(stats["log_evidence"][0]) - elbo,
+        evidence_gap_se=float(stats["evidence_gap_se"][0]),
+        khat=float(khat[0]), ess=float(ess[0]),
+    )
+    return Diagnostics(
+        elbo=None, elbo_se=None, reconstruction=None, kl_prior=None, log_evidence=None,
+        log_evidence_se=None, evidence_gap=None, evidence_gap_se=None,
+        kl_sites=kl_sites, kl_per_dim=kl_per_dim, kl_method=kl_method, khat=khat, ess=ess,
+        latent_mean={}, num_samples=num_samples, total=total, unit=DATA_SET,
+        notes=_notes(first) + [
+            f"global latent variables {list(first.global_sites)}: the unit is the data set "
+            f"({n} points), one joint importance weight per draw"],
+        log_weights=log_w_all if keep_log_weights else None,
+    )
+
+
+def _is_global_unit(name: str, layout: PairLayout) -> bool:
+    return any(part in layout.global_sites for part in name.split(" + "))
+
+
+def _site_mean(site: dict, guide_sites: dict, layout: PairLayout, data_plate: str) -> torch.Tensor:
     """E_q[z | x] at a guide site as ``[k, N, D]``: the distribution's mean, else the draw."""
     fn = site["fn"]
+    if is_point_mass(fn):
+        aux = guide_sites.get(f"{site['name']}_unconstrained")
+        if aux is not None and aux["fn"].event_shape == fn.event_shape:
+            fn = aux["fn"]  # AutoNormal's unconstrained Normal: its mean, on that scale
     try:
         mean = fn.mean.expand(fn.batch_shape + fn.event_shape)
     except NotImplementedError:
         mean = site["value"]
     return datapoint_rows(mean, site, layout, data_plate, len(fn.event_shape))
+
+
+def _as_part(d: Diagnostics) -> dict:
+    return {f.name: getattr(d, f.name) for f in fields(d)}
+
+
+def data_set_totals(d: dict, n: int) -> DataSetTotals:
+    """Sums over the points of a pair of local latents (independent Monte Carlo errors)."""
+    def se(key):
+        return float(d[key].double().pow(2).sum().sqrt())
+
+    return DataSetTotals(
+        num_data=n, elbo=float(d["elbo"].sum()), elbo_se=se("elbo_se"),
+        reconstruction=float(d["reconstruction"].sum()), kl_prior=float(d["kl_prior"].sum()),
+        log_evidence=float(d["log_evidence"].sum()), log_evidence_se=se("log_evidence_se"),
+        evidence_gap=float(d["evidence_gap"].sum()), evidence_gap_se=se("evidence_gap_se"),
+    )
+
+
+def _concatenate(parts: list[dict], num_samples: int) -> Diagnostics:
+    """One Diagnostics from batches; a site some batches lack adds nothing to their points
+    (KL 0, no latent mean: NaN)."""
+    def cat(key):
+        return torch.cat([p[key] for p in parts])
+
+    sizes = [p["elbo"].shape[0] for p in parts]
+
+    def merged(key, fill):
+        names = list(dict.fromkeys(name for p in parts for name in p[key]))
+        out = {}
+        for name in names:
+            template = next(p[key][name] for p in parts if name in p[key])
+            out[name] = torch.cat([
+                p[key][name] if name in p[key]
+                else template.new_full((size,) + template.shape[1:], fill)
+                for p, size in zip(parts, sizes, strict=True)
+            ])
+        return out
+
+    kl_method = {}
+    for p in parts:
+        for name, method in p["kl_method"].items():
+            # A site that needed Monte Carlo in any batch is reported as such.
+            if kl_method.get(name) != MONTE_CARLO:
+                kl_method[name] = method
+    kl_per_dim = merged("kl_per_dim", 0.0)
+    d = {
+        key: cat(key) for key in ("elbo", "elbo_se", "reconstruction", "kl_prior", "log_evidence",
+                                  "log_evidence_se", "evidence_gap", "evidence_gap_se", "khat",
+                                  "ess")
+    }
+    notes = list(dict.fromkeys(note for p in parts for note in p.get("notes", [])))
+    return Diagnostics(
+        **d,
+        kl_sites={name: v.sum(1) for name, v in kl_per_dim.items()},
+        kl_per_dim=kl_per_dim,
+        kl_method=kl_method,
+        latent_mean=merged("latent_mean", float("nan")),
+        num_samples=num_samples,
+        total=data_set_totals(d, sum(sizes)),
+        notes=notes,
+        log_weights=(
+            torch.cat([p["log_weights"] for p in parts], 1) if parts[0]["log_weights"] is not None
+            else None
+        ),
+    )
 
 
 def _with_control_variate(elbo_k: torch.Tensor, log_w: torch.Tensor) -> torch.Tensor:
@@ -373,38 +705,3 @@ def _importance_stats(log_w: torch.Tensor, elbo_k: torch.Tensor) -> dict[str, to
         "evidence_gap_se": (gap_var / k).sqrt(),
     }
 
-
-def _concatenate(parts: list[dict], num_samples: int) -> Diagnostics:
-    def cat(key):
-        return torch.cat([p[key] for p in parts])
-
-    def cat_dict(key):
-        return {name: torch.cat([p[key][name] for p in parts]) for name in parts[0][key]}
-
-    kl_method = {}
-    for p in parts:
-        for name, method in p["kl_method"].items():
-            # A site that needed Monte Carlo in any batch is reported as such.
-            if kl_method.get(name) != MONTE_CARLO:
-                kl_method[name] = method
-    return Diagnostics(
-        elbo=cat("elbo"),
-        elbo_se=cat("elbo_se"),
-        reconstruction=cat("reconstruction"),
-        kl_prior=cat("kl_prior"),
-        log_evidence=cat("log_evidence"),
-        log_evidence_se=cat("log_evidence_se"),
-        evidence_gap=cat("evidence_gap"),
-        evidence_gap_se=cat("evidence_gap_se"),
-        kl_sites=cat_dict("kl_sites"),
-        kl_per_dim=cat_dict("kl_per_dim"),
-        kl_method=kl_method,
-        khat=cat("khat"),
-        ess=cat("ess"),
-        latent_mean=cat_dict("latent_mean"),
-        num_samples=num_samples,
-        log_weights=(
-            torch.cat([p["log_weights"] for p in parts], 1) if parts[0]["log_weights"] is not None
-            else None
-        ),
-    )

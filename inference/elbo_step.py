@@ -21,16 +21,17 @@ from collections.abc import Callable
 import pyro
 import pyro.ops.jit
 import torch
-from pyro.infer import JitTrace_ELBO, Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer import JitTrace_ELBO, Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
 
 from inference.checkpoint import rng_preserved
 from inference.compiled_loss import CompiledLoss
 from inference.distributed import SINGLE, Distributed
 from inference.errors import ConventionError
 from inference.minibatch import ScaleDataPlate
+from inference.parameters import pair_parameters
 from inference.traces import first_line, trace_pair
 
-ELBOS = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO}
+ELBOS = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO, "enum": TraceEnum_ELBO}
 
 
 class ElboStep:
@@ -52,18 +53,28 @@ class ElboStep:
         data_plate: str = "data",
         distributed: Distributed = SINGLE,
         jit: bool = True,
+        max_plate_nesting: int | None = None,
     ):
         self.scale = ScaleDataPlate(data_plate, num_data)
+        self.user_model, self.user_guide = model, guide
         self.model = self.scale(model)
         self.guide = self.scale(guide)
         self.distributed = distributed
         particles = {"num_particles": num_particles, "vectorize_particles": num_particles > 1}
+        if max_plate_nesting is not None:
+            # Enumerated sites need their dimensions left of every plate; particles one more.
+            particles["max_plate_nesting"] = max_plate_nesting
         self.loss = ELBOS[elbo](**particles)
         self.compiled = CompiledLoss(
             self._eager_loss, lambda: _recorded_loss(elbo, particles, self.model, self.guide)
         )
         if not jit:
             self.compiled.disable("jit is off")
+        elif elbo == "enum":
+            self.compiled.disable("TraceEnum_ELBO runs eagerly")
+        elif pyro.settings.get("module_local_params"):
+            # Recordings read their parameters from the param store, which then holds none.
+            self.compiled.disable("module-local parameters (module_local_params=True) run eagerly")
         self.lr = lr
         self.optimizer: torch.optim.Adam | None = None
         self.names: list[str] = []
@@ -78,6 +89,9 @@ class ElboStep:
         the loss returned is the global minibatch's, the same on every rank."""
         if self.distributed.enabled:
             self._prepare_distributed(batch, global_batch_size)
+        # A plate written without a size takes the minibatch's (a constant of a recording,
+        # whose key holds the minibatch's shape).
+        self.scale.rows = batch.shape[0]
         loss_value = 0.0
         if batch.shape[0]:
             first = not self._validated
@@ -131,7 +145,7 @@ class ElboStep:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def _register_new_parameters(self) -> None:
-        store = dict(pyro.get_param_store().named_parameters())
+        store = pair_parameters(self.user_model, self.user_guide)
         if len(store) == len(self.names):
             return
         new = [name for name in store if name not in set(self.names)]

@@ -26,6 +26,8 @@ class ScaleDataPlate(Messenger):
         # Data-parallel training sets this to (global batch) / (number of ranks), so that the
         # ranks' average gradient is that of the global batch even when shards differ in size.
         self.batch_size: float | None = None
+        # Rows of the current minibatch: the size of a plate written without one.
+        self.rows: int | None = None
 
     def _process_message(self, msg: dict) -> None:
         if msg["type"] != "sample":
@@ -39,6 +41,8 @@ class ScaleDataPlate(Messenger):
             # the minibatch's shape (inference.compiled_loss), so holding it fixed is exact.
             with ignore_jit_warnings():
                 size = int(size)
+        if size == -1:
+            size = self.rows
         if size:
             msg["scale"] = msg["scale"] * (self.full_size / (self.batch_size or size))
 

@@ -16,6 +16,8 @@ import torch
 
 KHAT_GOOD = 0.5
 KHAT_UNRELIABLE = 0.7
+# Log-weights spread less than this (nats) are constant to rounding (see pareto_khat).
+CONSTANT_SPREAD = 1e-4
 
 
 def import_arviz():
@@ -48,11 +50,14 @@ def pareto_khat(log_weights: torch.Tensor) -> torch.Tensor:
     """k-hat of the importance weights of each data point; ``log_weights`` is ``[K, N]``.
 
     Constant weights (a guide equal to the posterior) have no tail to fit, and ArviZ rejects
-    them: their k-hat is -inf, the limit of bounded weights.
+    them: their k-hat is -inf, the limit of bounded weights.  Weights equal up to the rounding
+    of float32 log-densities (a spread below ``CONSTANT_SPREAD`` nats, more for log-weights of
+    large magnitude, whose rounding is larger) are constant too: a Pareto tail fitted to
+    rounding is fitted to noise.
     """
     lw = log_weights.detach().double().T.cpu().numpy()
     spread = lw.max(1) - lw.min(1)
-    constant = spread <= 1e-9 * np.maximum(1.0, np.abs(lw).max(1))
+    constant = spread <= CONSTANT_SPREAD * (1.0 + 1e-2 * np.abs(lw).max(1))
     khat = np.full(lw.shape[0], -math.inf)
     if (~constant).any():
         with warnings.catch_warnings():
@@ -68,9 +73,11 @@ def importance_ess(log_weights: torch.Tensor) -> torch.Tensor:
     return torch.exp(2 * torch.logsumexp(lw, 0) - torch.logsumexp(2 * lw, 0))
 
 
-def khat_summary(khat: torch.Tensor) -> dict:
+def khat_summary(khat: torch.Tensor, unit: str = "data point") -> dict:
     """Shares of points in each reliability band, and a plain verdict."""
     n = khat.numel()
+    if unit != "data point":
+        return _joint_khat_summary(float(khat[0]))
     bad = int((khat > KHAT_UNRELIABLE).sum())
     ok = int(((khat >= KHAT_GOOD) & (khat <= KHAT_UNRELIABLE)).sum())
     finite = khat[torch.isfinite(khat)]
@@ -95,3 +102,18 @@ def khat_summary(khat: torch.Tensor) -> dict:
         "share_unreliable": bad / n,
         "verdict": verdict,
     }
+
+
+def _joint_khat_summary(k: float) -> dict:
+    """The verdict on the one k-hat of the joint weights of a data set (global latents)."""
+    if k > KHAT_UNRELIABLE:
+        verdict = (f"k-hat of the joint weights {k:.2f} > {KHAT_UNRELIABLE}: log p(x_1..N) and "
+                   "the evidence gap are NOT reliable; treat them as lower bounds")
+    elif k >= KHAT_GOOD:
+        verdict = f"k-hat of the joint weights {k:.2f} in [{KHAT_GOOD}, {KHAT_UNRELIABLE}]: use a large K"
+    else:
+        verdict = f"k-hat of the joint weights {k:.2f} < {KHAT_GOOD}: the evidence estimate is reliable"
+    finite = math.isfinite(k)
+    return {"median": k if finite else None, "max": k if finite else None,
+            "share_good": float(k < KHAT_GOOD), "share_ok": float(KHAT_GOOD <= k <= KHAT_UNRELIABLE),
+            "share_unreliable": float(k > KHAT_UNRELIABLE), "verdict": verdict}

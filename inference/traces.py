@@ -2,42 +2,68 @@
 
 The conventions (see README): model and guide take the same arguments, the first a tensor ``x``
 whose first dimension indexes data points; every per-datapoint sample site sits inside
-``pyro.plate(data_plate, ...)``; the guide samples each latent site under the model's name.
+``pyro.plate(data_plate, ...)``; the guide samples each latent site under the model's name, with
+a density.  Sites outside the data plate are global latent variables: the unit of the
+diagnostics is then the whole data set.  Pyro's autoguides are read as Pyro reads them: log q is
+the log-density of their auxiliary sites (``infer={"is_auxiliary": True}``) plus the
+``log_density`` (a Jacobian) their ``Delta`` sites carry at the model's names.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pyro
 import torch
 from pyro import poutine
+from pyro.distributions import Delta, MaskedDistribution
+from pyro.distributions.torch_distribution import ExpandedDistribution
+from pyro.poutine.messenger import Messenger
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
+from torch.distributions import Independent
 
 from inference.errors import ConventionError
 from inference.log_density import log_density
 
 PARTICLE_PLATE = "_elbogap_particles"
 
+POINT_MASS_ADVICE = (
+    "a point mass has no density, so log q, the evidence estimate and the evidence gap are not "
+    "defined for it (an AutoDelta/MAP fit is a point estimate, not a posterior approximation); "
+    "use a guide with a density: AutoNormal, AutoDiagonalNormal, AutoMultivariateNormal, or a "
+    "hand-written mean-field guide"
+)
+
 
 @dataclass(frozen=True)
 class PairLayout:
-    """What a trace of the pair tells about its sites, found once and reused for every batch."""
+    """What a trace of the pair tells about its sites, found once per batch of data."""
 
     latent: tuple[str, ...]
     observed: tuple[str, ...]
     max_plate_nesting: int
+    # Latent sites of the model, and sites of the guide, outside the data plate: with any of
+    # them the unit is the data set (one joint weight per draw), not the data point.
+    global_sites: tuple[str, ...] = ()
+    # Guide sites that carry q's density for latent sites sampled as Deltas (autoguides).
+    auxiliary: tuple[str, ...] = ()
+    # Whether the pair accepts a leading particle dimension (Pyro's vectorize_particles).
+    vectorized: bool = True
 
     @property
     def particle_dim(self) -> int:
         # Left of every plate the pair declares, as Trace_ELBO's vectorize_particles does.
         return -(self.max_plate_nesting + 1)
 
+    @property
+    def per_datapoint(self) -> bool:
+        return not self.global_sites
+
 
 def sample_sites(trace: Trace) -> dict[str, dict]:
-    """Sample sites that carry probability: no deterministic or auxiliary bookkeeping sites."""
+    """Sample sites that carry probability: no deterministic or subsample bookkeeping sites."""
     return {
         name: site
         for name, site in trace.nodes.items()
@@ -55,24 +81,102 @@ def data_frame(site: dict, data_plate: str):
     return None
 
 
+def base_distribution(fn):
+    """The distribution under Independent, mask and expand wrappers."""
+    while isinstance(fn, Independent | MaskedDistribution | ExpandedDistribution):
+        fn = fn.base_dist
+    return fn
+
+
+def is_point_mass(fn) -> bool:
+    return isinstance(base_distribution(fn), Delta)
+
+
+def is_auxiliary(site: dict) -> bool:
+    return bool(site["infer"].get("is_auxiliary", False))
+
+
+def in_particles(fn: Callable, num_particles: int | None, particle_dim: int | None) -> Callable:
+    """``fn`` run inside the particle plate, as Pyro's ``vectorize_particles`` wraps it: the
+    plate sits inside ``poutine.replay``, so the model's distributions get the particle
+    dimension too (torch's KL functions that index with masks need it)."""
+    if num_particles is None:
+        return fn
+    return pyro.plate(PARTICLE_PLATE, num_particles, dim=particle_dim)(fn)
+
+
 def trace_pair(
     model: Callable, guide: Callable, x: torch.Tensor, num_particles: int | None = None,
-    particle_dim: int | None = None,
+    particle_dim: int | None = None, replay_guide: Trace | None = None,
 ) -> tuple[Trace, Trace]:
     """Trace the guide on ``x`` and replay the model on the guide's latent values.
 
     With ``num_particles`` both run inside a plate of that size at ``particle_dim``, so every
-    sample site gets a leading particle dimension.
+    sample site gets a leading particle dimension.  ``replay_guide`` fixes the guide sites it
+    holds (the global ones, shared by every batch of a data set).
     """
-    def run() -> tuple[Trace, Trace]:
-        guide_trace = poutine.trace(guide).get_trace(x)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
-        return guide_trace, model_trace
+    guide = in_particles(guide, num_particles, particle_dim)
+    model = in_particles(model, num_particles, particle_dim)
+    if replay_guide is not None:
+        guide = poutine.replay(guide, trace=replay_guide)
+    guide_trace = poutine.trace(guide).get_trace(x)
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
+    return guide_trace, model_trace
 
-    if num_particles is None:
-        return run()
-    with pyro.plate(PARTICLE_PLATE, num_particles, dim=particle_dim):
-        return run()
+
+def global_part(trace: Trace, layout: PairLayout) -> Trace:
+    """The guide sites of ``trace`` outside the data plate, to be replayed on other batches."""
+    out = Trace()
+    for name in layout.global_sites:
+        if name in trace.nodes:
+            out.add_node(name, **trace.nodes[name])
+    return out
+
+
+class _AuxiliaryLeaves(Messenger):
+    """Makes every auxiliary site's value a leaf that requires grad, so that which Delta sites
+    are functions of it can be asked of autograd."""
+
+    def __init__(self):
+        super().__init__()
+        self.values: dict[str, torch.Tensor] = {}
+
+    def _postprocess_message(self, msg: dict) -> None:
+        if msg["type"] == "sample" and msg["infer"].get("is_auxiliary", False):
+            if torch.is_tensor(msg["value"]) and msg["value"].is_floating_point():
+                msg["value"] = msg["value"].detach().requires_grad_()
+                self.values[msg["name"]] = msg["value"]
+
+
+def _check_densities(guide: Callable, x: torch.Tensor, latent: tuple[str, ...]) -> tuple[str, ...]:
+    """Refuse point masses; return the auxiliary sites that carry q's density."""
+    leaves = _AuxiliaryLeaves()
+    with torch.enable_grad(), pyro.validation_enabled(False):
+        guide_trace = poutine.trace(leaves(guide)).get_trace(x)
+    sites = sample_sites(guide_trace)
+    auxiliary = tuple(n for n, s in sites.items() if is_auxiliary(s))
+    for name in auxiliary:
+        if is_point_mass(sites[name]["fn"]):
+            raise ConventionError(
+                f"guide site '{name}' is auxiliary (infer={{'is_auxiliary': True}}) but a Delta: "
+                f"{POINT_MASS_ADVICE}"
+            )
+    aux_values = [leaves.values[n] for n in auxiliary if n in leaves.values]
+    for name in latent:
+        site = sites.get(name)
+        if site is None or not is_point_mass(site["fn"]):
+            continue
+        value = site["value"]
+        depends = False
+        if aux_values and value.requires_grad:
+            grads = torch.autograd.grad(value.sum(), aux_values, allow_unused=True)
+            depends = any(g is not None for g in grads)
+        if not depends:
+            raise ConventionError(
+                f"guide site '{name}' is a point mass (Delta) that no auxiliary site with a "
+                f"density generates: {POINT_MASS_ADVICE}"
+            )
+    return auxiliary
 
 
 def inspect_pair(
@@ -81,12 +185,12 @@ def inspect_pair(
     """Trace the pair once and check the conventions; raise ConventionError naming the site."""
     try:
         guide_trace = poutine.trace(guide).get_trace(x)
-    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+    except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as e:
         raise ConventionError(f"the guide failed when called on x of shape {tuple(x.shape)}: "
                               f"{type(e).__name__}: {first_line(e)}") from e
     try:
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
-    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+    except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as e:
         raise ConventionError(
             "the model failed when replayed on the guide's samples: "
             f"{type(e).__name__}: {first_line(e)} (does the guide sample every latent site "
@@ -106,12 +210,19 @@ def inspect_pair(
             f"the guide does not sample the model's latent site(s) {missing}: a guide must "
             "sample every latent site under the same name as the model"
         )
-    extra = [n for n in guide_sites if n not in model_sites]
+    extra = [n for n, s in guide_sites.items() if n not in model_sites and not is_auxiliary(s)]
     if extra:
         raise ConventionError(
             f"the guide samples site(s) {extra} that the model does not have; the evidence "
-            "estimate needs q over exactly the model's latent sites"
+            "estimate needs q over exactly the model's latent sites (mark sites that only help "
+            "to build q with infer={'is_auxiliary': True}, as Pyro's autoguides do)"
         )
+    observed_in_guide = [n for n in observed if n in guide_sites]
+    if observed_in_guide:
+        raise ConventionError(f"the guide samples the model's observed site(s) {observed_in_guide}")
+    auxiliary = _check_densities(guide, x, latent) if any(
+        is_point_mass(guide_sites[n]["fn"]) for n in latent
+    ) or any(is_auxiliary(s) for s in guide_sites.values()) else ()
     for name in latent:
         expected = tuple(model_sites[name]["fn"].shape())
         got = tuple(guide_sites[name]["value"].shape)
@@ -120,29 +231,60 @@ def inspect_pair(
                 f"latent site '{name}': the guide samples shape {got} but the model's "
                 f"distribution there has shape {expected}"
             )
-    for where, sites in (("model", model_sites), ("guide", guide_sites)):
-        for name, site in sites.items():
-            if data_frame(site, data_plate) is None:
-                raise ConventionError(
-                    f"{where} site '{name}' is not inside pyro.plate('{data_plate}', ...): every "
-                    "per-datapoint site must be, so that diagnostics can be reported per data "
-                    "point (global latent variables are not supported)"
-                )
     n = x.shape[0]
+    in_plate = 0
+    global_sites = []
     for where, sites in (("model", model_sites), ("guide", guide_sites)):
         for name, site in sites.items():
             frame = data_frame(site, data_plate)
-            if frame.size != n:
+            if frame is None:
+                if site["is_observed"]:
+                    raise ConventionError(
+                        f"observed site '{name}' is not inside pyro.plate('{data_plate}', ...): "
+                        "the data plate must index the rows of x (is the plate named otherwise? "
+                        "pass data_plate=..., or --data-plate on the command line)"
+                    )
+                if name not in global_sites:
+                    global_sites.append(name)
+                continue
+            in_plate += 1
+            if frame.size not in (n, -1):
                 raise ConventionError(
-                    f"{where} site '{name}': plate '{data_plate}' has size {frame.size} but x has "
-                    f"{n} rows; use pyro.plate('{data_plate}', x.shape[0])"
+                    f"{where} site '{name}': plate '{data_plate}' has size {frame.size} but x "
+                    f"has {n} rows; use pyro.plate('{data_plate}', x.shape[0]) (a guide with "
+                    "parameters for each data point, an autoguide on local latents, only runs "
+                    "on the data it was built for: evaluate it there, and train it on the whole "
+                    "data set per step)"
                 )
     nesting = 0
     for site in list(model_sites.values()) + list(guide_sites.values()):
         for frame in site["cond_indep_stack"]:
             if frame.vectorized:
                 nesting = max(nesting, -frame.dim)
-    return PairLayout(latent=latent, observed=observed, max_plate_nesting=nesting)
+    layout = PairLayout(latent=latent, observed=observed, max_plate_nesting=nesting,
+                        global_sites=tuple(global_sites), auxiliary=auxiliary)
+    return _with_vectorization(model, guide, x, layout, data_plate)
+
+
+def _with_vectorization(model: Callable, guide: Callable, x: torch.Tensor, layout: PairLayout,
+                        data_plate: str) -> PairLayout:
+    """Whether the pair broadcasts over a leading particle dimension: two particles are traced
+    and every site must carry them; else evaluation goes particle by particle."""
+    try:
+        with pyro.validation_enabled(False), torch.no_grad():
+            guide_trace, model_trace = trace_pair(model, guide, x, 2, layout.particle_dim)
+            for trace in (guide_trace, model_trace):
+                for site in sample_sites(trace).values():
+                    lp = site_log_prob(site)
+                    width = layout.max_plate_nesting + 1
+                    if lp.dim() > width or lp.dim() < width or lp.shape[0] != 2:
+                        return replace(layout, vectorized=False)
+                    frame = data_frame(site, data_plate)
+                    if frame is not None and lp.shape[width + frame.dim] != x.shape[0]:
+                        return replace(layout, vectorized=False)
+    except Exception:  # noqa: BLE001 - any failure under the particle plate: not broadcastable
+        return replace(layout, vectorized=False)
+    return layout
 
 
 def first_line(e: Exception) -> str:
@@ -156,8 +298,9 @@ def per_datapoint(
 ) -> torch.Tensor:
     """Sum a site's batch-shaped ``values`` over every plate but the particle and data plates.
 
-    Returns shape ``[K, N, *trailing]``; ``keep_trailing`` dimensions at the right (for example
-    the event dimensions of a per-coordinate KL) are kept as they are.
+    Returns shape ``[K, N, *trailing]`` (``[K, 1, *trailing]`` for a site outside the data
+    plate); ``keep_trailing`` dimensions at the right (for example the event dimensions of a
+    per-coordinate KL) are kept as they are.
     """
     trailing = values.shape[values.dim() - keep_trailing:] if keep_trailing else torch.Size()
     batch = values.shape[: values.dim() - keep_trailing]
@@ -168,12 +311,13 @@ def per_datapoint(
             "plates declare: wrap extra dimensions in .to_event() or a pyro.plate"
         )
     padded = values.reshape((1,) * (width - len(batch)) + tuple(batch) + tuple(trailing))
-    data_axis = width + data_frame(site, data_plate).dim
+    frame = data_frame(site, data_plate)
+    data_axis = width + frame.dim if frame is not None else None
     summed = [a for a in range(1, width) if a != data_axis]
     if summed:
         padded = padded.sum(dim=summed, keepdim=True)
-    out = padded.reshape(padded.shape[0], padded.shape[data_axis], *trailing)
-    return out
+    rows = padded.shape[data_axis] if data_axis is not None else 1
+    return padded.reshape(padded.shape[0], rows, *trailing)
 
 
 def site_log_prob(site: dict) -> torch.Tensor:
@@ -190,11 +334,14 @@ def datapoint_rows(values: torch.Tensor, site: dict, layout: PairLayout, data_pl
     """Rearrange a site's values (batch shape, then ``event_ndim`` dims) to ``[K, N, -1]``.
 
     Unlike ``per_datapoint`` nothing is summed: dimensions of other plates are kept, flattened
-    with the event dimensions, so a per-coordinate quantity stays per coordinate.
+    with the event dimensions, so a per-coordinate quantity stays per coordinate.  A site
+    outside the data plate gives ``[K, 1, -1]``.
     """
     width = layout.max_plate_nesting + 1
     batch = values.shape[: values.dim() - event_ndim]
     padded = values.reshape((1,) * (width - len(batch)) + tuple(values.shape))
-    data_axis = width + data_frame(site, data_plate).dim
-    moved = padded.movedim(data_axis, 1)
+    frame = data_frame(site, data_plate)
+    if frame is None:
+        return padded.reshape(padded.shape[0], 1, -1)
+    moved = padded.movedim(width + frame.dim, 1)
     return moved.reshape(moved.shape[0], moved.shape[1], -1)

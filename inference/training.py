@@ -23,8 +23,9 @@ from inference.datasets import Dataset
 from inference.diagnostics import evaluate
 from inference.distributed import SINGLE, Distributed
 from inference.elbo_step import ELBOS, ElboStep
-from inference.errors import ConfigError, ElbogapError
-from inference.traces import inspect_pair
+from inference.errors import ConfigError, ConventionError, ElbogapError
+from inference.parameters import pair_parameters
+from inference.traces import PairLayout, inspect_pair
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -67,6 +68,8 @@ class FitOptions:
             raise ConfigError(f"lr must be a positive number, got {self.lr}")
         if self.time_budget is not None and not self.time_budget > 0:
             raise ConfigError(f"time budget must be positive, got {self.time_budget}")
+        if not isinstance(self.data_plate, str) or not self.data_plate:
+            raise ConfigError(f"data-plate must be a plate's name, got {self.data_plate!r}")
         if self.elbo not in ELBOS:
             raise ConfigError(f"elbo must be one of {sorted(ELBOS)}, got {self.elbo!r}")
         if self.batch_size * world_size > num_train:
@@ -111,9 +114,62 @@ def _train_epoch(
 
 
 @dataclass
+class EvaluationPlan:
+    """Where a fitted pair can be diagnosed.  ``held_out``: per data point on the test split
+    (an amortized guide of local latents).  Otherwise on the training set, the data the guide
+    was fitted to: the unit is the data set for global latents, and a guide with parameters per
+    training point (an autoguide on local latents) has no q for test points."""
+
+    layout: PairLayout
+    held_out: bool
+
+    @property
+    def split(self) -> str:
+        return "test" if self.held_out else "train"
+
+    def eval_x(self, data: Dataset, points: int | None = None) -> torch.Tensor:
+        return data.test[:points] if self.held_out else data.train
+
+
+def _runs_on(model: Callable, guide: Callable, x: torch.Tensor, data_plate: str) -> bool:
+    try:
+        inspect_pair(model, guide, x, data_plate)
+    except ConventionError:
+        return False
+    return True
+
+
+def plan_evaluation(model: Callable, guide: Callable, data: Dataset,
+                    options: FitOptions) -> EvaluationPlan:
+    """Check the conventions on a minibatch (a clear error before any training) and find where
+    the pair can be evaluated."""
+    n, b = data.train.shape[0], options.batch_size
+    with rng_preserved(), torch.no_grad():
+        layout = inspect_pair(model, guide, data.train[:b], options.data_plate)
+        if b < n and not _runs_on(model, guide, data.train[: max(1, b // 2)], options.data_plate):
+            raise ConfigError(
+                f"the guide runs on {b} rows but not on {max(1, b // 2)}: it has parameters per "
+                f"data point (an autoguide on latents inside plate '{options.data_plate}'), so a "
+                f"minibatch would not line up with them; train it on the whole training set, "
+                f"--batch-size {n}, or subsample in the plate as Pyro does "
+                f"(pyro.plate('{options.data_plate}', N, subsample=...))"
+            )
+        held_out = (layout.per_datapoint and data.test.shape[0] > 0
+                    and _runs_on(model, guide, data.test[:2], options.data_plate))
+    if options.num_particles > 1 and not layout.vectorized:
+        raise ConfigError(
+            f"num-particles {options.num_particles}: the pair does not broadcast over a leading "
+            "particle dimension (see README, Conventions), so Pyro cannot vectorize its "
+            "particles; use --num-particles 1"
+        )
+    return EvaluationPlan(layout, held_out)
+
+
+@dataclass
 class FitResult:
     history: list[dict] = field(default_factory=list)
     step: ElboStep | None = None
+    plan: EvaluationPlan | None = None
 
 
 def fit(
@@ -151,13 +207,13 @@ def fit(
     n = data.train.shape[0]
     options.check(n, distributed.world_size)
     # The conventions, checked once up front: a clear error now rather than a quietly wrong fit.
-    with rng_preserved(), torch.no_grad():
-        inspect_pair(model, guide, data.train[: options.batch_size], options.data_plate)
+    plan = plan_evaluation(model, guide, data, options)
     run_dir = Path(run_dir) if run_dir is not None and distributed.is_main else None
     step = ElboStep(model, guide, n, lr=options.lr, elbo=options.elbo,
                     num_particles=options.num_particles, data_plate=options.data_plate,
-                    distributed=distributed, jit=options.jit)
-    result = FitResult(step=step)
+                    distributed=distributed, jit=options.jit,
+                    max_plate_nesting=plan.layout.max_plate_nesting)
+    result = FitResult(step=step, plan=plan)
     first_epoch = 1
     if resume is not None:
         step.load_state_dict(resume["optimizer"])
@@ -169,7 +225,7 @@ def fit(
     elif distributed.enabled:
         # Parameters were initialized alike on every rank; the noise of the draws must differ.
         torch.manual_seed(options.seed * 1_000_003 + distributed.rank + 1)
-    eval_x = data.test[: options.eval_points]
+    eval_x = plan.eval_x(data, options.eval_points)
     epochs = tqdm(range(first_epoch, options.epochs + 1), desc="fit", unit="epoch",
                   initial=first_epoch - 1, total=options.epochs,
                   disable=not (options.progress and distributed.is_main))
@@ -190,7 +246,8 @@ def fit(
                 "train_elbo": -train_loss / n,
                 "test_elbo": evaluate(model, guide, data.test, num_samples=1, batch_size=1000,
                                       data_plate=options.data_plate,
-                                      distributed=distributed).elbo.mean().item(),
+                                      distributed=distributed).elbo.mean().item()
+                if plan.held_out else None,
                 "seconds": time.perf_counter() - start,
                 "skipped_steps": step.skipped,
             }
@@ -215,7 +272,8 @@ def fit(
                 write_text_atomic(
                     run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in result.history)
                 )
-                save_checkpoint(run_dir / CHECKPOINT, step.state_dict(), epoch=epoch,
+                save_checkpoint(run_dir / CHECKPOINT, step.state_dict(),
+                                params=pair_parameters(model, guide), epoch=epoch,
                                 rng_per_rank=rng_per_rank)
             if out_of_time:
                 break

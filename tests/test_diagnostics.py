@@ -56,19 +56,20 @@ def test_guide_missing_a_latent_site_is_named():
         evaluate(two_site_model, guide, torch.randn(4, 3), num_samples=2)
 
 
-def test_site_outside_data_plate_is_explained():
+def test_observed_site_outside_data_plate_is_explained():
     import pyro
     import pyro.distributions as dist
 
     def model(x):
         z = pyro.sample("z", dist.Normal(0.0, 1.0))
-        with pyro.plate("data", x.shape[0]):
+        with pyro.plate("rows", x.shape[0]):
             pyro.sample("x", dist.Normal(z, 1.0), obs=x)
 
     def guide(x):
         pyro.sample("z", dist.Normal(0.0, 1.0))
 
-    with pytest.raises(ConventionError, match="site 'z' is not inside pyro.plate\\('data'"):
+    with pytest.raises(ConventionError, match="observed site 'x' is not inside pyro.plate"
+                                              "\\('data'.*data_plate"):
         evaluate(model, guide, torch.randn(4), num_samples=2)
 
 
