@@ -348,6 +348,7 @@ def _site_terms(guide_trace, model_trace, layout: PairLayout, data_plate: str, k
     local_w = torch.zeros(k, n, dtype=torch.float64)
     global_w = torch.zeros(k, dtype=torch.float64)
     recon = torch.zeros(k, n, dtype=torch.float64)
+    global_recon = torch.zeros(k, dtype=torch.float64)
     for sign, sites in ((1.0, model_sites), (-1.0, guide_sites)):
         for site in sites.values():
             lp = reduce(site_log_prob(site), site)
@@ -357,6 +358,8 @@ def _site_terms(guide_trace, model_trace, layout: PairLayout, data_plate: str, k
                     recon = recon + lp
             else:
                 global_w = global_w + sign * lp[:, 0]
+                if site["is_observed"]:
+                    global_recon = global_recon + lp[:, 0]
     kl = _kl_units(model_sites, guide_sites, layout, reduce)
     latent_mean = {}
     for name in layout.latent:
@@ -364,8 +367,8 @@ def _site_terms(guide_trace, model_trace, layout: PairLayout, data_plate: str, k
         if data_frame(site, data_plate) is not None:
             latent_mean[name] = _site_mean(site, guide_sites, layout, data_plate).expand(
                 k, n, -1).double()
-    return {"local_w": local_w, "global_w": global_w, "recon": recon, "kl": kl,
-            "latent_mean": latent_mean}
+    return {"local_w": local_w, "global_w": global_w, "recon": recon,
+            "global_recon": global_recon, "kl": kl, "latent_mean": latent_mean}
 
 
 def _kl_units(model_sites: dict, guide_sites: dict, layout: PairLayout, reduce):
@@ -378,8 +381,8 @@ def _kl_units(model_sites: dict, guide_sites: dict, layout: PairLayout, reduce):
         q_site, p_site = guide_sites[name], model_sites[name]
         if not is_point_mass(q_site["fn"]):
             site_kl = _safe_kl(q_site["fn"], p_site["fn"], q_site["value"])
-            kl[name] = (_per_dim(reduce, site_kl.value, q_site, site_kl.event_ndim),
-                        site_kl.method)
+            value = _masked(site_kl.value, site_kl.event_ndim, q_site, p_site)
+            kl[name] = (_per_dim(reduce, value, q_site, site_kl.event_ndim), site_kl.method)
             continue
         aux = guide_sites.get(f"{name}_unconstrained")
         if aux is None or aux["name"] not in layout.auxiliary:
@@ -389,7 +392,8 @@ def _kl_units(model_sites: dict, guide_sites: dict, layout: PairLayout, reduce):
         # AutoNormal: z = T(u), u ~ aux.  With T the identity q(z) is aux's distribution.
         if _is_identity(p_site["fn"]):
             site_kl = _safe_kl(aux["fn"], p_site["fn"], q_site["value"])
-            kl[name] = (_per_dim(reduce, site_kl.value, aux, site_kl.event_ndim), site_kl.method)
+            value = _masked(site_kl.value, site_kl.event_ndim, aux, p_site)
+            kl[name] = (_per_dim(reduce, value, aux, site_kl.event_ndim), site_kl.method)
         else:
             value = (reduce(site_log_prob(aux), aux) + reduce(site_log_prob(q_site), q_site)
                      - reduce(site_log_prob(p_site), p_site))
@@ -404,6 +408,18 @@ def _kl_units(model_sites: dict, guide_sites: dict, layout: PairLayout, reduce):
                          .sum(1, keepdim=True))
         kl[" + ".join(grouped)] = (sum(parts).unsqueeze(-1), MONTE_CARLO)
     return kl
+
+
+def _masked(value: torch.Tensor, event_ndim: int, *sites: dict) -> torch.Tensor:
+    """A KL where the sites' masks (``poutine.mask``: padded steps of a sequence) are on, 0
+    elsewhere, as their log-densities are: else the KL would count steps the weights do not."""
+    for site in sites:
+        mask = site["mask"]
+        if mask is not None and mask is not True:
+            mask = torch.as_tensor(mask)
+            value = torch.where(mask.reshape(mask.shape + (1,) * event_ndim), value,
+                                value.new_zeros(()))
+    return value
 
 
 def _per_dim(reduce, values, site, event_ndim) -> torch.Tensor:
@@ -434,7 +450,8 @@ def _stack_passes(model, guide, x, layout, k, data_plate, replay=None):
            for g, m in passes]
     if len(per) == 1:
         return per[0], passes
-    out = {key: torch.cat([p[key] for p in per]) for key in ("local_w", "global_w", "recon")}
+    out = {key: torch.cat([p[key] for p in per])
+           for key in ("local_w", "global_w", "recon", "global_recon")}
     out["kl"] = {name: (torch.cat([p["kl"][name][0] for p in per]), per[0]["kl"][name][1])
                  for name in per[0]["kl"]}
     out["latent_mean"] = {name: torch.cat([p["latent_mean"][name] for p in per])
@@ -535,6 +552,7 @@ def _evaluate_data_set(model, guide, x, first: PairLayout, starts, batch_size: i
                 if layout.vectorized:
                     replay = replay[0]
                 total_w = total_w + terms["global_w"]
+                total_recon = total_recon + terms["global_recon"]
             total_w = total_w + terms["local_w"].sum(1)
             total_recon = total_recon + terms["recon"].sum(1)
             for name, (value, method) in terms["kl"].items():
@@ -569,11 +587,19 @@ def _evaluate_data_set(model, guide, x, first: PairLayout, starts, batch_size: i
         log_evidence_se=None, evidence_gap=None, evidence_gap_se=None,
         kl_sites=kl_sites, kl_per_dim=kl_per_dim, kl_method=kl_method, khat=khat, ess=ess,
         latent_mean={}, num_samples=num_samples, total=total, unit=DATA_SET,
-        notes=_notes(first) + [
-            f"global latent variables {list(first.global_sites)}: the unit is the data set "
-            f"({n} points), one joint importance weight per draw"],
+        notes=_notes(first) + [_global_note(first, n)],
         log_weights=log_w_all if keep_log_weights else None,
     )
+
+
+def _global_note(layout: PairLayout, n: int) -> str:
+    latent = [name for name in layout.global_sites if name in layout.latent]
+    why = (f"global latent variables {latent}" if latent else
+           f"guide site(s) {[g for g in layout.global_sites if g not in layout.observed]} "
+           "outside the data plate draw(s) the latents of all points jointly")
+    if not latent and any(name in layout.observed for name in layout.global_sites):
+        why = "no data plate: the model observes x as one whole"
+    return f"{why}: the unit is the data set ({n} points), one joint importance weight per draw"
 
 
 def _is_global_unit(name: str, layout: PairLayout) -> bool:

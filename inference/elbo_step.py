@@ -100,7 +100,9 @@ class ElboStep:
                     # Pyro's checks (when enabled) on a loss that is thrown away: every step,
                     # the first too, is then computed alike, which keeps --resume exact.
                     with rng_preserved(), torch.no_grad():
-                        self.loss.differentiable_loss(self.model, self.guide, batch)
+                        # (TraceEnum_ELBO's differentiable_loss refuses to run without a
+                        # graph; its loss runs the same checks.)
+                        self.loss.loss(self.model, self.guide, batch)
                 # The data-plate scale is a constant of a recording: part of its key.
                 loss = self.compiled(batch, self.scale.batch_size)
             except (ValueError, RuntimeError) as e:

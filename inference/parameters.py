@@ -28,6 +28,8 @@ def pair_parameters(model: Callable, guide: Callable) -> dict[str, torch.Tensor]
     """Name -> unconstrained parameter tensor: the param store's, then module-local ones
     (named ``model.…``/``guide.…``) that the store does not hold."""
     params = dict(pyro.get_param_store().named_parameters())
+    if not pyro.settings.get("module_local_params"):
+        return params
     seen = {id(p) for p in params.values()}
     for prefix, fn in (("model", model), ("guide", guide)):
         for module in _modules(fn):

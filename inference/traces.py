@@ -169,7 +169,9 @@ def _check_densities(guide: Callable, x: torch.Tensor, latent: tuple[str, ...]) 
         value = site["value"]
         depends = False
         if aux_values and value.requires_grad:
-            grads = torch.autograd.grad(value.sum(), aux_values, allow_unused=True)
+            with torch.enable_grad():
+                grads = torch.autograd.grad(value.sum(), aux_values, allow_unused=True,
+                                            retain_graph=True)
             depends = any(g is not None for g in grads)
         if not depends:
             raise ConventionError(
@@ -232,23 +234,35 @@ def inspect_pair(
                 f"distribution there has shape {expected}"
             )
     n = x.shape[0]
-    in_plate = 0
     global_sites = []
-    for where, sites in (("model", model_sites), ("guide", guide_sites)):
+    # A model with no plate at all (Pyro's eight schools) observes x as one whole: every site
+    # is then global and the unit is the data set.
+    plate_names = {f.name for site in model_sites.values() for f in site["cond_indep_stack"]
+                   if f.vectorized}
+    for where, trace, sites in (("model", model_trace, model_sites),
+                                ("guide", guide_trace, guide_sites)):
+        subsample = _subsample_rows(trace, data_plate)
+        if subsample is not None and subsample != n:
+            raise ConventionError(
+                f"{where}: plate '{data_plate}' subsamples {subsample} of x's {n} rows; elbogap "
+                "hands the pair minibatches of x itself: declare the full size and the "
+                f"minibatch's, pyro.plate('{data_plate}', N, len(x)), or pyro.plate("
+                f"'{data_plate}', x.shape[0])"
+            )
         for name, site in sites.items():
             frame = data_frame(site, data_plate)
             if frame is None:
-                if site["is_observed"]:
+                if site["is_observed"] and plate_names:
                     raise ConventionError(
                         f"observed site '{name}' is not inside pyro.plate('{data_plate}', ...): "
-                        "the data plate must index the rows of x (is the plate named otherwise? "
-                        "pass data_plate=..., or --data-plate on the command line)"
+                        "the data plate must index the rows of x; the model's plates are "
+                        f"{sorted(plate_names)}: pass data_plate=... (--data-plate on the "
+                        "command line) naming the one over data points"
                     )
                 if name not in global_sites:
                     global_sites.append(name)
                 continue
-            in_plate += 1
-            if frame.size not in (n, -1):
+            if frame.size not in (n, -1) and subsample != n:
                 raise ConventionError(
                     f"{where} site '{name}': plate '{data_plate}' has size {frame.size} but x "
                     f"has {n} rows; use pyro.plate('{data_plate}', x.shape[0]) (a guide with "
@@ -264,6 +278,18 @@ def inspect_pair(
     layout = PairLayout(latent=latent, observed=observed, max_plate_nesting=nesting,
                         global_sites=tuple(global_sites), auxiliary=auxiliary)
     return _with_vectorization(model, guide, x, layout, data_plate)
+
+
+def _subsample_rows(trace: Trace, data_plate: str) -> int | None:
+    """How many indices the data plate subsampled in ``trace`` (None: it did not subsample).
+    ``pyro.plate(name, N, B)`` declares the full size N and scales its sites by N / B, as
+    Pyro's examples/svi_torch.py does with minibatches handed in from outside."""
+    site = trace.nodes.get(data_plate)
+    if site is None or not site_is_subsample(site):
+        return None
+    size = site["fn"].size if hasattr(site["fn"], "size") else None
+    rows = len(site["value"])
+    return None if rows == size else rows
 
 
 def _with_vectorization(model: Callable, guide: Callable, x: torch.Tensor, layout: PairLayout,

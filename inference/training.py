@@ -265,8 +265,8 @@ def fit(
             if on_epoch is not None:
                 on_epoch(record)
             result.history.append(record)
-            epochs.set_postfix(train_elbo=f"{record['train_elbo']:.2f}",
-                               test_elbo=f"{record['test_elbo']:.2f}")
+            epochs.set_postfix(train_elbo=f"{record['train_elbo']:.2f}", **(
+                {"test_elbo": f"{record['test_elbo']:.2f}"} if plan.held_out else {}))
             rng_per_rank = distributed.gather(rng_state())
             if run_dir is not None:
                 write_text_atomic(
