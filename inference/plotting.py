@@ -36,9 +36,20 @@ def _diagnosed(history: Sequence[dict]) -> list[dict]:
     return [r for r in history if "diagnostics" in r]
 
 
+def _entry(summary: dict, key: str) -> dict:
+    """Mean and SE of ``key``: over data points, or for a pair whose unit is the data set its
+    total per data point (so that both kinds of run plot on one scale)."""
+    if key in summary:
+        return summary[key]
+    total, n = summary["total"], summary["num_data"]
+    se = total.get(f"{key}_se")
+    return {"mean": total[key] / n, "se": se / n if se is not None else None}
+
+
 def _series(records: Sequence[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
-    mean = np.array([r["diagnostics"][key]["mean"] for r in records], dtype=float)
-    se = np.array([r["diagnostics"][key]["se"] or 0.0 for r in records], dtype=float)
+    entries = [_entry(r["diagnostics"], key) for r in records]
+    mean = np.array([e["mean"] if e["mean"] is not None else np.nan for e in entries], dtype=float)
+    se = np.array([e["se"] or 0.0 for e in entries], dtype=float)
     return mean, se
 
 
@@ -46,7 +57,8 @@ def plot_elbo_curves(history: Sequence[dict]) -> Figure:
     epochs = [r["epoch"] for r in history]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(epochs, [r["train_elbo"] for r in history], label="train ELBO")
-    ax.plot(epochs, [r["test_elbo"] for r in history], label="test ELBO")
+    if any(r.get("test_elbo") is not None for r in history):
+        ax.plot(epochs, [r["test_elbo"] for r in history], label="test ELBO")
     ax.set_xlabel("epoch")
     ax.set_ylabel("ELBO per data point (nats)")
     ax.set_title("ELBO during training")
@@ -90,13 +102,14 @@ def plot_evidence_gap(history: Sequence[dict]) -> Figure:
             top.plot(epochs, [e[key] for e in exact], "k--", lw=1,
                      label="closed form" if key == "elbo" else None)
     top.set_ylabel("nats per data point")
-    top.set_title("test evidence and ELBO (bands: ± 2 SE)")
+    top.set_title("evidence and ELBO (bands: ± 2 SE)")
     top.legend()
     top.grid(alpha=0.3)
     # The band is the Monte Carlo error of the gap, averaged over points: the spread of the
     # dataset mean over data points would hide how well the estimator tracks the truth.
-    mean = np.array([r["diagnostics"]["evidence_gap"]["mean"] for r in records], dtype=float)
-    se = np.array([r["diagnostics"].get("evidence_gap_mc_se") or 0.0 for r in records])
+    mean, total_se = _series(records, "evidence_gap")
+    se = np.array([r["diagnostics"].get("evidence_gap_mc_se", s) or 0.0
+                   for r, s in zip(records, total_se, strict=True)])
     bottom.plot(epochs, mean, color="C3", label="estimated (± 2 Monte Carlo SE)")
     bottom.fill_between(epochs, mean - 2 * se, mean + 2 * se, color="C3", alpha=0.25)
     if has_exact:

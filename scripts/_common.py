@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pyro
 import torch
+from pyro.infer import autoguide
 
 from guides import GUIDES
 from inference.checkpoint import load_checkpoint
@@ -54,6 +55,15 @@ def _call_with_accepted(factory: Callable, **kwargs):
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return factory(**kwargs)
     return factory(**{k: v for k, v in kwargs.items() if k in params})
+
+
+# Pyro's autoguides with a density, by the names --guide takes: built around any model.
+AUTOGUIDES = {
+    "auto-normal": autoguide.AutoNormal,
+    "auto-diagonal-normal": autoguide.AutoDiagonalNormal,
+    "auto-multivariate-normal": autoguide.AutoMultivariateNormal,
+    "auto-lowrank-multivariate-normal": autoguide.AutoLowRankMultivariateNormal,
+}
 
 
 @dataclass
@@ -125,24 +135,36 @@ def build_pair(config: dict, data: Dataset) -> Pair:
         if not callable(factory):
             raise ConfigError(f"--model {spec}: '{spec.rpartition(':')[2]}' is not callable")
         pair = _call_with_accepted(factory, **kwargs)
+        if callable(pair) and not isinstance(pair, tuple):
+            # A factory may return the model alone: the guide is then an autoguide.
+            guide = config.get("guide") or "auto-normal"
+            if guide not in AUTOGUIDES:
+                raise ConfigError(f"--model {spec} returns a model alone: --guide must be one of "
+                                  f"{sorted(AUTOGUIDES)}, got {guide!r}")
+            return Pair(pair, AUTOGUIDES[guide](pair))
         if (
             not isinstance(pair, tuple)
             or len(pair) != 2
             or not all(callable(f) for f in pair)
         ):
             raise ConfigError(
-                f"--model {spec}: must return a (model, guide) pair of callables, got "
-                f"{type(pair).__name__}"
+                f"--model {spec}: must return a model, or a (model, guide) pair of callables, "
+                f"got {type(pair).__name__}"
             )
+        if config.get("guide") in AUTOGUIDES:
+            return Pair(pair[0], AUTOGUIDES[config["guide"]](pair[0]))
         return Pair(*pair)
     if spec not in MODELS:
         raise ConfigError(
             f"--model {spec!r}: unknown; expected one of {sorted(MODELS)} or path/to/file.py:name"
         )
-    if config["guide"] not in GUIDES:
-        raise ConfigError(f"--guide {config['guide']!r}: unknown; expected one of {sorted(GUIDES)}")
+    if config["guide"] not in GUIDES and config["guide"] not in AUTOGUIDES:
+        raise ConfigError(f"--guide {config['guide']!r}: unknown; expected one of "
+                          f"{sorted(GUIDES) + sorted(AUTOGUIDES)}")
     try:
         model = _call_with_accepted(MODELS[spec], **kwargs)
+        if config["guide"] in AUTOGUIDES:
+            return Pair(model.model, AUTOGUIDES[config["guide"]](model.model), model)
         guide = _call_with_accepted(GUIDES[config["guide"]], **kwargs, model=model)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"--model {spec} --guide {config['guide']}: {e}") from None
@@ -156,8 +178,34 @@ def _fmt(entry: dict | None) -> str:
     return f"{entry['mean']:12.3f}   ± {se:.3f}" if se is not None else f"{entry['mean']:12.3f}"
 
 
+def _format_data_set(summary: dict) -> str:
+    """The table of a pair whose unit is the data set (global latents): totals, Monte Carlo SE."""
+    t, k = summary["total"], summary["num_samples"]
+
+    def entry(key):
+        return {"mean": t[key], "se": t.get(f"{key}_se")} if t[key] is not None else None
+
+    rows = [("ELBO", entry("elbo")),
+            ("  reconstruction  E_q[log p(x|z)]", entry("reconstruction")),
+            ("  KL(q || p)  all latent variables", entry("kl_prior"))]
+    rows += [(f"    site '{site}' ({e['method']})", e) for site, e in summary["kl_sites"].items()]
+    rows += [(f"log p(x_1..N)  importance sampling, K={k}", entry("log_evidence")),
+             ("evidence gap  log p(x_1..N) - ELBO", entry("evidence_gap"))]
+    width = max(len(name) for name, _ in rows)
+    lines = [f"{'nats for the data set, N=' + str(summary['num_data']):<{width}}  "
+             f"{'total':>12}   ± Monte Carlo SE"]
+    lines += [f"{name:<{width}}  {_fmt(e)}" for name, e in rows]
+    lines += [f"note: {n}" for n in summary.get("notes", [])]
+    if summary.get("khat") is not None:
+        lines.append(f"Pareto k-hat: {summary['khat']['verdict']}")
+    lines.append(f"importance-sampling ESS: {summary['ess']['mean']:.1f} of K={k}")
+    return "\n".join(lines)
+
+
 def format_summary(summary: dict) -> str:
     """A table of the dataset means (± standard error over data points), in nats."""
+    if summary.get("unit") == "data set":
+        return _format_data_set(summary)
     k = summary["num_samples"]
     rows = [
         ("ELBO", summary["elbo"]),
@@ -194,6 +242,7 @@ def format_summary(summary: dict) -> str:
         lines.append(f"active units (Cov_x E_q[z] > 0.01): {units['active']} of {units['total']}")
         if units["warning"]:
             lines.append(f"WARNING: {units['warning']}")
+    lines += [f"note: {n}" for n in summary.get("notes", [])]
     return "\n".join(lines)
 
 
@@ -214,11 +263,20 @@ def load_run(run_dir: Path) -> tuple[dict, Dataset, Pair, dict]:
     pyro.clear_param_store()
     data = load_data(config["data"], config["data_dir"], config["binarize"])
     pair = build_pair(config, data)
-    state = load_checkpoint(run_dir / CHECKPOINT, pair.model, pair.guide, data.test[:2])
+    # A guide with parameters per training point is rebuilt on the training set.
+    example = data.test[:2] if config.get("evaluated_on", "test") == "test" else data.train
+    state = load_checkpoint(run_dir / CHECKPOINT, pair.model, pair.guide, example)
     return config, data, pair, state
 
 
-def run_figures(history: list[dict], kl_per_dim: dict, pair: Pair, data: Dataset) -> dict:
+def evaluation_data(config: dict, data: Dataset) -> tuple[str, torch.Tensor]:
+    """The split a run's pair is diagnosed on (see inference.training.EvaluationPlan)."""
+    split = config.get("evaluated_on", "test")
+    return split, data.test if split == "test" else data.train
+
+
+def run_figures(history: list[dict], kl_per_dim: dict, pair: Pair, data: Dataset,
+                held_out: bool = True) -> dict:
     """The figures of a run by file name: curves over training, KL per dimension, and for image
     data reconstructions and prior samples read off the model's observed site."""
     figures = {
@@ -228,9 +286,10 @@ def run_figures(history: list[dict], kl_per_dim: dict, pair: Pair, data: Dataset
         "kl_per_dim.png": plot_kl_per_dim(kl_per_dim),
     }
     if data.image_shape is not None:
-        x = data.test[:32]
+        # A guide with parameters per training point reconstructs only the training set.
+        x = data.test[:32] if held_out else data.train
         figures["reconstructions.png"] = plot_reconstructions(
-            x.numpy(), reconstruct(pair.model, pair.guide, x).numpy(), data.image_shape
+            x[:32].numpy(), reconstruct(pair.model, pair.guide, x)[:32].numpy(), data.image_shape
         )
         figures["prior_samples.png"] = plot_image_grid(
             sample_prior_means(pair.model, data.test[:64]).numpy(), data.image_shape,

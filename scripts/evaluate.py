@@ -14,6 +14,7 @@ import pyro
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
+    evaluation_data,
     exact_means,
     format_exact_comparison,
     format_summary,
@@ -33,7 +34,9 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("run_dir", help="a directory written by scripts/fit.py")
     p.add_argument("--num-samples", "-K", type=int, help="K (default: the run's --num-samples)")
-    p.add_argument("--split", choices=("test", "train"), default="test")
+    p.add_argument("--split", choices=("test", "train"),
+                   help="default: where the run was diagnosed (train for a guide with parameters "
+                        "per training point, or with global latents)")
     p.add_argument("--max-points", type=int, help="evaluate only the first this many points")
     p.add_argument("--batch-size", type=int, default=100, help="data points per pass")
     p.add_argument("--seed", type=int, default=0)
@@ -54,10 +57,13 @@ def main(argv: list[str] | None = None) -> int:
         pyro.set_rng_seed(args.seed + ctx.rank)
         config, data, pair, _ = load_run(run_dir)
         k = args.num_samples if args.num_samples is not None else config["num_samples"]
+        if args.split is None:
+            args.split = evaluation_data(config, data)[0]
         x = data.test if args.split == "test" else data.train_epoch()
         x = x[: args.max_points]
         diagnostics = evaluate(pair.model, pair.guide, x, num_samples=k,
                                batch_size=args.batch_size,
+                               data_plate=config["fit_options"].get("data_plate", "data"),
                                progress=not args.no_progress and ctx.is_main, distributed=ctx)
     finally:
         ctx.shutdown()

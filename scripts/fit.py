@@ -21,6 +21,7 @@ from _common import (  # noqa: E402
     SYNTHETIC_LATENT,
     build_pair,
     default_guide,
+    evaluation_data,
     exact_means,
     format_exact_comparison,
     format_summary,
@@ -38,7 +39,13 @@ from inference.diagnostics import evaluate  # noqa: E402
 from inference.distributed import Distributed  # noqa: E402
 from inference.errors import ConfigError  # noqa: E402
 from inference.plotting import save_figure  # noqa: E402
-from inference.training import CHECKPOINT, METRICS, FitOptions, fit  # noqa: E402
+from inference.training import (  # noqa: E402
+    CHECKPOINT,
+    METRICS,
+    FitOptions,
+    fit,
+    plan_evaluation,
+)
 
 DATASETS = ("digits", "synthetic", "mnist", "binarized_mnist", "frey_face", "array")
 
@@ -63,7 +70,12 @@ def parser() -> argparse.ArgumentParser:
                            "returning (model, guide)")
     pair.add_argument("--guide",
                       help="a registered guide: mean-field (MLP encoder), linear, "
-                           "optimal-mean-field (linear-gaussian only); default: the model's own")
+                           "optimal-mean-field (linear-gaussian only), or one of Pyro's "
+                           "autoguides built around the model: auto-normal, "
+                           "auto-diagonal-normal, auto-multivariate-normal, "
+                           "auto-lowrank-multivariate-normal; default: the model's own")
+    pair.add_argument("--data-plate", default=defaults.data_plate,
+                      help="name of the pyro.plate over data points in model and guide")
     pair.add_argument("--likelihood", choices=("auto", "bernoulli", "gaussian"), default="auto",
                       help="observation model; auto: bernoulli for binary data, else gaussian")
     pair.add_argument("--likelihood-scale", type=float,
@@ -82,8 +94,9 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float, default=defaults.lr, help="Adam learning rate")
     train.add_argument("--num-particles", type=int, default=defaults.num_particles,
                        help="ELBO samples per step")
-    train.add_argument("--elbo", choices=("trace", "meanfield"), default=defaults.elbo,
-                       help="Trace_ELBO or TraceMeanField_ELBO (analytic KL in the loss)")
+    train.add_argument("--elbo", choices=("trace", "meanfield", "enum"), default=defaults.elbo,
+                       help="Trace_ELBO, TraceMeanField_ELBO (analytic KL in the loss) or "
+                            "TraceEnum_ELBO (guides with config_enumerate'd discrete sites)")
     train.add_argument("--seed", type=int, default=0, help="fixes every random number on CPU")
     train.add_argument("--no-jit", dest="jit", action="store_false",
                        help="run the pair's Python on every step instead of replaying a checked "
@@ -164,8 +177,9 @@ def prepare_run_dir(args: argparse.Namespace) -> Path:
     return run_dir
 
 
-def write_plots(run_dir: Path, history: list[dict], summary: dict, pair, data) -> None:
-    for name, fig in run_figures(history, summary["kl_per_dim"], pair, data).items():
+def write_plots(run_dir: Path, history: list[dict], summary: dict, pair, data,
+                held_out: bool) -> None:
+    for name, fig in run_figures(history, summary["kl_per_dim"], pair, data, held_out).items():
         save_figure(fig, run_dir / name)
 
 
@@ -229,6 +243,8 @@ def start_run(args: argparse.Namespace, ctx: Distributed):
     if args.time_budget_minutes is not None:
         options.time_budget = args.time_budget_minutes * 60
     options.check(data.train.shape[0], ctx.world_size)
+    # Where the fitted pair can be diagnosed (a clear error now if the pair breaks a rule).
+    config["evaluated_on"] = plan_evaluation(pair.model, pair.guide, data, options).split
     run_dir = ctx.on_main(lambda: prepare_run_dir(args))
     if ctx.is_main:
         write_json_atomic(run_dir / "config.json", {**config, "fit_options": asdict(options),
@@ -249,7 +265,8 @@ def train_and_report(args: argparse.Namespace, ctx: Distributed) -> int:
     options.progress = not args.no_progress and ctx.is_main
     args.data = config["data"]
 
-    eval_x = data.test[: options.eval_points]
+    split, x_final = evaluation_data(config, data)
+    eval_x = x_final[: options.eval_points] if split == "test" else x_final
 
     def add_exact(record: dict) -> None:
         if "diagnostics" in record and (exact := exact_means(pair.exact(eval_x))) is not None:
@@ -257,13 +274,13 @@ def train_and_report(args: argparse.Namespace, ctx: Distributed) -> int:
 
     result = fit(pair.model, pair.guide, data, options, run_dir, on_epoch=add_exact,
                  distributed=ctx, resume=state)
-    diagnostics = evaluate(pair.model, pair.guide, data.test, num_samples=config["num_samples"],
+    diagnostics = evaluate(pair.model, pair.guide, x_final, num_samples=config["num_samples"],
                            batch_size=config["eval_batch_size"], progress=options.progress,
-                           distributed=ctx)
+                           data_plate=options.data_plate, distributed=ctx)
     if not ctx.is_main:
         return 0
-    summary = {"data": args.data, "split": "test", **diagnostics.summary()}
-    exact = pair.exact(data.test)
+    summary = {"data": args.data, "split": split, **diagnostics.summary()}
+    exact = pair.exact(x_final)
     if exact is not None:
         summary["exact"] = exact_means(exact)
     if args.data == "synthetic":
@@ -271,7 +288,7 @@ def train_and_report(args: argparse.Namespace, ctx: Distributed) -> int:
             truth = synthetic_truth().log_evidence(data.test).double().mean().item()
         summary["data_generating_log_evidence"] = truth
     write_json_atomic(run_dir / "diagnostics.json", summary)
-    write_plots(run_dir, result.history, summary, pair, data)
+    write_plots(run_dir, result.history, summary, pair, data, split == "test")
     print(format_summary(summary))
     if exact is not None:
         print(format_exact_comparison(diagnostics, exact))

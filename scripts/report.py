@@ -18,7 +18,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import EXACT_ROWS, exact_means, load_run, run_figures, run_main  # noqa: E402
+from _common import (  # noqa: E402
+    EXACT_ROWS,
+    evaluation_data,
+    exact_means,
+    load_run,
+    run_figures,
+    run_main,
+)
 
 from guides.local import LocalMeanFieldGuide, LocalSite  # noqa: E402
 from inference.amortization import decompose_gap, fit_local_guide, normal_sites  # noqa: E402
@@ -121,12 +128,19 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(args.run_dir)
     pyro.set_rng_seed(args.seed)
     config, data, pair, _ = load_run(run_dir)
-    x = data.test[: args.max_points]
+    split, x = evaluation_data(config, data)
+    held_out = split == "test"
+    x = x[: args.max_points] if held_out else x
     progress = not args.no_progress
     d = evaluate(pair.model, pair.guide, x, num_samples=args.num_samples, batch_size=100,
-                 progress=progress)
+                 data_plate=config["fit_options"].get("data_plate", "data"), progress=progress)
+    if d.unit != "data point":
+        raise ConfigError(
+            f"{run_dir}: the pair's unit is the data set ({d.notes[-1]}); report.py shows "
+            "per-point diagnostics: use scripts/evaluate.py for the data set's numbers"
+        )
     summary = d.summary()
-    report = {"data": config["data"], "split": "test", **summary}
+    report = {"data": config["data"], "split": split, **summary}
 
     notes = []
     if "khat" in summary:
@@ -144,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         (f"log p(x), importance sampling K={args.num_samples}", *fmt(summary["log_evidence"])),
         ("evidence gap log p(x) - ELBO", *fmt(summary["evidence_gap"])),
     ]
-    tables = [Table(f"Summary on {d.num_data} test points (nats per data point)",
+    tables = [Table(f"Summary on {d.num_data} {split} points (nats per data point)",
                     ("quantity", "mean", "± SE over points"), rows)]
     exact = pair.exact(x)
     if exact is not None:
@@ -158,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     figures = [
         FigureItem(*CAPTIONS[name], figure_png(fig))
         for name, fig in run_figures(read_history(run_dir), summary["kl_per_dim"], pair,
-                                     data).items()
+                                     data, held_out).items()
     ]
     figures.append(FigureItem(
         "Reliability of the evidence estimate",
@@ -180,7 +194,10 @@ def main(argv: list[str] | None = None) -> int:
                                        axis_labels)),
     ))
 
-    if args.amortization_points:
+    if not held_out:
+        notes.append(Note("No amortization gap: the guide has parameters per training point "
+                          "(it is not amortized), so it is already the local guide q*."))
+    if args.amortization_points and held_out:
         xa = data.test[: args.amortization_points]
         try:
             sites = {n: LocalSite(**s) for n, s in normal_sites(pair.model, pair.guide, xa).items()}
@@ -216,11 +233,12 @@ def main(argv: list[str] | None = None) -> int:
                                                   gaps.amortization_gap.numpy())),
             ))
 
-    idata = guide_inference_data(pair.model, pair.guide, data.test[: args.idata_points],
-                                 args.idata_draws)
-    save_inference_data(idata, run_dir / "inference_data.nc")
+    if held_out:
+        idata = guide_inference_data(pair.model, pair.guide, data.test[: args.idata_points],
+                                     args.idata_draws)
+        save_inference_data(idata, run_dir / "inference_data.nc")
     subtitle = (f"run {run_dir} · data {config['data']} · model {config['model']} · guide "
-                f"{config['guide']} · K={args.num_samples} · N={d.num_data} test points")
+                f"{config['guide']} · K={args.num_samples} · N={d.num_data} {split} points")
     page = render_html("elbogap report", subtitle, notes, tables, figures)
     write_text_atomic(run_dir / "report.html", page)
     write_json_atomic(run_dir / "report.json", report)

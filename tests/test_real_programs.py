@@ -23,8 +23,17 @@ from inference.datasets import Dataset
 from inference.errors import ConfigError
 from inference.parameters import pair_parameters
 from inference.training import FitOptions, fit
-from tests.real_programs import baseball, bayesian_regression, cvae, dmm, eight_schools, ppca
-from tests.real_programs import ss_vae, svi_torch, vae
+from tests.real_programs import (
+    baseball,
+    bayesian_regression,
+    cvae,
+    dmm,
+    eight_schools,
+    ppca,
+    ss_vae,
+    svi_torch,
+    vae,
+)
 
 
 def svi(model, guide, x, steps, lr=0.05):
@@ -410,3 +419,37 @@ def test_khat_needs_a_tail_of_five_weights():
     assert "khat" not in evaluate(ppca.model, guide, x, num_samples=24).summary()
     d = evaluate(ppca.model, guide, x, num_samples=25)
     assert torch.isfinite(d.khat).all()
+
+
+def test_cli_autoguide_around_a_model_alone_with_a_named_plate(tmp_path):
+    """scripts/fit.py --model file.py:factory (returning a model alone) --guide auto-normal
+    --data-plate rows, then scripts/evaluate.py on the run: the autoguide has parameters per
+    training point, so both diagnose the training split."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    pair = tmp_path / "pair.py"
+    pair.write_text(
+        "import pyro, pyro.distributions as dist, torch\n"
+        "def make(data_dim):\n"
+        "    def model(x):\n"
+        "        w = pyro.param('W', lambda: 0.1 * torch.randn(data_dim, 3))\n"
+        "        with pyro.plate('rows', x.shape[0]):\n"
+        "            z = pyro.sample('z', dist.Normal(x.new_zeros(3), 1.0).to_event(1))\n"
+        "            pyro.sample('x', dist.Normal(z @ w.T, 0.5).to_event(1), obs=x)\n"
+        "    return model\n")
+    run = tmp_path / "run"
+    common = [sys.executable]
+    out = subprocess.run(common + [str(root / "scripts/fit.py"), "--model", f"{pair}:make",
+                                   "--guide", "auto-normal", "--data", "synthetic",
+                                   "--data-plate", "rows", "--batch-size", "1000", "--epochs", "2",
+                                   "-K", "30", "--eval-samples", "30", "--out", str(run),
+                                   "--no-progress"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "site 'z' (analytic)" in out.stdout and "N=1000" in out.stdout
+    out = subprocess.run(common + [str(root / "scripts/evaluate.py"), str(run), "-K", "30",
+                                   "--no-progress"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert (run / "evaluation-train-K30.json").is_file()
