@@ -260,7 +260,7 @@ def evaluate(
     if batch_size < 1:
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size}")
     with torch.no_grad():
-        first, batch_size = _first_layout(model, guide, x, batch_size, data_plate)
+        first, batch_size = first_layout(model, guide, x, batch_size, data_plate)
     if distributed.enabled and first.per_datapoint:
         share = x[distributed.shard(x.shape[0])]
         local = None
@@ -273,7 +273,7 @@ def evaluate(
     starts = range(0, n, batch_size)
     with torch.no_grad():
         if not first.per_datapoint:
-            return _evaluate_data_set(model, guide, x, first, starts, batch_size, num_samples,
+            return _evaluate_data_set(model, guide, x, first, batch_size, num_samples,
                                       data_plate, rows_per_chunk, keep_log_weights, progress)
         if progress:
             # Only then: fit evaluates every epoch, and a Ctrl-C that lands in a finished bar's
@@ -286,7 +286,7 @@ def evaluate(
             if not layout.per_datapoint:
                 raise ConventionError(
                     f"sites {list(layout.global_sites)} are outside plate '{data_plate}' in the "
-                    "batch of rows {s}..: a pair's global latents must be the same in every batch"
+                    f"batch of rows {s}..: a pair's global latents must be the same in every batch"
                 )
             parts.append(_evaluate_batch(
                 model, guide, xb, layout, num_samples, data_plate,
@@ -297,7 +297,7 @@ def evaluate(
     return d
 
 
-def _first_layout(model: Callable, guide: Callable, x: torch.Tensor, batch_size: int,
+def first_layout(model: Callable, guide: Callable, x: torch.Tensor, batch_size: int,
                   data_plate: str) -> tuple[PairLayout, int]:
     """The first batch's layout, and the batch size to use.  A guide with parameters per data
     point (an autoguide on local latents) runs only on the whole data set it was built for."""
@@ -306,11 +306,8 @@ def _first_layout(model: Callable, guide: Callable, x: torch.Tensor, batch_size:
     except ConventionError:
         if batch_size >= x.shape[0]:
             raise
-        try:
-            layout = inspect_pair(model, guide, x, data_plate)
-        except ConventionError:
-            raise  # noqa: B904 - the whole-data error is the one that explains
-        return layout, x.shape[0]
+    # If the whole data set fails too, its error is the one that explains.
+    return inspect_pair(model, guide, x, data_plate), x.shape[0]
 
 
 def _notes(layout: PairLayout) -> list[str]:
@@ -495,7 +492,7 @@ def _evaluate_batch(
     kl_sites = {name: v.sum(1) for name, v in kl_per_dim.items()}
     kl_prior = sum(kl_sites.values()) if kl_sites else torch.zeros(x.shape[0], dtype=torch.float64)
     elbo = elbo_all.mean(0)
-    stats = _importance_stats(log_w_all, elbo_all)
+    stats = importance_stats(log_w_all, elbo_all)
     return {
         "elbo": elbo,
         "elbo_se": stats["elbo_se"],
@@ -508,49 +505,64 @@ def _evaluate_batch(
         "kl_sites": kl_sites,
         "kl_per_dim": kl_per_dim,
         "kl_method": kl_method,
-        "khat": _khat(log_w_all),
+        "khat": khat_where_defined(log_w_all),
         "ess": importance_ess(log_w_all),
         "latent_mean": {name: s / num_samples for name, s in mean_sums.items()},
         "log_weights": log_w_all if keep_log_weights else None,
     }
 
 
-def _khat(log_w: torch.Tensor) -> torch.Tensor:
+def khat_where_defined(log_w: torch.Tensor) -> torch.Tensor:
     if log_w.shape[0] >= MIN_SAMPLES_KHAT:
         return pareto_khat(log_w)
     return torch.full((log_w.shape[1],), float("nan"), dtype=torch.float64)
 
 
-def _evaluate_data_set(model, guide, x, first: PairLayout, starts, batch_size: int,
+def joint_chunks(model, guide, x, first: PairLayout, batch_size: int, num_samples: int,
+                 data_plate: str, rows_per_chunk: int, progress: bool):
+    """For each chunk of ``k`` particles: ``(k, batches)``, where ``batches`` yields
+    ``(start row, layout, _site_terms)`` for every batch of x, the global guide sites drawn on
+    the first batch and replayed on the others (so every batch sees the same k draws)."""
+    n = x.shape[0]
+    particles_per_chunk = max(1, rows_per_chunk // min(batch_size, n))
+    layouts: dict[int, PairLayout] = {0: first}
+    chunks = range(0, num_samples, particles_per_chunk)
+    if progress:
+        chunks = tqdm(chunks, desc="evaluate", unit="chunk")
+
+    def batches(k):
+        replay = None
+        for s in range(0, n, batch_size):
+            xb = x[s : s + batch_size]
+            if s not in layouts:
+                layouts[s] = inspect_pair(model, guide, xb, data_plate)
+            terms, passes = _stack_passes(model, guide, xb, layouts[s], k, data_plate, replay)
+            if replay is None:
+                replay = [global_part(g, layouts[s]) for g, _ in passes]
+                replay = replay[0] if layouts[s].vectorized else replay
+            yield s, layouts[s], terms
+
+    for done in chunks:
+        k = min(particles_per_chunk, num_samples - done)
+        yield k, batches(k)
+
+
+def _evaluate_data_set(model, guide, x, first: PairLayout, batch_size: int,
                        num_samples: int, data_plate: str, rows_per_chunk: int,
                        keep_log_weights: bool, progress: bool) -> Diagnostics:
     """Joint importance sampling over every latent variable of the data set: each draw of the
     global sites is shared by every batch, and its weight sums the whole data set."""
     n = x.shape[0]
-    particles_per_chunk = max(1, rows_per_chunk // min(batch_size, n))
     log_w, elbo_k = [], []
     kl_sums: dict[str, torch.Tensor] = {}
     kl_method: dict[str, str] = {}
-    layouts: dict[int, PairLayout] = {0: first}
-    chunks = range(0, num_samples, particles_per_chunk)
-    if progress:
-        chunks = tqdm(chunks, desc="evaluate", unit="chunk")
-    for done in chunks:
-        k = min(particles_per_chunk, num_samples - done)
+    for k, batches in joint_chunks(model, guide, x, first, batch_size, num_samples, data_plate,
+                                   rows_per_chunk, progress):
         total_w = torch.zeros(k, dtype=torch.float64)
         total_recon = torch.zeros(k, dtype=torch.float64)
         total_kl = torch.zeros(k, dtype=torch.float64)
-        replay = None
-        for s in starts:
-            xb = x[s : s + batch_size]
-            if s not in layouts:
-                layouts[s] = inspect_pair(model, guide, xb, data_plate)
-            layout = layouts[s]
-            terms, passes = _stack_passes(model, guide, xb, layout, k, data_plate, replay)
-            if replay is None:
-                replay = [global_part(g, layout) for g, _ in passes]
-                if layout.vectorized:
-                    replay = replay[0]
+        for s, layout, terms in batches:
+            if s == 0:
                 total_w = total_w + terms["global_w"]
                 total_recon = total_recon + terms["global_recon"]
             total_w = total_w + terms["local_w"].sum(1)
@@ -566,12 +578,12 @@ def _evaluate_data_set(model, guide, x, first: PairLayout, starts, batch_size: i
         elbo_k.append(total_recon - total_kl)
     log_w_all = torch.cat(log_w).unsqueeze(1)
     elbo_all = _with_control_variate(torch.cat(elbo_k).unsqueeze(1), log_w_all)
-    stats = _importance_stats(log_w_all, elbo_all)
+    stats = importance_stats(log_w_all, elbo_all)
     kl_per_dim = {name: (s / num_samples).unsqueeze(0) for name, s in kl_sums.items()}
     kl_sites = {name: v.sum(1) for name, v in kl_per_dim.items()}
     kl_prior = float(sum(v.sum() for v in kl_sites.values())) if kl_sites else 0.0
     elbo = float(elbo_all.mean())
-    khat = _khat(log_w_all)
+    khat = khat_where_defined(log_w_all)
     ess = importance_ess(log_w_all)
     total = DataSetTotals(
         num_data=n, elbo=elbo, elbo_se=float(stats["elbo_se"][0]),
@@ -705,7 +717,7 @@ def _with_control_variate(elbo_k: torch.Tensor, log_w: torch.Tensor) -> torch.Te
     return elbo_k - gamma * c
 
 
-def _importance_stats(log_w: torch.Tensor, elbo_k: torch.Tensor) -> dict[str, torch.Tensor]:
+def importance_stats(log_w: torch.Tensor, elbo_k: torch.Tensor) -> dict[str, torch.Tensor]:
     """log-mean-exp of ``log_w`` over particles (dim 0) and delta-method standard errors.
 
     With w normalized by its maximum, the estimator log(mean w) has variance

@@ -202,6 +202,17 @@ def _format_data_set(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def format_predictive(summary: dict) -> str:
+    """One block for held-out points of a pair with global latents (no evidence gap there)."""
+    entry = summary["log_density"]
+    lines = [f"held-out points, N={summary['num_data']}: {summary['name']}, K={summary['num_samples']}",
+             f"  mean per point {entry['mean']:.3f} ± {entry['se'] or float('nan'):.3f} "
+             f"(sum {summary['total']:.3f})"]
+    if "khat" in summary:
+        lines.append(f"  Pareto k-hat: {summary['khat']['verdict']}")
+    return "\n".join(lines)
+
+
 def format_summary(summary: dict) -> str:
     """A table of the dataset means (± standard error over data points), in nats."""
     if summary.get("unit") == "data set":

@@ -17,6 +17,7 @@ from _common import (  # noqa: E402
     evaluation_data,
     exact_means,
     format_exact_comparison,
+    format_predictive,
     format_summary,
     load_run,
     run_main,
@@ -26,6 +27,7 @@ from inference.atomic import write_json_atomic  # noqa: E402
 from inference.diagnostics import evaluate  # noqa: E402
 from inference.distributed import Distributed  # noqa: E402
 from inference.errors import ConfigError  # noqa: E402
+from inference.predictive import posterior_predictive  # noqa: E402
 
 
 def parser() -> argparse.ArgumentParser:
@@ -57,13 +59,25 @@ def main(argv: list[str] | None = None) -> int:
         pyro.set_rng_seed(args.seed + ctx.rank)
         config, data, pair, _ = load_run(run_dir)
         k = args.num_samples if args.num_samples is not None else config["num_samples"]
+        fitted_on = evaluation_data(config, data)[0]
         if args.split is None:
-            args.split = evaluation_data(config, data)[0]
+            args.split = fitted_on
         x = data.test if args.split == "test" else data.train_epoch()
         x = x[: args.max_points]
+        plate = config["fit_options"].get("data_plate", "data")
+        if args.split == "test" and fitted_on == "train":
+            # The guide was fitted to the training set: held-out points get the posterior
+            # predictive density, never an evidence gap of data the guide did not see.
+            predictive = posterior_predictive(pair.model, pair.guide, x, num_samples=k,
+                                              batch_size=args.batch_size, data_plate=plate)
+            summary = {"data": config["data"], "split": "test", **predictive.summary()}
+            out = run_dir / f"predictive-test-K{k}.json"
+            write_json_atomic(out, summary)
+            print(format_predictive(summary))
+            print(f"wrote {out}")
+            return 0
         diagnostics = evaluate(pair.model, pair.guide, x, num_samples=k,
-                               batch_size=args.batch_size,
-                               data_plate=config["fit_options"].get("data_plate", "data"),
+                               batch_size=args.batch_size, data_plate=plate,
                                progress=not args.no_progress and ctx.is_main, distributed=ctx)
     finally:
         ctx.shutdown()

@@ -24,6 +24,7 @@ from _common import (  # noqa: E402
     evaluation_data,
     exact_means,
     format_exact_comparison,
+    format_predictive,
     format_summary,
     load_data,
     load_run,
@@ -39,6 +40,7 @@ from inference.diagnostics import evaluate  # noqa: E402
 from inference.distributed import Distributed  # noqa: E402
 from inference.errors import ConfigError  # noqa: E402
 from inference.plotting import save_figure  # noqa: E402
+from inference.predictive import posterior_predictive  # noqa: E402
 from inference.training import (  # noqa: E402
     CHECKPOINT,
     METRICS,
@@ -287,12 +289,23 @@ def train_and_report(args: argparse.Namespace, ctx: Distributed) -> int:
         with torch.no_grad():
             truth = synthetic_truth().log_evidence(data.test).double().mean().item()
         summary["data_generating_log_evidence"] = truth
+    predictive = None
+    if diagnostics.unit == "data set" and data.test.shape[0]:
+        # Held-out points have no evidence gap under a global guide: their posterior
+        # predictive density is what can be said of them.
+        with torch.no_grad():
+            predictive = posterior_predictive(
+                pair.model, pair.guide, data.test, num_samples=config["num_samples"],
+                batch_size=config["eval_batch_size"], data_plate=options.data_plate).summary()
+        summary["held_out_predictive"] = predictive
     write_json_atomic(run_dir / "diagnostics.json", summary)
     write_plots(run_dir, result.history, summary, pair, data, split == "test")
     print(format_summary(summary))
+    if predictive is not None:
+        print(format_predictive(predictive))
     if exact is not None:
         print(format_exact_comparison(diagnostics, exact))
-    if args.data == "synthetic":
+    if args.data == "synthetic" and diagnostics.unit == "data point":
         print(f"log p(x) under the model that generated the data: {truth:.4f}")
     print(f"wrote {run_dir}/: config.json metrics.jsonl checkpoint.pt diagnostics.json *.png")
     return 0

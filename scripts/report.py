@@ -40,6 +40,7 @@ from inference.plotting import (  # noqa: E402
     plot_khat_histogram,
     plot_latent_scatter,
 )
+from inference.predictive import posterior_predictive  # noqa: E402
 from inference.report import FigureItem, Note, Table, render_html  # noqa: E402
 from inference.training import METRICS  # noqa: E402
 
@@ -117,6 +118,56 @@ def latent_projection(latent_mean: dict[str, torch.Tensor]) -> tuple[np.ndarray,
     return (centred @ v[:2].T).numpy(), labels
 
 
+def write_report(run_dir: Path, report: dict, notes, tables, figures, subtitle: str) -> None:
+    page = render_html("elbogap report", subtitle, notes, tables, figures)
+    write_text_atomic(run_dir / "report.html", page)
+    write_json_atomic(run_dir / "report.json", report)
+
+
+def write_data_set_report(run_dir: Path, config: dict, data, pair, d, args) -> int:
+    """The report of a pair whose unit is the data set (global latents): totals, the joint
+    weights' k-hat, the held-out points' predictive density, and the training curves."""
+    summary = d.summary()
+    t = summary["total"]
+    report = {"data": config["data"], "split": "train", **summary}
+    notes = [Note(n) for n in d.notes]
+    if "khat" in summary:
+        notes.append(Note(f"Pareto k-hat: {summary['khat']['verdict']}.",
+                          warning=summary["khat"]["share_unreliable"] > 0))
+
+    def total(key):
+        se = t.get(f"{key}_se")
+        return (f"{t[key]:.3f}", f"{se:.3f}" if se is not None else "")
+
+    rows = [("ELBO(x_1..N)", *total("elbo")), ("reconstruction", *total("reconstruction")),
+            ("KL(q || p), all latent variables", *total("kl_prior"))]
+    rows += [(f"  site '{name}' ({e['method']})", f"{e['mean']:.3f}", "")
+             for name, e in summary["kl_sites"].items()]
+    rows += [(f"log p(x_1..N), importance sampling K={args.num_samples}", *total("log_evidence")),
+             ("evidence gap log p(x_1..N) - ELBO", *total("evidence_gap"))]
+    tables = [Table(f"Summary for the data set the guide was fitted to ({d.num_data} training "
+                    "points; nats, totals)", ("quantity", "total", "± Monte Carlo SE"), rows)]
+    if data.test.shape[0]:
+        p = posterior_predictive(pair.model, pair.guide, data.test[: args.max_points],
+                                 num_samples=args.num_samples, batch_size=100,
+                                 data_plate=config["fit_options"].get("data_plate", "data"))
+        report["held_out_predictive"] = ps = p.summary()
+        tables.append(Table(f"Held-out points ({ps['num_data']} test points): {ps['name']}",
+                            ("quantity", "mean per point", "± SE over points"),
+                            [("log p_q(x)", *fmt(ps["log_density"]))]))
+    figures = [
+        FigureItem(*CAPTIONS[name], figure_png(fig))
+        for name, fig in run_figures(read_history(run_dir), summary["kl_per_dim"], pair,
+                                     data, held_out=False).items()
+    ]
+    write_report(run_dir, report, notes, tables, figures,
+                 f"run {run_dir} · data {config['data']} · model {config['model']} · guide "
+                 f"{config['guide']} · K={args.num_samples} · unit: the data set "
+                 f"(N={d.num_data} training points)")
+    print(f"wrote {run_dir / 'report.html'}, report.json")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     for flag in ("num_samples", "max_points", "idata_points", "idata_draws",
@@ -135,10 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     d = evaluate(pair.model, pair.guide, x, num_samples=args.num_samples, batch_size=100,
                  data_plate=config["fit_options"].get("data_plate", "data"), progress=progress)
     if d.unit != "data point":
-        raise ConfigError(
-            f"{run_dir}: the pair's unit is the data set ({d.notes[-1]}); report.py shows "
-            "per-point diagnostics: use scripts/evaluate.py for the data set's numbers"
-        )
+        return write_data_set_report(run_dir, config, data, pair, d, args)
     summary = d.summary()
     report = {"data": config["data"], "split": split, **summary}
 
@@ -239,11 +287,10 @@ def main(argv: list[str] | None = None) -> int:
         save_inference_data(idata, run_dir / "inference_data.nc")
     subtitle = (f"run {run_dir} · data {config['data']} · model {config['model']} · guide "
                 f"{config['guide']} · K={args.num_samples} · N={d.num_data} {split} points")
-    page = render_html("elbogap report", subtitle, notes, tables, figures)
-    write_text_atomic(run_dir / "report.html", page)
-    write_json_atomic(run_dir / "report.json", report)
-    print(f"wrote {run_dir / 'report.html'}, report.json, inference_data.nc "
-          f"(guide draws for {args.idata_points} test points: arviz.from_netcdf)")
+    write_report(run_dir, report, notes, tables, figures, subtitle)
+    print(f"wrote {run_dir / 'report.html'}, report.json" + (
+        f", inference_data.nc (guide draws for {args.idata_points} test points: "
+        "arviz.from_netcdf)" if held_out else ""))
     return 0
 
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from inference.diagnostics import _importance_stats, evaluate
+from inference.diagnostics import evaluate, importance_stats
 from inference.errors import ConfigError, ConventionError
 from tests.pairs import (
     plated_features_guide,
@@ -84,7 +84,7 @@ def test_importance_stats_against_direct_formulas():
     g = torch.Generator().manual_seed(1)
     log_w = torch.randn(500, 7, generator=g, dtype=torch.float64) * 2 - 50
     e = log_w + 0.3 * torch.randn(500, 7, generator=g, dtype=torch.float64)
-    stats = _importance_stats(log_w, e)
+    stats = importance_stats(log_w, e)
     w = log_w.exp()
     k = w.shape[0]
     torch.testing.assert_close(stats["log_evidence"], w.mean(0).log())
@@ -97,7 +97,7 @@ def test_importance_stats_against_direct_formulas():
 
 def test_constant_weights_have_zero_standard_error():
     log_w = torch.full((10, 3), -4.0, dtype=torch.float64)
-    stats = _importance_stats(log_w, log_w)
+    stats = importance_stats(log_w, log_w)
     torch.testing.assert_close(stats["log_evidence"], log_w[0])
     assert (stats["log_evidence_se"] == 0).all() and (stats["evidence_gap_se"] == 0).all()
 

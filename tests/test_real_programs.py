@@ -453,3 +453,57 @@ def test_cli_autoguide_around_a_model_alone_with_a_named_plate(tmp_path):
                                    "--no-progress"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert (run / "evaluation-train-K30.json").is_file()
+
+
+def test_held_out_points_get_the_posterior_predictive_density():
+    """With q(w) = N(m, diag s^2) the predictive density of a new point is Gaussian:
+    p_q(y | f) = N(y; f . m, sigma^2 + sum_i f_i^2 s_i^2)."""
+    from inference.predictive import posterior_predictive
+
+    data, mean, cov, _, noise = conjugate_regression()
+    d_w = mean.shape[0]
+    held_out = conjugate_regression(n=15, seed=5)[0]
+
+    def model(x):
+        w = pyro.sample("w", dist.Normal(x.new_zeros(d_w), 1.0).to_event(1))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("y", dist.Normal((x[:, :-1] * w.unsqueeze(-2)).sum(-1), noise), obs=x[:, -1])
+
+    m, s = mean.float(), cov.diagonal().sqrt().float()
+
+    def guide(x):
+        pyro.sample("w", dist.Normal(m, s).to_event(1))
+
+    p = posterior_predictive(model, guide, held_out, num_samples=4000, batch_size=5)
+    f, y = held_out[:, :-1].double(), held_out[:, -1].double()
+    exact = torch.distributions.Normal(f @ m.double(), (noise**2 + (f**2) @ s.double()**2).sqrt()
+                                       ).log_prob(y)
+    z = (p.log_density - exact) / p.log_density_se
+    assert z.abs().max() < 4.5 and abs(float(z.mean())) * math.sqrt(len(z)) < 4
+    summary = p.summary()
+    assert summary["name"].startswith("log posterior predictive")
+    assert summary["num_data"] == 15 and (p.khat < 0.5).all()
+
+
+def test_training_scales_local_sites_only():
+    from pyro import poutine
+
+    from inference.minibatch import ScaleDataPlate
+
+    def model(x):
+        w = pyro.sample("w", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(w, 1.0))
+            pyro.sample("x", dist.Normal(w, 1.0), obs=x)
+
+    trace = poutine.trace(ScaleDataPlate("data", 100)(model)).get_trace(torch.randn(8))
+    assert trace.nodes["w"]["scale"] == 1.0
+    assert trace.nodes["z"]["scale"] == trace.nodes["x"]["scale"] == 100 / 8
+
+    def sizeless(x):
+        with pyro.plate("data"):
+            pyro.sample("x", dist.Normal(torch.zeros(x.shape[0]), 1.0), obs=x)
+
+    scaled = ScaleDataPlate("data", 100)
+    scaled.rows = 8
+    assert poutine.trace(scaled(sizeless)).get_trace(torch.randn(8)).nodes["x"]["scale"] == 12.5
