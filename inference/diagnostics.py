@@ -41,6 +41,7 @@ from inference.errors import ConfigError, ConventionError
 from inference.kl import MONTE_CARLO, SiteKL, kl_to_prior
 from inference.psis import importance_ess, khat_summary, pareto_khat
 from inference.traces import (
+    FixedSubsample,
     PairLayout,
     data_frame,
     datapoint_rows,
@@ -270,7 +271,6 @@ def evaluate(
                              keep_log_weights=keep_log_weights, progress=progress)
         parts = [d for d in distributed.gather(local) if d is not None]
         return _concatenate([_as_part(d) for d in parts], num_samples)
-    starts = range(0, n, batch_size)
     with torch.no_grad():
         if not first.per_datapoint:
             return _evaluate_data_set(model, guide, x, first, batch_size, num_samples,
@@ -278,23 +278,71 @@ def evaluate(
         if progress:
             # Only then: fit evaluates every epoch, and a Ctrl-C that lands in a finished bar's
             # __del__ is printed and dropped by Python instead of stopping the run.
-            starts = tqdm(starts, desc="evaluate", unit="batch")
+            step = first.subsample or batch_size
+            bar = tqdm(total=len(range(0, n, step)), desc="evaluate", unit="batch")
         parts = []
-        for s in starts:
-            xb = x[s : s + batch_size]
-            layout = first if s == 0 else inspect_pair(model, guide, xb, data_plate)
+        for b in batches(model, guide, x, batch_size, first, data_plate):
+            layout = first if b.start == 0 else inspect_pair(b.model, b.guide, b.x, data_plate)
             if not layout.per_datapoint:
                 raise ConventionError(
                     f"sites {list(layout.global_sites)} are outside plate '{data_plate}' in the "
-                    f"batch of rows {s}..: a pair's global latents must be the same in every batch"
+                    f"batch from row {b.start}: a pair's global latents must be the same in "
+                    "every batch"
                 )
-            parts.append(_evaluate_batch(
-                model, guide, xb, layout, num_samples, data_plate,
-                max(1, rows_per_chunk // xb.shape[0]), keep_log_weights,
-            ))
+            part = _evaluate_batch(b.model, b.guide, b.x, layout, num_samples, data_plate,
+                                   max(1, rows_per_chunk // layout.rows(b.x)), keep_log_weights)
+            parts.append(_first_rows(part, b.keep))
+            if progress:
+                bar.update()
+    if progress:
+        bar.close()
     d = _concatenate(parts, num_samples)
     d.notes.extend(_notes(first))
     return d
+
+
+@dataclass
+class Batch:
+    """One pass's data: the pair (possibly with fixed subsample indices), what it is called
+    with, and how many of the pass's rows are points not seen before (``keep``)."""
+
+    start: int
+    x: torch.Tensor
+    model: Callable
+    guide: Callable
+    keep: int
+
+
+def batches(model: Callable, guide: Callable, x: torch.Tensor, batch_size: int,
+            layout: PairLayout, data_plate: str):
+    """Slices of x; or, for a pair whose plate picks its own minibatch of x
+    (``pyro.plate("data", len(x), subsample_size=B)``), the whole x with the plate handed
+    indices s..s+B-1 in turn (wrapping at the end, the repeats then dropped)."""
+    n = x.shape[0]
+    if layout.subsample is None:
+        for s in range(0, n, batch_size):
+            xb = x[s : s + batch_size]
+            yield Batch(s, xb, model, guide, xb.shape[0])
+        return
+    m = layout.subsample
+    for s in range(0, n, m):
+        indices = torch.arange(s, s + m, device=x.device) % n
+        yield Batch(s, x, FixedSubsample(data_plate, indices)(model),
+                    FixedSubsample(data_plate, indices)(guide), min(m, n - s))
+
+
+def _first_rows(part: dict, keep: int) -> dict:
+    out = {}
+    for key, value in part.items():
+        if key == "log_weights" and value is not None:
+            out[key] = value[:, :keep]
+        elif torch.is_tensor(value):
+            out[key] = value[:keep]
+        elif isinstance(value, dict) and key != "kl_method":
+            out[key] = {name: v[:keep] for name, v in value.items()}
+        else:
+            out[key] = value
+    return out
 
 
 def first_layout(model: Callable, guide: Callable, x: torch.Tensor, batch_size: int,
@@ -443,7 +491,7 @@ def _safe_kl(q, p, z) -> SiteKL:
 def _stack_passes(model, guide, x, layout, k, data_plate, replay=None):
     """``_site_terms`` of ``k`` particles, and the guide traces (for replaying global sites)."""
     passes = _passes(model, guide, x, layout, k, replay)
-    per = [_site_terms(g, m, layout, data_plate, k if layout.vectorized else 1, x.shape[0])
+    per = [_site_terms(g, m, layout, data_plate, k if layout.vectorized else 1, layout.rows(x))
            for g, m in passes]
     if len(per) == 1:
         return per[0], passes
@@ -490,7 +538,8 @@ def _evaluate_batch(
     elbo_all = _with_control_variate(torch.cat(elbo_k), log_w_all)
     kl_per_dim = {name: s / num_samples for name, s in kl_sums.items()}
     kl_sites = {name: v.sum(1) for name, v in kl_per_dim.items()}
-    kl_prior = sum(kl_sites.values()) if kl_sites else torch.zeros(x.shape[0], dtype=torch.float64)
+    kl_prior = (sum(kl_sites.values()) if kl_sites
+                else torch.zeros(layout.rows(x), dtype=torch.float64))
     elbo = elbo_all.mean(0)
     stats = importance_stats(log_w_all, elbo_all)
     return {
@@ -524,27 +573,36 @@ def joint_chunks(model, guide, x, first: PairLayout, batch_size: int, num_sample
     ``(start row, layout, _site_terms)`` for every batch of x, the global guide sites drawn on
     the first batch and replayed on the others (so every batch sees the same k draws)."""
     n = x.shape[0]
-    particles_per_chunk = max(1, rows_per_chunk // min(batch_size, n))
+    particles_per_chunk = max(1, rows_per_chunk // min(first.subsample or batch_size, n))
     layouts: dict[int, PairLayout] = {0: first}
     chunks = range(0, num_samples, particles_per_chunk)
     if progress:
         chunks = tqdm(chunks, desc="evaluate", unit="chunk")
 
-    def batches(k):
+    def chunk(k):
         replay = None
-        for s in range(0, n, batch_size):
-            xb = x[s : s + batch_size]
-            if s not in layouts:
-                layouts[s] = inspect_pair(model, guide, xb, data_plate)
-            terms, passes = _stack_passes(model, guide, xb, layouts[s], k, data_plate, replay)
+        for b in batches(model, guide, x, batch_size, first, data_plate):
+            if b.start not in layouts:
+                layouts[b.start] = inspect_pair(b.model, b.guide, b.x, data_plate)
+            layout = layouts[b.start]
+            terms, passes = _stack_passes(b.model, b.guide, b.x, layout, k, data_plate, replay)
             if replay is None:
-                replay = [global_part(g, layouts[s]) for g, _ in passes]
-                replay = replay[0] if layouts[s].vectorized else replay
-            yield s, layouts[s], terms
+                replay = [global_part(g, layout) for g, _ in passes]
+                replay = replay[0] if layout.vectorized else replay
+            yield b.start, layout, _first_columns(terms, b.keep)
 
     for done in chunks:
         k = min(particles_per_chunk, num_samples - done)
-        yield k, batches(k)
+        yield k, chunk(k)
+
+
+def _first_columns(terms: dict, keep: int) -> dict:
+    """Per-point terms ``[k, rows, ...]`` of a pass cut to its first ``keep`` points."""
+    out = dict(terms)
+    for key in ("local_w", "recon"):
+        out[key] = terms[key][:, :keep]
+    out["kl"] = {name: (value[:, :keep], method) for name, (value, method) in terms["kl"].items()}
+    return out
 
 
 def _evaluate_data_set(model, guide, x, first: PairLayout, batch_size: int,

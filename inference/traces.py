@@ -51,6 +51,12 @@ class PairLayout:
     auxiliary: tuple[str, ...] = ()
     # Whether the pair accepts a leading particle dimension (Pyro's vectorize_particles).
     vectorized: bool = True
+    # Rows the data plate picks of x itself (pyro.plate("data", len(x), subsample_size=B)).
+    subsample: int | None = None
+
+    def rows(self, x: torch.Tensor) -> int:
+        """Data points a pass of the pair on ``x`` covers."""
+        return self.subsample or x.shape[0]
 
     @property
     def particle_dim(self) -> int:
@@ -131,6 +137,21 @@ def global_part(trace: Trace, layout: PairLayout) -> Trace:
         if name in trace.nodes:
             out.add_node(name, **trace.nodes[name])
     return out
+
+
+class FixedSubsample(Messenger):
+    """Hands the data plate's subsample site the given indices: evaluation covers every point
+    of a pair that picks its own minibatch, chunk by chunk."""
+
+    def __init__(self, data_plate: str, indices: torch.Tensor):
+        super().__init__()
+        self.data_plate = data_plate
+        self.indices = indices
+
+    def _process_message(self, msg: dict) -> None:
+        if msg["type"] == "sample" and msg["name"] == self.data_plate and site_is_subsample(msg):
+            msg["value"] = self.indices
+            msg["done"] = True
 
 
 class _AuxiliaryLeaves(Messenger):
@@ -234,6 +255,7 @@ def inspect_pair(
                 f"distribution there has shape {expected}"
             )
     n = x.shape[0]
+    own_subsample = None
     global_sites = []
     # A model with no plate at all (Pyro's eight schools) observes x as one whole: every site
     # is then global and the unit is the data set.
@@ -241,14 +263,17 @@ def inspect_pair(
                    if f.vectorized}
     for where, trace, sites in (("model", model_trace, model_sites),
                                 ("guide", guide_trace, guide_sites)):
-        subsample = _subsample_rows(trace, data_plate)
-        if subsample is not None and subsample != n:
+        declared, subsample = _subsample_rows(trace, data_plate)
+        if subsample is not None and subsample != n and declared != n:
             raise ConventionError(
-                f"{where}: plate '{data_plate}' subsamples {subsample} of x's {n} rows; elbogap "
-                "hands the pair minibatches of x itself: declare the full size and the "
-                f"minibatch's, pyro.plate('{data_plate}', N, len(x)), or pyro.plate("
-                f"'{data_plate}', x.shape[0])"
+                f"{where}: plate '{data_plate}' declares {declared} points and subsamples "
+                f"{subsample}, but x has {n} rows: either the plate declares x's rows and "
+                f"subsamples them (pyro.plate('{data_plate}', len(x), subsample_size=B), the "
+                "pair indexing x itself), or it declares the full data set's size and is handed "
+                f"minibatches (pyro.plate('{data_plate}', N, len(x)))"
             )
+        if subsample is not None and subsample < n:
+            own_subsample = subsample
         for name, site in sites.items():
             frame = data_frame(site, data_plate)
             if frame is None:
@@ -262,7 +287,7 @@ def inspect_pair(
                 if name not in global_sites:
                     global_sites.append(name)
                 continue
-            if frame.size not in (n, -1) and subsample != n:
+            if frame.size not in (n, -1, own_subsample) and subsample != n:
                 raise ConventionError(
                     f"{where} site '{name}': plate '{data_plate}' has size {frame.size} but x "
                     f"has {n} rows; use pyro.plate('{data_plate}', x.shape[0]) (a guide with "
@@ -276,20 +301,22 @@ def inspect_pair(
             if frame.vectorized:
                 nesting = max(nesting, -frame.dim)
     layout = PairLayout(latent=latent, observed=observed, max_plate_nesting=nesting,
-                        global_sites=tuple(global_sites), auxiliary=auxiliary)
+                        global_sites=tuple(global_sites), auxiliary=auxiliary,
+                        subsample=own_subsample)
     return _with_vectorization(model, guide, x, layout, data_plate)
 
 
-def _subsample_rows(trace: Trace, data_plate: str) -> int | None:
-    """How many indices the data plate subsampled in ``trace`` (None: it did not subsample).
-    ``pyro.plate(name, N, B)`` declares the full size N and scales its sites by N / B, as
-    Pyro's examples/svi_torch.py does with minibatches handed in from outside."""
+def _subsample_rows(trace: Trace, data_plate: str) -> tuple[int | None, int | None]:
+    """The data plate's declared size and how many indices it subsampled in ``trace`` (None,
+    None: it did not subsample).  ``pyro.plate(name, N, B)`` declares the full size N and
+    scales its sites by N / B: as Pyro's examples/svi_torch.py does with minibatches handed in
+    from outside (B = len(x)), or to pick B of x's rows itself (N = len(x))."""
     site = trace.nodes.get(data_plate)
     if site is None or not site_is_subsample(site):
-        return None
-    size = site["fn"].size if hasattr(site["fn"], "size") else None
+        return None, None
+    size = getattr(site["fn"], "size", None)
     rows = len(site["value"])
-    return None if rows == size else rows
+    return (None, None) if rows == size else (size, rows)
 
 
 def _with_vectorization(model: Callable, guide: Callable, x: torch.Tensor, layout: PairLayout,
@@ -306,7 +333,7 @@ def _with_vectorization(model: Callable, guide: Callable, x: torch.Tensor, layou
                     if lp.dim() > width or lp.dim() < width or lp.shape[0] != 2:
                         return replace(layout, vectorized=False)
                     frame = data_frame(site, data_plate)
-                    if frame is not None and lp.shape[width + frame.dim] != x.shape[0]:
+                    if frame is not None and lp.shape[width + frame.dim] != layout.rows(x):
                         return replace(layout, vectorized=False)
     except Exception:  # noqa: BLE001 - any failure under the particle plate: not broadcastable
         return replace(layout, vectorized=False)

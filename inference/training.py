@@ -80,8 +80,24 @@ class FitOptions:
             )
 
 
+def _minibatches(x_epoch: torch.Tensor, order: torch.Tensor, global_batch: int,
+                 distributed: Distributed, own_minibatch: int | None):
+    """``(this rank's minibatch, global minibatch size)`` for each step of an epoch.  A pair
+    whose plate picks its own minibatch (``pyro.plate("data", len(x), subsample_size=B)``) is
+    handed the whole training set N / B times, as Pyro's SVI would."""
+    n = x_epoch.shape[0]
+    if own_minibatch is not None:
+        for _ in range(math.ceil(n / own_minibatch)):
+            yield x_epoch, n
+        return
+    for s in range(0, n, global_batch):
+        indices = order[s : s + global_batch]
+        yield x_epoch[indices[distributed.shard(len(indices))]], len(indices)
+
+
 def _train_epoch(
-    step: ElboStep, data: Dataset, epoch: int, options: FitOptions, distributed: Distributed
+    step: ElboStep, data: Dataset, epoch: int, options: FitOptions, distributed: Distributed,
+    own_minibatch: int | None = None,
 ) -> float:
     """One pass over the training set; the mean loss of its steps with a finite loss.
 
@@ -95,9 +111,9 @@ def _train_epoch(
     order = torch.randperm(n, generator=epoch_rng)
     step.compiled.recheck()
     total, steps = 0.0, 0
-    for index, s in enumerate(range(0, n, global_batch), start=1):
-        indices = order[s : s + global_batch]
-        loss = step(x_epoch[indices[distributed.shard(len(indices))]], len(indices))
+    minibatches = _minibatches(x_epoch, order, global_batch, distributed, own_minibatch)
+    for index, (batch, size) in enumerate(minibatches, start=1):
+        loss = step(batch, size)
         if step.consecutive_skipped >= options.max_nonfinite_steps:
             raise TrainingError(
                 f"{step.consecutive_skipped} steps in a row had a loss or gradient that is not "
@@ -140,22 +156,37 @@ def _runs_on(model: Callable, guide: Callable, x: torch.Tensor, data_plate: str)
 
 
 def plan_evaluation(model: Callable, guide: Callable, data: Dataset,
-                    options: FitOptions) -> EvaluationPlan:
+                    options: FitOptions, world_size: int = 1) -> EvaluationPlan:
     """Check the conventions on a minibatch (a clear error before any training) and find where
     the pair can be evaluated."""
     n, b = data.train.shape[0], options.batch_size
+    plate = options.data_plate
     with rng_preserved(), torch.no_grad():
-        layout = inspect_pair(model, guide, data.train[:b], options.data_plate)
-        if b < n and not _runs_on(model, guide, data.train[: max(1, b // 2)], options.data_plate):
-            raise ConfigError(
-                f"the guide runs on {b} rows but not on {max(1, b // 2)}: it has parameters per "
-                f"data point (an autoguide on latents inside plate '{options.data_plate}'), so a "
-                f"minibatch would not line up with them; train it on the whole training set, "
-                f"--batch-size {n}, or subsample in the plate as Pyro does "
-                f"(pyro.plate('{options.data_plate}', N, subsample=...))"
-            )
+        layout = inspect_pair(model, guide, data.train[:b], plate)
+        if layout.subsample is None and b < n and not _runs_on(
+                model, guide, data.train[: max(1, b // 2)], plate):
+            # Either the plate picks its own minibatch (and b rows were too few to see it), or
+            # the guide has parameters per data point.
+            layout = inspect_pair(model, guide, data.train, plate)
+            if layout.subsample is None:
+                raise ConfigError(
+                    f"the guide runs on {b} rows but not on {max(1, b // 2)}: it has parameters "
+                    f"per data point (an autoguide on latents inside plate '{plate}'), so a "
+                    "minibatch would not line up with them; train it on the whole training "
+                    f"set, --batch-size {n}, or subsample in the plate as Pyro does "
+                    f"(pyro.plate('{plate}', len(x), subsample_size=B))"
+                )
+        if layout.subsample is not None:
+            # The pair picks its own minibatch: it is handed the whole training set.
+            layout = inspect_pair(model, guide, data.train, plate)
+            if world_size > 1:
+                raise ConfigError(
+                    f"plate '{plate}' picks its own minibatch of x (subsample_size="
+                    f"{layout.subsample}); data-parallel training shards x itself: write "
+                    f"pyro.plate('{plate}', x.shape[0]) and use --batch-size")
+        test = data.test if layout.subsample is not None else data.test[:2]
         held_out = (layout.per_datapoint and data.test.shape[0] > 0
-                    and _runs_on(model, guide, data.test[:2], options.data_plate))
+                    and _runs_on(model, guide, test, plate))
     if options.num_particles > 1 and not layout.vectorized:
         raise ConfigError(
             f"num-particles {options.num_particles}: the pair does not broadcast over a leading "
@@ -207,7 +238,7 @@ def fit(
     n = data.train.shape[0]
     options.check(n, distributed.world_size)
     # The conventions, checked once up front: a clear error now rather than a quietly wrong fit.
-    plan = plan_evaluation(model, guide, data, options)
+    plan = plan_evaluation(model, guide, data, options, distributed.world_size)
     run_dir = Path(run_dir) if run_dir is not None and distributed.is_main else None
     step = ElboStep(model, guide, n, lr=options.lr, elbo=options.elbo,
                     num_particles=options.num_particles, data_plate=options.data_plate,
@@ -236,7 +267,8 @@ def fit(
     try:
         for epoch in epochs:
             start = time.perf_counter()
-            train_loss = _train_epoch(step, data, epoch, options, distributed)
+            train_loss = _train_epoch(step, data, epoch, options, distributed,
+                                      plan.layout.subsample)
             if not (eager_told or step.compiled.enabled) and distributed.is_main:
                 # Slower, not wrong: worth one line, not an error.
                 tqdm.write(f"note: training steps run the pair eagerly: {step.compiled.reason}")

@@ -88,13 +88,63 @@ def test_a_misnamed_data_plate_names_the_plates_found():
                  num_samples=10)
 
 
-def test_a_plate_that_subsamples_fewer_rows_than_x_is_refused():
+def test_a_plate_that_subsamples_neither_x_nor_from_outside_is_refused():
     def model(x):
-        with pyro.plate("data", x.shape[0], subsample_size=3) as ind:
-            pyro.sample("x", dist.Normal(0.0, 1.0), obs=x[ind])
+        with pyro.plate("data", 50, subsample_size=3) as ind:
+            pyro.sample("x", dist.Normal(0.0, 1.0), obs=x[ind % len(x)])
 
-    with pytest.raises(ConventionError, match="subsamples 3 of x's 10 rows"):
+    with pytest.raises(ConventionError, match="declares 50 points and subsamples 3, but x has 10"):
         evaluate(model, lambda x: None, torch.randn(10), num_samples=5)
+
+
+def subsampling_pair(batch=10):
+    """Pyro's own minibatch idiom: the plate picks B of x's rows and the pair indexes x.
+    mu ~ N(0, 10^2), z_n ~ N(mu, 1), x_n ~ N(z_n, 0.5^2); q(z_n | x_n, mu) is the exact
+    conditional posterior N((4 x_n + mu) / 5, 1/5), q(mu) a Gaussian."""
+
+    def model(x):
+        mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        with pyro.plate("data", len(x), subsample_size=batch) as ind:
+            z = pyro.sample("z", dist.Normal(mu, 1.0))
+            pyro.sample("obs", dist.Normal(z, 0.5), obs=x[ind])
+
+    def guide(x):
+        loc = pyro.param("mu_loc", torch.tensor(0.0))
+        scale = pyro.param("mu_scale", torch.tensor(1.0), constraint=dist.constraints.positive)
+        mu = pyro.sample("mu", dist.Normal(loc, scale))
+        with pyro.plate("data", len(x), subsample_size=batch) as ind:
+            pyro.sample("z", dist.Normal((4 * x[ind] + mu) / 5, 0.2**0.5))
+
+    return model, guide
+
+
+def test_pyro_subsample_idiom_is_evaluated_over_every_point():
+    x = 2.0 + 1.2 * torch.randn(33, generator=torch.Generator().manual_seed(0))
+    model, guide = subsampling_pair()
+    # q(mu) at the exact posterior of mu: N(sum x / (N + 1.25/100), 1.25 / (N + 0.0125)).
+    n = x.shape[0]
+    pyro.param("mu_loc", torch.tensor(float(x.sum()) / (n + 0.0125)))
+    pyro.param("mu_scale", torch.tensor((1.25 / (n + 0.0125)) ** 0.5),
+               constraint=dist.constraints.positive)
+    d = evaluate(model, guide, x, num_samples=300)
+    exact = float(torch.distributions.MultivariateNormal(
+        torch.zeros(n, dtype=torch.float64),
+        1.25 * torch.eye(n, dtype=torch.float64) + 100.0).log_prob(x.double()))
+    t = d.total
+    assert d.unit == "data set" and t.num_data == 33
+    # The guide is the exact posterior: every weight is p(x), up to float32 rounding.
+    assert abs(t.log_evidence - exact) < 2e-3 and abs(t.evidence_gap) < 2e-3
+
+
+def test_pyro_subsample_idiom_trains_on_its_own_minibatches():
+    x = 2.0 + 1.2 * torch.randn(40, generator=torch.Generator().manual_seed(0))
+    model, guide = subsampling_pair()
+    result = fit(model, guide, dataset(x), FitOptions(epochs=30, batch_size=10, lr=0.05,
+                                                      eval_samples=50, progress=False))
+    assert result.plan.layout.subsample == 10
+    posterior_mean = float(x[:32].sum()) / (32 + 0.0125)
+    assert abs(float(pyro.param("mu_loc")) - posterior_mean) < 0.3
+    assert result.history[-1]["diagnostics"]["num_data"] == 32
 
 
 # --- local latents, autoguides ----------------------------------------------------------
@@ -499,6 +549,18 @@ def test_training_scales_local_sites_only():
     trace = poutine.trace(ScaleDataPlate("data", 100)(model)).get_trace(torch.randn(8))
     assert trace.nodes["w"]["scale"] == 1.0
     assert trace.nodes["z"]["scale"] == trace.nodes["x"]["scale"] == 100 / 8
+
+    # Pyro's idioms: the plate declares N and scales by N / B itself.
+    def declared(size):
+        def model(x):
+            with pyro.plate("data", size, len(x)):
+                pyro.sample("x", dist.Normal(0.0, 1.0), obs=x)
+        return model
+
+    for size in (100, 50):  # the data set's size; another (then corrected to 100)
+        trace = poutine.trace(ScaleDataPlate("data", 100)(declared(size))).get_trace(
+            torch.randn(8))
+        assert trace.nodes["x"]["scale"] == pytest.approx(100 / 8)
 
     def sizeless(x):
         with pyro.plate("data"):
