@@ -3,14 +3,18 @@
 Nothing here knows a particular model: every quantity is read off Pyro traces.
 """
 
-from inference.diagnostics import Diagnostics, evaluate
+from inference.diagnostics import DataSetTotals, Diagnostics, evaluate
 from inference.errors import ConfigError, ConventionError, DataError, ElbogapError
+from inference.predictive import PosteriorPredictive, posterior_predictive
 
 __all__ = [
     "ConfigError",
     "ConventionError",
     "DataError",
+    "DataSetTotals",
     "Diagnostics",
     "ElbogapError",
+    "PosteriorPredictive",
     "evaluate",
+    "posterior_predictive",
 ]

@@ -246,6 +246,19 @@ def inspect_pair(
     auxiliary = _check_densities(guide, x, latent) if any(
         is_point_mass(guide_sites[n]["fn"]) for n in latent
     ) or any(is_auxiliary(s) for s in guide_sites.values()) else ()
+    for name in observed:
+        site = model_sites[name]
+        expected, got = tuple(site["fn"].shape()), tuple(torch.as_tensor(site["value"]).shape)
+        try:
+            fits = torch.broadcast_shapes(got, expected) == expected
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ConventionError(
+                f"observed site '{name}': the data there has shape {got} but the model's "
+                f"distribution has shape {expected} (a guide or plate built for another number "
+                "of data points?)"
+            )
     for name in latent:
         expected = tuple(model_sites[name]["fn"].shape())
         got = tuple(guide_sites[name]["value"].shape)

@@ -167,8 +167,11 @@ def plan_evaluation(model: Callable, guide: Callable, data: Dataset,
                 model, guide, data.train[: max(1, b // 2)], plate):
             # Either the plate picks its own minibatch (and b rows were too few to see it), or
             # the guide has parameters per data point.
-            layout = inspect_pair(model, guide, data.train, plate)
-            if layout.subsample is None:
+            try:
+                layout = inspect_pair(model, guide, data.train, plate)
+            except ConventionError:
+                layout = None
+            if layout is None or layout.subsample is None:
                 raise ConfigError(
                     f"the guide runs on {b} rows but not on {max(1, b // 2)}: it has parameters "
                     f"per data point (an autoguide on latents inside plate '{plate}'), so a "

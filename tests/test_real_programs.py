@@ -569,3 +569,18 @@ def test_training_scales_local_sites_only():
     scaled = ScaleDataPlate("data", 100)
     scaled.rows = 8
     assert poutine.trace(scaled(sizeless)).get_trace(torch.randn(8)).nodes["x"]["scale"] == 12.5
+
+
+def test_dmm_trains_with_sequences_of_different_lengths():
+    """The sequences' maximum length steers Python (int(lengths.max())): no recording can be
+    trusted, so training runs eagerly and says so once; every epoch's diagnostics merge the
+    batches' different sites."""
+    net = dmm.DMM()
+    x = dmm.data(60)
+    data = Dataset("dmm", x[::2], x[1::2], None, "gaussian")
+    result = fit(net.model, net.guide, data, FitOptions(epochs=3, batch_size=10, lr=0.01,
+                                                        data_plate=dmm.PLATE, eval_samples=30,
+                                                        progress=False))
+    assert not result.step.compiled.enabled and "dmm.py" in result.step.compiled.reason
+    assert result.history[-1]["train_elbo"] > result.history[0]["train_elbo"] - 1
+    assert "z_12" in result.history[-1]["diagnostics"]["kl_sites"]
