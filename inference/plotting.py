@@ -46,6 +46,14 @@ def _entry(summary: dict, key: str) -> dict:
     return {"mean": total[key] / n, "se": se / n if se is not None else None}
 
 
+def _points(records: Sequence[dict]) -> str:
+    """Which points the diagnostics of a run are about (see inference.training.EvaluationPlan)."""
+    last = records[-1]["diagnostics"] if records else {}
+    if last.get("split", "test") == "test":
+        return "test"
+    return "training set (total / N):" if last.get("unit") == "data set" else "training"
+
+
 def _series(records: Sequence[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
     entries = [_entry(r["diagnostics"], key) for r in records]
     mean = np.array([e["mean"] if e["mean"] is not None else np.nan for e in entries], dtype=float)
@@ -80,7 +88,7 @@ def plot_terms_curves(history: Sequence[dict]) -> Figure:
         ax.fill_between(epochs, mean - 2 * se, mean + 2 * se, alpha=0.25, label="± 2 SE")
         ax.set_xlabel("epoch")
         ax.set_ylabel("nats per data point")
-        ax.set_title(f"test {title}")
+        ax.set_title(f"{_points(records)} {title}")
         ax.legend()
         ax.grid(alpha=0.3)
     return fig
@@ -102,7 +110,7 @@ def plot_evidence_gap(history: Sequence[dict]) -> Figure:
             top.plot(epochs, [e[key] for e in exact], "k--", lw=1,
                      label="closed form" if key == "elbo" else None)
     top.set_ylabel("nats per data point")
-    top.set_title("evidence and ELBO (bands: ± 2 SE)")
+    top.set_title(f"{_points(records)} evidence and ELBO (bands: ± 2 SE)")
     top.legend()
     top.grid(alpha=0.3)
     # The band is the Monte Carlo error of the gap, averaged over points: the spread of the

@@ -296,7 +296,7 @@ def fit(
                     model, guide, eval_x, num_samples=options.eval_samples,
                     data_plate=options.data_plate, distributed=distributed,
                 )
-                record["diagnostics"] = diagnostics.summary()
+                record["diagnostics"] = {"split": plan.split, **diagnostics.summary()}
             if on_epoch is not None:
                 on_epoch(record)
             result.history.append(record)
