@@ -252,14 +252,8 @@ def evaluate(
         rank gets all of them back, in their original order.  (A pair with global latents is
         evaluated whole on every rank: its weights do not split over points.)
     """
-    if num_samples < 1:
-        raise ConfigError(f"num_samples (K) must be a positive integer, got {num_samples}")
-    if x.shape[0] == 0:
-        raise ConfigError("evaluate got an empty data set (x has 0 rows)")
     n = x.shape[0]
-    batch_size = n if batch_size is None else batch_size
-    if batch_size < 1:
-        raise ConfigError(f"batch_size must be a positive integer, got {batch_size}")
+    batch_size = checked_arguments(x, num_samples, batch_size, "evaluate")
     with torch.no_grad():
         first, batch_size = first_layout(model, guide, x, batch_size, data_plate)
     if distributed.enabled and first.per_datapoint:
@@ -343,6 +337,19 @@ def _first_rows(part: dict, keep: int) -> dict:
         else:
             out[key] = value
     return out
+
+
+def checked_arguments(x: torch.Tensor, num_samples: int, batch_size: int | None,
+                      caller: str) -> int:
+    """The batch size to use, after refusing arguments that cannot work."""
+    if num_samples < 1:
+        raise ConfigError(f"num_samples (K) must be a positive integer, got {num_samples}")
+    if x.shape[0] == 0:
+        raise ConfigError(f"{caller} got an empty data set (x has 0 rows)")
+    batch_size = x.shape[0] if batch_size is None else batch_size
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size}")
+    return batch_size
 
 
 def first_layout(model: Callable, guide: Callable, x: torch.Tensor, batch_size: int,

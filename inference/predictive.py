@@ -24,13 +24,13 @@ import torch
 from inference.diagnostics import (
     DEFAULT_ROWS_PER_CHUNK,
     MIN_SAMPLES_KHAT,
+    checked_arguments,
     first_layout,
     importance_stats,
     joint_chunks,
     khat_where_defined,
     mean_and_se,
 )
-from inference.errors import ConfigError
 from inference.psis import importance_ess, khat_summary
 
 
@@ -72,12 +72,7 @@ def posterior_predictive(
 ) -> PosteriorPredictive:
     """log E_q(theta)[p(x_n | theta)] for each held-out point of a pair with global latents
     (for a pair of local latents only it equals the evidence ``evaluate`` reports)."""
-    if num_samples < 1:
-        raise ConfigError(f"num_samples (K) must be a positive integer, got {num_samples}")
-    if x_new.shape[0] == 0:
-        raise ConfigError("posterior_predictive got an empty data set (x has 0 rows)")
-    n = x_new.shape[0]
-    batch_size = n if batch_size is None else batch_size
+    batch_size = checked_arguments(x_new, num_samples, batch_size, "posterior_predictive")
     with torch.no_grad():
         first, batch_size = first_layout(model, guide, x_new, batch_size, data_plate)
         chunks = []
