@@ -73,12 +73,11 @@ def load_checkpoint(
     path: str | Path,
     model: Callable,
     guide: Callable,
-    x_example: torch.Tensor | tuple[torch.Tensor, ...],
+    x_example: torch.Tensor,
 ) -> dict:
     """Load parameters saved by ``save_checkpoint`` into the pair; return the whole state
     (its ``optimizer`` entry is for ``ElboStep.load_state_dict``).  ``x_example`` is data the
-    pair runs on (it creates the parameters); given several, the first that works is used, so
-    a guide with parameters per training point can be handed the training set as a fallback."""
+    pair runs on, which creates its parameters: for an autoguide, the data it was built for."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no checkpoint file")
@@ -87,15 +86,8 @@ def load_checkpoint(
     except Exception as e:  # torch raises several types for a damaged file
         raise ConfigError(f"{path}: not a readable checkpoint ({e})") from None
     # Running the pair draws random numbers; a restore must not change the random stream.
-    examples = x_example if isinstance(x_example, tuple) else (x_example,)
     with rng_preserved(), torch.no_grad():
-        for i, x in enumerate(examples):
-            try:
-                trace_pair(model, guide, x)
-                break
-            except (RuntimeError, ValueError, TypeError, IndexError, AssertionError):
-                if i == len(examples) - 1:
-                    raise
+        trace_pair(model, guide, x_example)
     current = pair_parameters(model, guide)
     missing = sorted(set(current) - set(state["params"]))
     unknown = sorted(set(state["params"]) - set(current))

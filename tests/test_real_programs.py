@@ -253,6 +253,7 @@ def conjugate_regression(n=25, d=3, noise=0.6, seed=0):
     return torch.cat([f, y[:, None]], 1).float(), mean, cov, float(log_evidence), noise
 
 
+@pytest.mark.slow
 def test_conjugate_regression_global_latents_against_closed_forms():
     """w ~ N(0, I), y_n ~ N(f_n . w, s^2): exact log p(y_1..N) and posterior.  A mean-field
     Gaussian guide's gap is KL(q(w) || p(w | y)), in closed form."""
@@ -471,6 +472,7 @@ def test_khat_needs_a_tail_of_five_weights():
     assert torch.isfinite(d.khat).all()
 
 
+@pytest.mark.slow
 def test_cli_autoguide_around_a_model_alone_with_a_named_plate(tmp_path):
     """scripts/fit.py --model file.py:factory (returning a model alone) --guide auto-normal
     --data-plate rows, then scripts/evaluate.py on the run: the autoguide has parameters per
@@ -505,6 +507,7 @@ def test_cli_autoguide_around_a_model_alone_with_a_named_plate(tmp_path):
     assert (run / "evaluation-train-K30.json").is_file()
 
 
+@pytest.mark.slow
 def test_held_out_points_get_the_posterior_predictive_density():
     """With q(w) = N(m, diag s^2) the predictive density of a new point is Gaussian:
     p_q(y | f) = N(y; f . m, sigma^2 + sum_i f_i^2 s_i^2)."""
