@@ -41,6 +41,7 @@ def parser() -> argparse.ArgumentParser:
                         "per training point, or with global latents)")
     p.add_argument("--max-points", type=int, help="evaluate only the first this many points")
     p.add_argument("--batch-size", type=int, default=100, help="data points per pass")
+    p.add_argument("--data-plate", help="the plate over data points (default: the run's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             args.split = fitted_on
         x = data.test if args.split == "test" else data.train_epoch()
         x = x[: args.max_points]
-        plate = config["fit_options"].get("data_plate", "data")
+        plate = args.data_plate or config["fit_options"].get("data_plate", "data")
         if args.split == "test" and fitted_on == "train":
             # The guide was fitted to the training set: held-out points get the posterior
             # predictive density, never an evidence gap of data the guide did not see.

@@ -82,6 +82,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--idata-points", type=int, default=5,
                    help="test points whose guide samples go to inference_data.nc")
     p.add_argument("--idata-draws", type=int, default=1000)
+    p.add_argument("--data-plate", help="the plate over data points (default: the run's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
@@ -118,6 +119,10 @@ def latent_projection(latent_mean: dict[str, torch.Tensor]) -> tuple[np.ndarray,
     return (centred @ v[:2].T).numpy(), labels
 
 
+def run_plate(args: argparse.Namespace, config: dict) -> str:
+    return args.data_plate or config["fit_options"].get("data_plate", "data")
+
+
 def write_report(run_dir: Path, report: dict, notes, tables, figures, subtitle: str) -> None:
     page = render_html("elbogap report", subtitle, notes, tables, figures)
     write_text_atomic(run_dir / "report.html", page)
@@ -150,7 +155,7 @@ def write_data_set_report(run_dir: Path, config: dict, data, pair, d, args) -> i
     if data.test.shape[0]:
         p = posterior_predictive(pair.model, pair.guide, data.test[: args.max_points],
                                  num_samples=args.num_samples, batch_size=100,
-                                 data_plate=config["fit_options"].get("data_plate", "data"))
+                                 data_plate=run_plate(args, config))
         report["held_out_predictive"] = ps = p.summary()
         tables.append(Table(f"Held-out points ({ps['num_data']} test points): {ps['name']}",
                             ("quantity", "mean per point", "± SE over points"),
@@ -184,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     x = x[: args.max_points] if held_out else x
     progress = not args.no_progress
     d = evaluate(pair.model, pair.guide, x, num_samples=args.num_samples, batch_size=100,
-                 data_plate=config["fit_options"].get("data_plate", "data"), progress=progress)
+                 data_plate=run_plate(args, config), progress=progress)
     if d.unit != "data point":
         return write_data_set_report(run_dir, config, data, pair, d, args)
     summary = d.summary()

@@ -88,6 +88,16 @@ def test_a_misnamed_data_plate_names_the_plates_found():
                  num_samples=10)
 
 
+def test_observed_data_that_does_not_fit_its_distribution_is_refused():
+    def model(x):
+        with pyro.plate("data", 4):  # written for 4 points, handed 10
+            pyro.sample("x", dist.Normal(0.0, 1.0), obs=x)
+
+    with pytest.raises(ConventionError, match="observed site 'x': the data there has shape "
+                                              "\\(10,\\) but the model's distribution has shape"):
+        evaluate(model, lambda x: None, torch.randn(10), num_samples=5)
+
+
 def test_a_plate_that_subsamples_neither_x_nor_from_outside_is_refused():
     def model(x):
         with pyro.plate("data", 50, subsample_size=3) as ind:
