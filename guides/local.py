@@ -50,9 +50,16 @@ class LocalMeanFieldGuide(nn.Module):
         return F.softplus(self.raw_scales[name])
 
     def guide(self, x: torch.Tensor) -> None:
+        # One plate object per name, entered by every site inside it: a plate built twice
+        # would record its subsample site twice ("Multiple sample sites named 'data'").
+        plates = {}
+        for site in self.sites.values():
+            for plate_name, size, dim in site.plates:
+                if plate_name not in plates:
+                    plates[plate_name] = pyro.plate(plate_name, size, dim=dim)
         for name, site in self.sites.items():
             with ExitStack() as stack:
-                for plate_name, size, dim in site.plates:
-                    stack.enter_context(pyro.plate(plate_name, size, dim=dim))
+                for plate_name, _, _ in site.plates:
+                    stack.enter_context(plates[plate_name])
                 q = dist.Normal(self.locs[name], self.scale(name))
                 pyro.sample(name, q.to_event(site.event_ndim))
