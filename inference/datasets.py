@@ -24,6 +24,20 @@ DATA_SEED = 0
 BINARIZATIONS = ("threshold", "fixed", "dynamic")
 
 
+
+def subset_indices(total: int, n: int | None, seed: int = DATA_SEED) -> torch.Tensor:
+    """Indices of ``n`` of ``total`` rows in a fixed random order (all of them, in order, when
+    ``n`` is None or not smaller).  Never the first n: files such as Larochelle's binarized MNIST
+    test set are sorted by class, and their first rows are all zeros."""
+    if n is None or n >= total:
+        return torch.arange(total)
+    return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n]
+
+
+def subset(x: torch.Tensor, n: int | None, seed: int = DATA_SEED) -> torch.Tensor:
+    """``n`` rows of ``x`` chosen by ``subset_indices``: a smaller n gives a subset of a larger."""
+    return x[subset_indices(x.shape[0], n, seed)]
+
 @dataclass
 class Dataset:
     """Train and test splits; ``likelihood`` says which observation model fits the values.

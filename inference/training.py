@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from inference.atomic import write_text_atomic
 from inference.checkpoint import rng_preserved, rng_state, save_checkpoint, set_rng_state
-from inference.datasets import Dataset
+from inference.datasets import Dataset, subset
 from inference.diagnostics import evaluate
 from inference.distributed import SINGLE, Distributed
 from inference.elbo_step import ELBOS, ElboStep
@@ -144,7 +144,7 @@ class EvaluationPlan:
         return "test" if self.held_out else "train"
 
     def eval_x(self, data: Dataset, points: int | None = None) -> torch.Tensor:
-        return data.test[:points] if self.held_out else data.train
+        return subset(data.test, points) if self.held_out else data.train
 
 
 def _runs_on(model: Callable, guide: Callable, x: torch.Tensor, data_plate: str) -> bool:

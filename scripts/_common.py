@@ -18,7 +18,7 @@ from pyro.infer import autoguide
 from guides import GUIDES
 from inference.checkpoint import load_checkpoint
 from inference.cpu import configure_cpu
-from inference.datasets import DATA_SEED, Dataset, load_dataset
+from inference.datasets import DATA_SEED, Dataset, load_dataset, subset_indices
 from inference.errors import ConfigError, ElbogapError
 from inference.plotting import (
     plot_elbo_curves,
@@ -298,9 +298,13 @@ def run_figures(history: list[dict], kl_per_dim: dict, pair: Pair, data: Dataset
     }
     if data.image_shape is not None:
         # A guide with parameters per training point reconstructs only the training set.
-        x = data.test[:32] if held_out else data.train
+        x = data.test if held_out else data.train
+        shown = subset_indices(x.shape[0], 32)
+        if held_out:
+            x, shown = x[shown], torch.arange(len(shown))
         figures["reconstructions.png"] = plot_reconstructions(
-            x[:32].numpy(), reconstruct(pair.model, pair.guide, x)[:32].numpy(), data.image_shape
+            x[shown].numpy(), reconstruct(pair.model, pair.guide, x)[shown].numpy(),
+            data.image_shape,
         )
         figures["prior_samples.png"] = plot_image_grid(
             sample_prior_means(pair.model, data.test[:64]).numpy(), data.image_shape,

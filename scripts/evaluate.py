@@ -24,6 +24,7 @@ from _common import (  # noqa: E402
 )
 
 from inference.atomic import write_json_atomic  # noqa: E402
+from inference.datasets import subset  # noqa: E402
 from inference.diagnostics import evaluate  # noqa: E402
 from inference.distributed import Distributed  # noqa: E402
 from inference.errors import ConfigError  # noqa: E402
@@ -39,7 +40,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=("test", "train"),
                    help="default: where the run was diagnosed (train for a guide with parameters "
                         "per training point, or with global latents)")
-    p.add_argument("--max-points", type=int, help="evaluate only the first this many points")
+    p.add_argument("--max-points", type=int,
+                   help="evaluate only this many points (a fixed random subset, seed 0)")
     p.add_argument("--batch-size", type=int, default=100, help="data points per pass")
     p.add_argument("--data-plate", help="the plate over data points (default: the run's)")
     p.add_argument("--seed", type=int, default=0)
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.split is None:
             args.split = fitted_on
         x = data.test if args.split == "test" else data.train_epoch()
-        x = x[: args.max_points]
+        x = subset(x, args.max_points)
         plate = args.data_plate or config["fit_options"].get("data_plate", "data")
         if args.split == "test" and fitted_on == "train":
             # The guide was fitted to the training set: held-out points get the posterior

@@ -35,7 +35,7 @@ from _common import (  # noqa: E402
 )
 
 from inference.atomic import write_json_atomic  # noqa: E402
-from inference.datasets import BINARIZATIONS  # noqa: E402
+from inference.datasets import BINARIZATIONS, subset  # noqa: E402
 from inference.diagnostics import evaluate  # noqa: E402
 from inference.distributed import Distributed  # noqa: E402
 from inference.errors import ConfigError  # noqa: E402
@@ -114,7 +114,7 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--eval-samples", type=int, default=defaults.eval_samples,
                     help="K for the diagnostics during training")
     ev.add_argument("--eval-points", type=int, default=defaults.eval_points,
-                    help="test points diagnosed during training")
+                    help="test points diagnosed during training (a fixed random subset, seed 0)")
     ev.add_argument("--eval-batch-size", type=int, default=100,
                     help="test points per pass in the final evaluation")
     out = p.add_argument_group("output")
@@ -268,7 +268,7 @@ def train_and_report(args: argparse.Namespace, ctx: Distributed) -> int:
     args.data = config["data"]
 
     split, x_final = evaluation_data(config, data)
-    eval_x = x_final[: options.eval_points] if split == "test" else x_final
+    eval_x = subset(x_final, options.eval_points) if split == "test" else x_final
 
     def add_exact(record: dict) -> None:
         if "diagnostics" in record and (exact := exact_means(pair.exact(eval_x))) is not None:

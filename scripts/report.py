@@ -31,6 +31,7 @@ from guides.local import LocalMeanFieldGuide, LocalSite  # noqa: E402
 from inference.amortization import decompose_gap, fit_local_guide, normal_sites  # noqa: E402
 from inference.arviz_export import guide_inference_data, save_inference_data  # noqa: E402
 from inference.atomic import write_json_atomic, write_text_atomic  # noqa: E402
+from inference.datasets import subset  # noqa: E402
 from inference.diagnostics import ACTIVE_UNIT_THRESHOLD, evaluate  # noqa: E402
 from inference.errors import ConfigError, ConventionError  # noqa: E402
 from inference.plotting import (  # noqa: E402
@@ -74,7 +75,9 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("run_dir", help="a directory written by scripts/fit.py")
     p.add_argument("--num-samples", "-K", type=int, default=1000, help="importance samples")
-    p.add_argument("--max-points", type=int, default=500, help="test points diagnosed")
+    p.add_argument("--max-points", type=int, default=500,
+                   help="test points diagnosed (a fixed random subset, seed 0; the smaller "
+                        "subsets below are subsets of it)")
     p.add_argument("--amortization-points", type=int, default=50,
                    help="test points for the amortization gap (0: skip it)")
     p.add_argument("--amortization-steps", type=int, default=500,
@@ -153,7 +156,7 @@ def write_data_set_report(run_dir: Path, config: dict, data, pair, d, args) -> i
     tables = [Table(f"Summary for the data set the guide was fitted to ({d.num_data} training "
                     "points; nats, totals)", ("quantity", "total", "± Monte Carlo SE"), rows)]
     if data.test.shape[0]:
-        p = posterior_predictive(pair.model, pair.guide, data.test[: args.max_points],
+        p = posterior_predictive(pair.model, pair.guide, subset(data.test, args.max_points),
                                  num_samples=args.num_samples, batch_size=100,
                                  data_plate=run_plate(args, config))
         report["held_out_predictive"] = ps = p.summary()
@@ -186,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     config, data, pair, _ = load_run(run_dir)
     split, x = evaluation_data(config, data)
     held_out = split == "test"
-    x = x[: args.max_points] if held_out else x
+    x = subset(x, args.max_points) if held_out else x
     progress = not args.no_progress
     d = evaluate(pair.model, pair.guide, x, num_samples=args.num_samples, batch_size=100,
                  data_plate=run_plate(args, config), progress=progress)
@@ -251,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         notes.append(Note("No amortization gap: the guide has parameters per training point "
                           "(it is not amortized), so it is already the local guide q*."))
     if args.amortization_points and held_out:
-        xa = data.test[: args.amortization_points]
+        xa = subset(data.test, args.amortization_points)
         try:
             sites = {n: LocalSite(**s) for n, s in normal_sites(pair.model, pair.guide, xa).items()}
         except ConventionError as e:
@@ -287,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             ))
 
     if held_out:
-        idata = guide_inference_data(pair.model, pair.guide, data.test[: args.idata_points],
+        idata = guide_inference_data(pair.model, pair.guide, subset(data.test, args.idata_points),
                                      args.idata_draws)
         save_inference_data(idata, run_dir / "inference_data.nc")
     subtitle = (f"run {run_dir} · data {config['data']} · model {config['model']} · guide "

@@ -204,3 +204,17 @@ def test_real_benchmark_files_have_documented_shapes():
     assert abs(larochelle.test.mean().item() - 0.1325) < 1e-4
     frey = load_frey_face(SHARED / "frey_face")
     assert frey.train.shape[0] + frey.test.shape[0] == 1965
+
+
+def test_subsets_are_random_fixed_and_nested_never_the_first_rows():
+    """Larochelle's binarized MNIST test set is sorted by class: its first rows are all zeros."""
+    import torch
+
+    from inference.datasets import subset
+
+    x = torch.arange(100).repeat_interleave(10).reshape(-1, 1)  # 100 "classes" of 10, sorted
+    small, large = subset(x, 20), subset(x, 50)
+    assert torch.equal(subset(x, 20), small)  # fixed
+    assert len(set(small.flatten().tolist())) > 10  # spread over classes, not the first two
+    assert set(small.flatten().tolist()) <= set(large.flatten().tolist())  # nested
+    assert torch.equal(subset(x, None), x) and torch.equal(subset(x, 2000), x)
