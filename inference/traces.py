@@ -11,8 +11,10 @@ the log-density of their auxiliary sites (``infer={"is_auxiliary": True}``) plus
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import pyro
 import torch
@@ -208,16 +210,15 @@ def inspect_pair(
     """Trace the pair once and check the conventions; raise ConventionError naming the site."""
     try:
         guide_trace = poutine.trace(guide).get_trace(x)
-    except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as e:
-        raise ConventionError(f"the guide failed when called on x of shape {tuple(x.shape)}: "
-                              f"{type(e).__name__}: {first_line(e)}") from e
+    except Exception as e:  # noqa: BLE001 - the user's code: any failure, said in one line
+        raise ConventionError(f"the guide failed when called on x of shape {tuple(x.shape)}"
+                              f"{user_frame(e)}: {type(e).__name__}: {first_line(e)}") from e
     try:
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
-    except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as e:
+    except Exception as e:  # noqa: BLE001
         raise ConventionError(
-            "the model failed when replayed on the guide's samples: "
-            f"{type(e).__name__}: {first_line(e)} (does the guide sample every latent site "
-            "with the shape the model expects?)"
+            f"the model failed when replayed on the guide's samples{user_frame(e)}: "
+            f"{type(e).__name__}: {first_line(e)}{_who_is_at_fault(model, x, e)}"
         ) from e
     model_sites = sample_sites(model_trace)
     guide_sites = sample_sites(guide_trace)
@@ -228,12 +229,13 @@ def inspect_pair(
             "the model has no observed sample site: pass the data as obs=x to pyro.sample"
         )
     missing = [n for n in latent if n not in guide_sites]
-    if missing:
-        raise ConventionError(
-            f"the guide does not sample the model's latent site(s) {missing}: a guide must "
-            "sample every latent site under the same name as the model"
-        )
     extra = [n for n, s in guide_sites.items() if n not in model_sites and not is_auxiliary(s)]
+    if missing:
+        instead = f" (it samples {extra} instead)" if extra else ""
+        raise ConventionError(
+            f"the guide does not sample the model's latent site(s) {missing}{instead}: a guide "
+            "must sample every latent site under the same name as the model"
+        )
     if extra:
         raise ConventionError(
             f"the guide samples site(s) {extra} that the model does not have; the evidence "
@@ -353,6 +355,31 @@ def _with_vectorization(model: Callable, guide: Callable, x: torch.Tensor, layou
     return layout
 
 
+def _who_is_at_fault(model: Callable, x: torch.Tensor, error: Exception) -> str:
+    """A hint: whether the model fails on its own too (drawing from its prior), in which case
+    the fault is the model's, not the guide's."""
+    try:
+        with pyro.validation_enabled(False), torch.no_grad():
+            poutine.trace(model).get_trace(x)
+    except Exception:  # noqa: BLE001
+        shapes = ("; event dimensions of a site go in .to_event(n)"
+                  if "Shape mismatch inside plate" in str(error) else "")
+        return f" (the model fails on its own too, drawing from its prior: the fault is the model's{shapes})"
+    return " (does the guide sample every latent site with the shape the model expects?)"
+
+
+def user_frame(e: BaseException) -> str:
+    """`` at file:line`` of the innermost frame of the user's own code in ``e``'s traceback
+    (not Python's, torch's, Pyro's or elbogap's), or ''."""
+    tb, found = e.__traceback__, None
+    while tb is not None:
+        filename = tb.tb_frame.f_code.co_filename
+        if not filename.startswith(_NOT_USER_CODE) and not filename.startswith("<"):
+            found = f" at {filename}:{tb.tb_lineno}"
+        tb = tb.tb_next
+    return found or ""
+
+
 def first_line(e: Exception) -> str:
     """The first line of an exception's message: Pyro appends whole trace tables below it."""
     text = str(e).strip()
@@ -411,3 +438,10 @@ def datapoint_rows(values: torch.Tensor, site: dict, layout: PairLayout, data_pl
         return padded.reshape(padded.shape[0], 1, -1)
     moved = padded.movedim(width + frame.dim, 1)
     return moved.reshape(moved.shape[0], moved.shape[1], -1)
+
+
+
+# Where frames are not the user's: torch, Pyro, Python's standard library and elbogap itself.
+_NOT_USER_CODE = tuple(
+    str(Path(m.__file__).resolve().parent) for m in (torch, pyro, contextlib)
+) + (str(Path(__file__).resolve().parent),)

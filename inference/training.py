@@ -119,7 +119,7 @@ def _train_epoch(
                 f"{step.consecutive_skipped} steps in a row had a loss or gradient that is not "
                 f"finite (last loss {loss}), up to epoch {epoch}, step {index}: the learning "
                 f"rate ({options.lr}) may be too large, or a scale parameter reached zero. Those "
-                "steps were skipped; the checkpoint of the last complete epoch is intact"
+                "steps were skipped"
             )
         if math.isfinite(loss):
             total += loss
@@ -127,6 +127,14 @@ def _train_epoch(
     if steps == 0:
         raise TrainingError(f"no step of epoch {epoch} had a finite loss")
     return total / steps
+
+
+def _what_is_kept(run_dir: Path | None, epoch: int) -> str:
+    if run_dir is None:
+        return "no run directory was given, so nothing was saved"
+    if epoch > 1:
+        return f"{run_dir / CHECKPOINT} of epoch {epoch - 1}, the last complete one, is intact"
+    return "no epoch was completed, so there is no checkpoint yet"
 
 
 @dataclass
@@ -270,8 +278,11 @@ def fit(
     try:
         for epoch in epochs:
             start = time.perf_counter()
-            train_loss = _train_epoch(step, data, epoch, options, distributed,
-                                      plan.layout.subsample)
+            try:
+                train_loss = _train_epoch(step, data, epoch, options, distributed,
+                                          plan.layout.subsample)
+            except TrainingError as e:
+                raise TrainingError(f"{e}; {_what_is_kept(run_dir, epoch)}") from None
             if not (eager_told or step.compiled.enabled) and distributed.is_main:
                 # Slower, not wrong: worth one line, not an error.
                 tqdm.write(f"note: training steps run the pair eagerly: {step.compiled.reason}")

@@ -401,7 +401,7 @@ def markdown(report: dict) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__,
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data-dir", help="MNIST IDX directory; synthetic data of MNIST's shape if absent")
     p.add_argument("--out", default="runs/benchmark", help="directory for benchmark.json/.md")

@@ -32,7 +32,7 @@ from inference.predictive import posterior_predictive  # noqa: E402
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = argparse.ArgumentParser(allow_abbrev=False,
         description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     p.add_argument("run_dir", help="a directory written by scripts/fit.py")

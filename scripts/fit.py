@@ -55,7 +55,8 @@ DATASETS = ("digits", "synthetic", "mnist", "binarized_mnist", "frey_face", "arr
 def parser() -> argparse.ArgumentParser:
     defaults = FitOptions()
     p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,
     )
     data = p.add_argument_group("data")
     data.add_argument("--data", choices=DATASETS, default="digits",
@@ -121,8 +122,9 @@ def parser() -> argparse.ArgumentParser:
     out.add_argument("--out", help="run directory (default: runs/DATA-MODEL-TIME)")
     out.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     out.add_argument("--resume", metavar="RUN_DIR",
-                     help="continue the run in RUN_DIR from its checkpoint with its own settings "
-                          "(or start it there if it has none yet: safe under torchrun restarts)")
+                     help="continue the run in RUN_DIR from its checkpoint with its own settings; "
+                          "with --out RUN_DIR too, start it there if it has none yet (safe under "
+                          "torchrun restarts)")
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
     out.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     return p
@@ -165,7 +167,14 @@ def prepare_run_dir(args: argparse.Namespace) -> Path:
         run_dir = Path(args.out)
     else:
         run_dir = Path("runs") / f"{args.data}-{Path(args.model).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if run_dir.exists() and any(run_dir.iterdir()) and not args.overwrite:
+    if run_dir.is_file():
+        raise ConfigError(f"--out {run_dir}: is a file, not a directory")
+    held = {p.name for p in run_dir.iterdir()} if run_dir.is_dir() else set()
+    if held == {"config.json"}:
+        # A run that failed before its first epoch (its config is all it wrote): nothing to keep.
+        print(f"note: {run_dir} holds only the config of a run that never completed an epoch; "
+              "starting anew there")
+    elif held and not args.overwrite:
         raise ConfigError(
             f"--out {run_dir}: already holds a run; pass --overwrite to replace it, or another --out"
         )
@@ -223,6 +232,8 @@ def resume_run(args: argparse.Namespace, ctx: Distributed):
     options = FitOptions(**config["fit_options"])
     if args.epochs is not None:
         options.epochs = args.epochs
+    if args.time_budget_minutes is not None:
+        options.time_budget = args.time_budget_minutes * 60
     options.check(data.train.shape[0], ctx.world_size)
     metrics = run_dir / METRICS
     lines = metrics.read_text().splitlines() if metrics.is_file() else []
@@ -256,12 +267,40 @@ def start_run(args: argparse.Namespace, ctx: Distributed):
     return run_dir, config, data, pair, options, None
 
 
-def train_and_report(args: argparse.Namespace, ctx: Distributed) -> int:
-    if args.resume and args.out and Path(args.out) != Path(args.resume):
+# What --resume may change; every other setting is the run's own.
+RESUME_FLAGS = {"resume", "out", "epochs", "no_progress", "debug", "threads",
+                "time_budget_minutes"}
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Refuse flags that would be silently ignored."""
+    if not args.resume:
+        if args.data_dir is not None and args.data in ("digits", "synthetic"):
+            raise ConfigError(f"--data-dir is for data read from files (--data mnist, "
+                              f"binarized_mnist, frey_face, array); --data {args.data} needs none")
+        return
+    if args.out and Path(args.out) != Path(args.resume):
         raise ConfigError("--resume RUN_DIR continues RUN_DIR: leave out --out, or give the same")
+    if not Path(args.resume).is_dir() and not args.out:
+        raise ConfigError(
+            f"--resume {args.resume}: no such run directory (mistyped?). To start a run there that "
+            f"restarts then resume (torchrun --max-restarts), pass --out {args.resume} too")
+    defaults = parser().parse_args([])
+    ignored = [name for name, value in vars(args).items()
+               if name not in RESUME_FLAGS and value != getattr(defaults, name)]
+    if ignored and (Path(args.resume) / CHECKPOINT).is_file():
+        flags = ", ".join("--" + name.replace("_", "-") for name in ignored)
+        raise ConfigError(f"--resume continues the run with its own settings, so {flags} would be "
+                          "ignored: leave them out, or start a new run with --out")
+
+
+def train_and_report(args: argparse.Namespace, ctx: Distributed) -> int:
+    check_flags(args)
     resuming = args.resume and (Path(args.resume) / CHECKPOINT).is_file()
     if args.resume and not resuming:
-        args.out, args.overwrite = args.resume, True  # nothing to continue yet: start it there
+        if ctx.is_main:
+            print(f"no checkpoint in {args.resume} yet: starting the run there")
+        args.out, args.overwrite = args.resume, True
     run_dir, config, data, pair, options, state = (
         resume_run if resuming else start_run)(args, ctx)
     options.progress = not args.no_progress and ctx.is_main

@@ -42,7 +42,7 @@ DIVERGENCE = {"reverse": "min D(p_θ || q)", "forward": "min D(q || p_θ)"}
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = argparse.ArgumentParser(allow_abbrev=False,
         description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     p.add_argument("--target", choices=("bimodal", "gaussian"), default="bimodal",

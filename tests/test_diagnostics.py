@@ -108,3 +108,38 @@ def test_chunking_over_particles_does_not_change_deterministic_parts():
     b = evaluate(two_site_model, two_site_guide, x, num_samples=30, batch_size=4)
     torch.testing.assert_close(a.kl_sites["z"], b.kl_sites["z"])
     assert a.num_samples == b.num_samples == 30
+
+
+def test_errors_in_the_users_code_name_its_file_and_line_and_who_is_at_fault():
+    import pyro
+    import pyro.distributions as dist
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(x.new_zeros(2), 1.0).to_event(1))
+            1 / 0  # noqa: B018 - the user's bug
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0], 2), 1.0).to_event(1))
+
+    with pytest.raises(ConventionError, match=r"test_diagnostics.py:\d+: ZeroDivisionError.*"
+                                              "fails on its own too.*the model's"):
+        evaluate(model, guide, torch.randn(4, 3), num_samples=2)
+
+    def no_event(x):  # the observed site forgets .to_event(1)
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(2), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z[..., :1].expand(x.shape), 1.0), obs=x)
+
+    with pytest.raises(ConventionError, match="Shape mismatch.*the fault is the model's; event "
+                                              "dimensions of a site go in .to_event"):
+        evaluate(no_event, guide, torch.randn(4, 3), num_samples=2)
+
+    def capital_guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("s", dist.LogNormal(x.new_zeros(x.shape[0]), 1.0))
+            pyro.sample("Z", dist.Normal(x.new_zeros(x.shape[0], 3), 1.0).to_event(1))
+
+    with pytest.raises(ConventionError, match=r"\['z'\] \(it samples \['Z'\] instead\)"):
+        evaluate(two_site_model, capital_guide, torch.randn(4, 3), num_samples=2)

@@ -147,7 +147,9 @@ def test_a_run_of_nonfinite_steps_stops_training_and_keeps_the_checkpoint(tmp_pa
     def poison_after_first_epoch(record):
         vae.poison_all = True
 
-    with pytest.raises(TrainingError, match="10 steps in a row .* epoch 2, step 10: the learning"):
+    with pytest.raises(TrainingError, match="10 steps in a row .* epoch 2, step 10: the learning"
+                                            ".*checkpoint.pt of epoch 1, the last complete one, "
+                                            "is intact"):
         fit(vae.model, enc.guide, data, FitOptions(epochs=5, eval_samples=5, progress=False),
             tmp_path, on_epoch=poison_after_first_epoch)
     pyro.clear_param_store()
@@ -155,6 +157,13 @@ def test_a_run_of_nonfinite_steps_stops_training_and_keeps_the_checkpoint(tmp_pa
     state = load_checkpoint(tmp_path / CHECKPOINT, vae2.model, enc2.guide, data.test[:2])
     assert state["epoch"] == 1
     assert all(torch.isfinite(p).all() for _, p in pyro.get_param_store().named_parameters())
+
+
+def test_divergence_before_the_first_epoch_ends_says_there_is_no_checkpoint(tmp_path):
+    vae, enc = PoisonedVAE(), MeanFieldGuide(64, 4, (16,))
+    vae.poison_all = True
+    with pytest.raises(TrainingError, match="no epoch was completed, so there is no checkpoint"):
+        fit(vae.model, enc.guide, load_digits(), FitOptions(epochs=2, progress=False), tmp_path)
 
 
 def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path, monkeypatch):

@@ -170,14 +170,17 @@ def test_linear_gaussian_prints_estimates_beside_closed_forms(tmp_path):
      (["--data", "mnist", "--data-dir", "/nonexistent"], "/nonexistent: no such directory"),
      (["--hidden-dims", "a,b"], "expected comma-separated integers"),
      (["--guide", "optimal-mean-field"], "known in closed form only for the linear-Gaussian"),
-     (["--data", "array", "--data-dir", "nothing.npy"], "nothing.npy: no such file")],
+     (["--data", "array", "--data-dir", "nothing.npy"], "nothing.npy: no such file"),
+     (["--data-dir", "somewhere"], "--data-dir is for data read from files"),
+     (["--resume", "runs/mistyped"], "--resume runs/mistyped: no such run directory")],
 )
 def test_bad_command_lines_get_one_clear_line(tmp_path, monkeypatch, capsys, args, message):
     (tmp_path / "pair.py").write_text(USER_PAIR)
     monkeypatch.chdir(tmp_path)
     args = [a.replace("{pair}", str(tmp_path / "pair.py")) for a in args]
     fit_script = load_script("fit")
-    code = fit_script.run_main(fit_script.main, [*FAST, *args, "--out", str(tmp_path / "run")])
+    out = [] if "--resume" in args else ["--out", str(tmp_path / "run")]
+    code = fit_script.run_main(fit_script.main, [*FAST, *args, *out])
     err = capsys.readouterr().err
     assert code == 2, err
     assert message in err
@@ -190,3 +193,30 @@ def test_unwritable_out_is_refused_before_training(tmp_path):
     blocker.write_text("")
     result = run("fit.py", *FAST, "--out", str(blocker / "run"))
     assert result.returncode == 2 and "cannot write there" in result.stderr
+
+
+def test_resume_refuses_flags_it_would_ignore_and_abbreviations(tmp_path, capsys):
+    fit_script = load_script("fit")
+    run_dir = str(tmp_path / "run")
+    assert fit_script.run_main(fit_script.main, [*FAST, "--out", run_dir]) == 0
+    capsys.readouterr()
+    code = fit_script.run_main(fit_script.main, ["--resume", run_dir, "--lr", "0.5",
+                                                 "--batch-size", "10", "--epochs", "4"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--batch-size, --lr would be ignored" in err
+    result = run("fit.py", "--epoch", "3", "--out", str(tmp_path / "other"))
+    assert result.returncode == 2 and "unrecognized arguments: --epoch 3" in result.stderr
+
+
+def test_a_run_that_never_completed_an_epoch_does_not_block_the_rerun(tmp_path, capsys):
+    fit_script = load_script("fit")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text("{}")  # what a run failing in its first step leaves
+    assert fit_script.run_main(fit_script.main, [*FAST, "--out", str(run_dir)]) == 0
+    assert "never completed an epoch" in capsys.readouterr().out
+    assert (run_dir / "checkpoint.pt").is_file()
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert fit_script.run_main(fit_script.main, [*FAST, "--out", str(blocker)]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
