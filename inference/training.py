@@ -41,7 +41,8 @@ class TrainingInterrupted(TrainingError):
 
 @dataclass
 class FitOptions:
-    """Settings of ``fit``; every field is a command-line flag of ``scripts/fit.py``."""
+    """Settings of ``fit``; every field is a command-line flag of ``scripts/fit.py``, and errors
+    name a field by its flag."""
 
     epochs: int = 200
     batch_size: int = 100
@@ -63,19 +64,19 @@ class FitOptions:
                      "eval_points"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name.replace('_', '-')} must be a positive integer, got {value}")
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
         if not (isinstance(self.lr, float | int) and math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError(f"lr must be a positive number, got {self.lr}")
+            raise ConfigError(f"--lr must be a positive number, got {self.lr}")
         if self.time_budget is not None and not self.time_budget > 0:
-            raise ConfigError(f"time budget must be positive, got {self.time_budget}")
+            raise ConfigError(f"--time-budget must be positive, got {self.time_budget}")
         if not isinstance(self.data_plate, str) or not self.data_plate:
-            raise ConfigError(f"data-plate must be a plate's name, got {self.data_plate!r}")
+            raise ConfigError(f"--data-plate must be a plate's name, got {self.data_plate!r}")
         if self.elbo not in ELBOS:
-            raise ConfigError(f"elbo must be one of {sorted(ELBOS)}, got {self.elbo!r}")
+            raise ConfigError(f"--elbo must be one of {sorted(ELBOS)}, got {self.elbo!r}")
         if self.batch_size * world_size > num_train:
             per = f" x {world_size} processes" if world_size > 1 else ""
             raise ConfigError(
-                f"batch-size {self.batch_size}{per} is larger than the training set "
+                f"--batch-size {self.batch_size}{per} is larger than the training set "
                 f"({num_train} points)"
             )
 
@@ -200,7 +201,7 @@ def plan_evaluation(model: Callable, guide: Callable, data: Dataset,
                     and _runs_on(model, guide, test, plate))
     if options.num_particles > 1 and not layout.vectorized:
         raise ConfigError(
-            f"num-particles {options.num_particles}: the pair does not broadcast over a leading "
+            f"--num-particles {options.num_particles}: the pair does not broadcast over a leading "
             "particle dimension (see README, Conventions), so Pyro cannot vectorize its "
             "particles; use --num-particles 1"
         )

@@ -3,6 +3,7 @@ turning elbogap's errors into one-line messages."""
 
 from __future__ import annotations
 
+import argparse
 import inspect
 import json
 import sys
@@ -33,6 +34,18 @@ from inference.training import CHECKPOINT, TrainingInterrupted
 from inference.user_code import is_file_spec, load_object
 from models import MODELS
 from models.linear_gaussian import LinearGaussian
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each default shown once: not where the help already states it, not for switches (a
+    store_false flag's default True reads as if the switch were on), not for None."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text or action.default in (None, argparse.SUPPRESS)
+                or isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction)):
+            return text
+        return super()._get_help_string(action)
 
 
 def parse_hidden_dims(text: str) -> tuple[int, ...]:

@@ -37,7 +37,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import run_main  # noqa: E402
+from _common import HelpFormatter, run_main  # noqa: E402
 
 from guides.mean_field import MeanFieldGuide  # noqa: E402
 from inference.atomic import write_json_atomic, write_text_atomic  # noqa: E402
@@ -402,7 +402,7 @@ def markdown(report: dict) -> str:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--data-dir", help="MNIST IDX directory; synthetic data of MNIST's shape if absent")
     p.add_argument("--out", default="runs/benchmark", help="directory for benchmark.json/.md")
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks the script runs")

@@ -14,6 +14,7 @@ import pyro
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
+    HelpFormatter,
     evaluation_data,
     exact_means,
     format_exact_comparison,
@@ -33,7 +34,7 @@ from inference.predictive import posterior_predictive  # noqa: E402
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(allow_abbrev=False,
-        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=__doc__, formatter_class=HelpFormatter
     )
     p.add_argument("run_dir", help="a directory written by scripts/fit.py")
     p.add_argument("--num-samples", "-K", type=int, help="K (default: the run's --num-samples)")
@@ -44,8 +45,8 @@ def parser() -> argparse.ArgumentParser:
                    help="evaluate only this many points (a fixed random subset, seed 0)")
     p.add_argument("--batch-size", type=int, default=100, help="data points per pass")
     p.add_argument("--data-plate", help="the plate over data points (default: the run's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="fixes the guide's draws")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     return p
 

@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
     SYNTHETIC_LATENT,
+    HelpFormatter,
     build_pair,
     default_guide,
     evaluation_data,
@@ -55,7 +56,7 @@ DATASETS = ("digits", "synthetic", "mnist", "binarized_mnist", "frey_face", "arr
 def parser() -> argparse.ArgumentParser:
     defaults = FitOptions()
     p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=__doc__, formatter_class=HelpFormatter,
         allow_abbrev=False,
     )
     data = p.add_argument_group("data")
@@ -93,7 +94,8 @@ def parser() -> argparse.ArgumentParser:
     train = p.add_argument_group("training")
     train.add_argument("--epochs", type=int,
                        help=f"epochs in all (default {defaults.epochs}; with --resume: the run's)")
-    train.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    train.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                       help="data points per SVI step (per process under torchrun)")
     train.add_argument("--lr", type=float, default=defaults.lr, help="Adam learning rate")
     train.add_argument("--num-particles", type=int, default=defaults.num_particles,
                        help="ELBO samples per step")

@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import run_main  # noqa: E402
+from _common import HelpFormatter, run_main  # noqa: E402
 
 from inference.atomic import write_json_atomic  # noqa: E402
 from inference.errors import ConfigError  # noqa: E402
@@ -43,7 +43,7 @@ DIVERGENCE = {"reverse": "min D(p_θ || q)", "forward": "min D(q || p_θ)"}
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(allow_abbrev=False,
-        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=__doc__, formatter_class=HelpFormatter
     )
     p.add_argument("--target", choices=("bimodal", "gaussian"), default="bimodal",
                    help="bimodal: 1/2 N(-2, 0.5^2) + 1/2 N(2, 0.5^2); gaussian: N(1, 0.7^2)")
@@ -53,14 +53,15 @@ def parser() -> argparse.ArgumentParser:
                    help="gradient estimator of the reverse-KL fit")
     p.add_argument("--baseline", choices=("none", "leave-one-out"), default="leave-one-out",
                    help="baseline of the score-function estimator")
-    p.add_argument("--init-loc", type=float, default=1.0)
-    p.add_argument("--init-scale", type=float, default=1.0)
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--lr", type=float, default=0.02)
+    p.add_argument("--init-loc", type=float, default=1.0, help="loc of q at the start of each fit")
+    p.add_argument("--init-scale", type=float, default=1.0,
+                   help="scale of q at the start of each fit")
+    p.add_argument("--steps", type=int, default=3000, help="optimizer steps per fit")
+    p.add_argument("--lr", type=float, default=0.02, help="Adam learning rate")
     p.add_argument("--num-samples", type=int, default=64, help="draws per gradient step")
     p.add_argument("--replicates", type=int, default=2000,
                    help="gradient estimates drawn to measure each estimator's variance")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="fixes every draw")
     p.add_argument("--out", help="directory for kl_directions.png and kl_directions.json")
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     return p

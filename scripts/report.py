@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
     EXACT_ROWS,
+    HelpFormatter,
     evaluation_data,
     exact_means,
     load_run,
@@ -71,7 +72,7 @@ CAPTIONS = {
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(allow_abbrev=False,
-        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=__doc__, formatter_class=HelpFormatter
     )
     p.add_argument("run_dir", help="a directory written by scripts/fit.py")
     p.add_argument("--num-samples", "-K", type=int, default=1000, help="importance samples")
@@ -84,10 +85,12 @@ def parser() -> argparse.ArgumentParser:
                    help="SVI steps fitting the local guide q*")
     p.add_argument("--idata-points", type=int, default=5,
                    help="test points whose guide samples go to inference_data.nc")
-    p.add_argument("--idata-draws", type=int, default=1000)
+    p.add_argument("--idata-draws", type=int, default=1000,
+                   help="guide draws per point in inference_data.nc")
     p.add_argument("--data-plate", help="the plate over data points (default: the run's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--seed", type=int, default=0,
+                   help="fixes every draw (the report's numbers are a fresh estimate)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     return p
 

@@ -220,3 +220,13 @@ def test_a_run_that_never_completed_an_epoch_does_not_block_the_rerun(tmp_path, 
     blocker.write_text("")
     assert fit_script.run_main(fit_script.main, [*FAST, "--out", str(blocker)]) == 2
     assert "is a file, not a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", ["fit", "evaluate", "report", "kl_directions", "benchmark"])
+def test_help_states_every_flag_and_each_default_once(script):
+    parser = load_script(script).parser()
+    undocumented = [a.option_strings for a in parser._actions if a.option_strings and not a.help]
+    assert not undocumented
+    text = parser.format_help()
+    assert "(default: True)" not in text and "(default: False)" not in text
+    assert not [line for line in text.splitlines() if line.count("default") > 1]
