@@ -16,6 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from inference.atomic import write_atomic  # noqa: E402
 
@@ -30,6 +31,16 @@ def figure_png(fig: Figure) -> bytes:
 def save_figure(fig: Figure, path: str | Path) -> None:
     png = figure_png(fig)
     write_atomic(path, lambda f: f.write(png))
+
+
+# Between images in a grid: a colour no grey-level pixel has, so white or black pixels at an
+# image's edge do not merge with the gutter.
+GUTTER_RGB = (0.35, 0.55, 0.85)
+
+
+def _integer_ticks(axis) -> None:
+    """Epochs, dimensions and counts are whole numbers: no 2.5 on their axes."""
+    axis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _diagnosed(history: Sequence[dict]) -> list[dict]:
@@ -68,6 +79,7 @@ def plot_elbo_curves(history: Sequence[dict]) -> Figure:
     if any(r.get("test_elbo") is not None for r in history):
         ax.plot(epochs, [r["test_elbo"] for r in history], label="test ELBO")
     ax.set_xlabel("epoch")
+    _integer_ticks(ax.xaxis)
     ax.set_ylabel("ELBO per data point (nats)")
     ax.set_title("ELBO during training")
     ax.legend()
@@ -87,6 +99,7 @@ def plot_terms_curves(history: Sequence[dict]) -> Figure:
         ax.plot(epochs, mean)
         ax.fill_between(epochs, mean - 2 * se, mean + 2 * se, alpha=0.25, label="± 2 SE")
         ax.set_xlabel("epoch")
+        _integer_ticks(ax.xaxis)
         ax.set_ylabel("nats per data point")
         ax.set_title(f"{_points(records)} {title}")
         ax.legend()
@@ -125,6 +138,7 @@ def plot_evidence_gap(history: Sequence[dict]) -> Figure:
                     label="closed form KL(q || p(z|x))")
     bottom.legend()
     bottom.set_xlabel("epoch")
+    _integer_ticks(bottom.xaxis)
     bottom.set_ylabel("nats per data point")
     bottom.set_title("evidence gap  log p(x) - ELBO  ≈ KL(q(z|x) || p(z|x))")
     bottom.grid(alpha=0.3)
@@ -133,10 +147,12 @@ def plot_evidence_gap(history: Sequence[dict]) -> Figure:
 
 def plot_kl_per_dim(kl_per_dim: dict[str, Sequence[float]]) -> Figure:
     sites = list(kl_per_dim)
-    fig, axes = plt.subplots(len(sites), 1, figsize=(7, 2.6 * len(sites)), squeeze=False)
+    fig, axes = plt.subplots(len(sites), 1, figsize=(7, 2.6 * len(sites)), squeeze=False,
+                             layout="constrained")
     for ax, site in zip(axes[:, 0], sites, strict=False):
         values = np.asarray(kl_per_dim[site], dtype=float)
         ax.bar(np.arange(len(values)), values)
+        _integer_ticks(ax.xaxis)
         ax.set_xlabel(f"dimension of latent site '{site}'")
         ax.set_ylabel("KL (nats)")
         ax.set_title(f"mean KL(q || p(z)) per dimension, site '{site}'")
@@ -145,12 +161,15 @@ def plot_kl_per_dim(kl_per_dim: dict[str, Sequence[float]]) -> Figure:
 
 
 def _tile(images: np.ndarray, image_shape: tuple[int, int], columns: int) -> np.ndarray:
+    """The images in a grid, as RGB: grey levels, separated by ``GUTTER_RGB`` lines."""
     h, w = image_shape
     rows = -(-len(images) // columns)
-    canvas = np.ones((rows * (h + 1) - 1, columns * (w + 1) - 1))
+    canvas = np.empty((rows * (h + 1) - 1, columns * (w + 1) - 1, 3))
+    canvas[:] = GUTTER_RGB
     for i, image in enumerate(images):
         r, c = divmod(i, columns)
-        canvas[r * (h + 1) : r * (h + 1) + h, c * (w + 1) : c * (w + 1) + w] = image.reshape(h, w)
+        grey = np.clip(image.reshape(h, w), 0, 1)[..., None]
+        canvas[r * (h + 1) : r * (h + 1) + h, c * (w + 1) : c * (w + 1) + w] = grey
     return canvas
 
 
@@ -164,8 +183,8 @@ def plot_reconstructions(
         rows += [inputs[s : s + columns], reconstructions[s : s + columns]]
     pairs = np.concatenate(rows)
     fig, ax = plt.subplots(figsize=(6, 0.75 * len(pairs) / columns + 0.5))
-    ax.imshow(_tile(pairs, image_shape, columns), cmap="gray", vmin=0, vmax=1)
-    ax.set_title("test inputs (odd rows) and reconstructions E[x|z], z ~ q(z|x) (even rows)")
+    ax.imshow(_tile(pairs, image_shape, columns))
+    ax.set_title("inputs (odd rows) and reconstructions E[x|z], z ~ q(z|x) (even rows)")
     ax.axis("off")
     return fig
 
@@ -174,7 +193,7 @@ def plot_image_grid(
     images: np.ndarray, image_shape: tuple[int, int], title: str
 ) -> Figure:
     fig, ax = plt.subplots(figsize=(6, 6))
-    ax.imshow(_tile(images, image_shape, 8), cmap="gray", vmin=0, vmax=1)
+    ax.imshow(_tile(images, image_shape, 8))
     ax.set_title(title)
     ax.axis("off")
     return fig
@@ -185,6 +204,7 @@ def plot_khat_histogram(khat: np.ndarray) -> Figure:
     finite = khat[np.isfinite(khat)]
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ax.hist(finite, bins=40, color="C0")
+    _integer_ticks(ax.yaxis)
     ax.axvline(0.5, color="C2", ls="--", lw=1.2, label="0.5: good below")
     ax.axvline(0.7, color="C3", ls="--", lw=1.2, label="0.7: unreliable above")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -200,9 +220,11 @@ def plot_khat_histogram(khat: np.ndarray) -> Figure:
 def plot_active_units(variances: dict[str, Sequence[float]], threshold: float) -> Figure:
     """Cov_x(E_q[z_d | x]) per latent dimension, log scale, with the activity threshold."""
     sites = list(variances)
-    fig, axes = plt.subplots(len(sites), 1, figsize=(7, 2.8 * len(sites)), squeeze=False)
+    fig, axes = plt.subplots(len(sites), 1, figsize=(7, 2.8 * len(sites)), squeeze=False,
+                             layout="constrained")
     for ax, site in zip(axes[:, 0], sites, strict=False):
         values = np.maximum(np.asarray(variances[site], dtype=float), 1e-12)
+        _integer_ticks(ax.xaxis)
         colors = ["C0" if v > threshold else "C7" for v in values]
         ax.bar(np.arange(len(values)), values, color=colors)
         ax.axhline(threshold, color="C3", ls="--", lw=1, label=f"threshold {threshold}")
@@ -230,6 +252,7 @@ def plot_gap_decomposition(approximation: np.ndarray, amortization: np.ndarray) 
     bins = np.histogram_bin_edges(np.concatenate([approximation, amortization]), bins=30)
     right.hist(approximation, bins=bins, histtype="step", lw=2, color="C1", label="approximation")
     right.hist(amortization, bins=bins, histtype="step", lw=2, color="C2", label="amortization")
+    _integer_ticks(right.yaxis)
     right.set_xlabel("gap per data point (nats)")
     right.set_ylabel("data points")
     right.set_title("spread over data points")

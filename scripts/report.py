@@ -55,8 +55,7 @@ CAPTIONS = {
     "evidence_gap.png": (
         "Evidence and evidence gap during training",
         "Importance-sampled log p(x) and the ELBO (top); their difference, which estimates "
-        "KL(q(z|x) || p(z|x)), with its Monte Carlo band (bottom). Dashed: closed forms, where "
-        "the model has them.",
+        "KL(q(z|x) || p(z|x)), with its Monte Carlo band (bottom).",
     ),
     "kl_per_dim.png": (
         "KL to the prior per latent dimension",
@@ -64,7 +63,7 @@ CAPTIONS = {
     ),
     "reconstructions.png": (
         "Reconstructions",
-        "Test inputs and E[x|z] with z ~ q(z|x), read off the model's observed site.",
+        "Inputs and E[x|z] with z ~ q(z|x), read off the model's observed site.",
     ),
     "prior_samples.png": ("Samples from the prior", "E[x|z] with z ~ p(z)."),
 }
@@ -125,6 +124,15 @@ def latent_projection(latent_mean: dict[str, torch.Tensor]) -> tuple[np.ndarray,
     return (centred @ v[:2].T).numpy(), labels
 
 
+def caption(name: str, history: list[dict]) -> tuple[str, str]:
+    """A figure's title and caption; the dashed closed-form lines are mentioned only where the
+    figure has them."""
+    title, text = CAPTIONS[name]
+    if name == "evidence_gap.png" and any("exact" in r for r in history):
+        text += " Dashed: the closed forms of the model."
+    return title, text
+
+
 def run_plate(args: argparse.Namespace, config: dict) -> str:
     return args.data_plate or config["fit_options"].get("data_plate", "data")
 
@@ -141,7 +149,9 @@ def write_data_set_report(run_dir: Path, config: dict, data, pair, d, args) -> i
     summary = d.summary()
     t = summary["total"]
     report = {"data": config["data"], "split": "train", **summary}
-    notes = [Note(n) for n in d.notes]
+    notes = [Note(f"The numbers below are a fresh estimate (K={args.num_samples}, seed "
+                  f"{args.seed}), not those of the run's diagnostics.json: they differ from them "
+                  "within their Monte Carlo standard errors.")] + [Note(n) for n in d.notes]
     if "khat" in summary:
         notes.append(Note(f"Pareto k-hat: {summary['khat']['verdict']}.",
                           warning=summary["khat"]["share_unreliable"] > 0))
@@ -166,10 +176,11 @@ def write_data_set_report(run_dir: Path, config: dict, data, pair, d, args) -> i
         tables.append(Table(f"Held-out points ({ps['num_data']} test points): {ps['name']}",
                             ("quantity", "mean per point", "± SE over points"),
                             [("log p_q(x)", *fmt(ps["log_density"]))]))
+    history = read_history(run_dir)
     figures = [
-        FigureItem(*CAPTIONS[name], figure_png(fig))
-        for name, fig in run_figures(read_history(run_dir), summary["kl_per_dim"], pair,
-                                     data, held_out=False).items()
+        FigureItem(*caption(name, history), figure_png(fig))
+        for name, fig in run_figures(history, summary["kl_per_dim"], pair, data,
+                                     held_out=False).items()
     ]
     write_report(run_dir, report, notes, tables, figures,
                  f"run {run_dir} · data {config['data']} · model {config['model']} · guide "
@@ -201,7 +212,11 @@ def main(argv: list[str] | None = None) -> int:
     summary = d.summary()
     report = {"data": config["data"], "split": split, **summary}
 
-    notes = []
+    notes = [Note(
+        f"The numbers below are a fresh estimate (K={args.num_samples}, seed {args.seed}, "
+        f"{d.num_data} {split} points), not those of the run's diagnostics.json: they differ "
+        "from them within their Monte Carlo standard errors."
+    )]
     if "khat" in summary:
         notes.append(Note(f"Pareto k-hat: {summary['khat']['verdict']}.",
                           warning=summary["khat"]["share_unreliable"] > 0))
@@ -228,10 +243,11 @@ def main(argv: list[str] | None = None) -> int:
              for name in EXACT_ROWS],
         ))
 
+    history = read_history(run_dir)
     figures = [
-        FigureItem(*CAPTIONS[name], figure_png(fig))
-        for name, fig in run_figures(read_history(run_dir), summary["kl_per_dim"], pair,
-                                     data, held_out).items()
+        FigureItem(*caption(name, history), figure_png(fig))
+        for name, fig in run_figures(history, summary["kl_per_dim"], pair, data,
+                                     held_out).items()
     ]
     figures.append(FigureItem(
         "Reliability of the evidence estimate",
