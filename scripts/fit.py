@@ -36,10 +36,11 @@ from _common import (  # noqa: E402
 )
 
 from inference.atomic import write_json_atomic  # noqa: E402
+from inference.checkpoint import rng_preserved  # noqa: E402
 from inference.datasets import BINARIZATIONS, subset  # noqa: E402
 from inference.diagnostics import evaluate  # noqa: E402
 from inference.distributed import Distributed  # noqa: E402
-from inference.errors import ConfigError  # noqa: E402
+from inference.errors import ConfigError, ElbogapError  # noqa: E402
 from inference.plotting import save_figure  # noqa: E402
 from inference.predictive import posterior_predictive  # noqa: E402
 from inference.training import (  # noqa: E402
@@ -118,6 +119,9 @@ def parser() -> argparse.ArgumentParser:
                     help="K for the diagnostics during training")
     ev.add_argument("--eval-points", type=int, default=defaults.eval_points,
                     help="test points diagnosed during training (a fixed random subset, seed 0)")
+    ev.add_argument("--test-points", type=int,
+                    help="test points in the final evaluation, a fixed random subset (seed 0); "
+                         "default: all of them")
     ev.add_argument("--eval-batch-size", type=int, default=100,
                     help="test points per pass in the final evaluation")
     out = p.add_argument_group("output")
@@ -154,6 +158,7 @@ def make_config(args: argparse.Namespace, data) -> dict:
         "hidden_dims": list(parse_hidden_dims(hidden)),
         "seed": args.seed,
         "num_samples": args.num_samples,
+        "test_points": args.test_points,
         "eval_batch_size": args.eval_batch_size,
     }
     for f in fields(FitOptions):
@@ -200,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.num_samples < 1:
         raise ConfigError(f"--num-samples must be a positive integer, got {args.num_samples}")
+    if args.test_points is not None and args.test_points < 1:
+        raise ConfigError(f"--test-points must be a positive integer, got {args.test_points}")
     if args.eval_batch_size < 1:
         raise ConfigError(f"--eval-batch-size must be a positive integer, got {args.eval_batch_size}")
     if args.threads is not None:
@@ -211,6 +218,28 @@ def main(argv: list[str] | None = None) -> int:
         return train_and_report(args, ctx)
     finally:
         ctx.shutdown()
+
+
+ANNOUNCE_AFTER_SECONDS = 30
+
+
+def announce_final_evaluation(pair, x, split: str, config: dict, options, processes: int) -> None:
+    """Say what the final evaluation will cost when it is long (10 000 MNIST points at K = 1000
+    take minutes on a CPU), timed on a few points without moving any random stream."""
+    k, probe_k = config["num_samples"], min(config["num_samples"], 50)
+    probe = x[: min(x.shape[0], 20)]
+    start = time.perf_counter()
+    try:
+        with rng_preserved():
+            evaluate(pair.model, pair.guide, probe, num_samples=probe_k,
+                     data_plate=options.data_plate)
+    except ElbogapError:
+        return  # a guide that runs only on its whole data set: no estimate
+    seconds = ((time.perf_counter() - start) * x.shape[0] * k
+               / (probe.shape[0] * probe_k * processes))
+    if seconds > ANNOUNCE_AFTER_SECONDS:
+        print(f"final evaluation: {x.shape[0]} {split} points x K={k}, about "
+              f"{seconds / 60:.1f} min here (--num-samples and --test-points bound it)")
 
 
 def check_likelihood(likelihood: str, data) -> None:
@@ -310,6 +339,8 @@ def train_and_report(args: argparse.Namespace, ctx: Distributed) -> int:
 
     split, x_final = evaluation_data(config, data)
     eval_x = subset(x_final, options.eval_points) if split == "test" else x_final
+    if split == "test":
+        x_final = subset(x_final, config.get("test_points"))
 
     def add_exact(record: dict) -> None:
         if "diagnostics" in record and (exact := exact_means(pair.exact(eval_x))) is not None:
@@ -317,6 +348,8 @@ def train_and_report(args: argparse.Namespace, ctx: Distributed) -> int:
 
     result = fit(pair.model, pair.guide, data, options, run_dir, on_epoch=add_exact,
                  distributed=ctx, resume=state)
+    if ctx.is_main:
+        announce_final_evaluation(pair, x_final, split, config, options, ctx.world_size)
     diagnostics = evaluate(pair.model, pair.guide, x_final, num_samples=config["num_samples"],
                            batch_size=config["eval_batch_size"], progress=options.progress,
                            data_plate=options.data_plate, distributed=ctx)

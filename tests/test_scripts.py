@@ -230,3 +230,14 @@ def test_help_states_every_flag_and_each_default_once(script):
     text = parser.format_help()
     assert "(default: True)" not in text and "(default: False)" not in text
     assert not [line for line in text.splitlines() if line.count("default") > 1]
+
+
+def test_final_evaluation_says_what_it_costs_and_test_points_bound_it(tmp_path, capsys):
+    fit_script = load_script("fit")
+    fit_script.ANNOUNCE_AFTER_SECONDS = 0  # every estimate is "long"
+    args = [*FAST, "--test-points", "40", "--out", str(tmp_path / "run")]
+    assert fit_script.run_main(fit_script.main, args) == 0
+    out = capsys.readouterr().out
+    assert "final evaluation: 40 test points x K=50, about" in out
+    summary = json.loads((tmp_path / "run" / "diagnostics.json").read_text())
+    assert summary["num_data"] == 40
