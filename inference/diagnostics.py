@@ -43,6 +43,7 @@ from inference.psis import importance_ess, khat_summary, pareto_khat
 from inference.traces import (
     FixedSubsample,
     PairLayout,
+    apply_mask,
     data_frame,
     datapoint_rows,
     global_part,
@@ -463,14 +464,10 @@ def _kl_units(model_sites: dict, guide_sites: dict, layout: PairLayout, reduce):
 
 
 def _masked(value: torch.Tensor, event_ndim: int, *sites: dict) -> torch.Tensor:
-    """A KL where the sites' masks (``poutine.mask``: padded steps of a sequence) are on, 0
-    elsewhere, as their log-densities are: else the KL would count steps the weights do not."""
+    """A KL masked as the sites' log-densities are: else it would count steps the weights do
+    not."""
     for site in sites:
-        mask = site["mask"]
-        if mask is not None and mask is not True:
-            mask = torch.as_tensor(mask)
-            value = torch.where(mask.reshape(mask.shape + (1,) * event_ndim), value,
-                                value.new_zeros(()))
+        value = apply_mask(value, site, event_ndim)
     return value
 
 

@@ -413,13 +413,19 @@ def per_datapoint(
     return padded.reshape(padded.shape[0], rows, *trailing)
 
 
+def apply_mask(values: torch.Tensor, site: dict, event_ndim: int = 0) -> torch.Tensor:
+    """``values`` (the site's batch shape, then ``event_ndim`` dims) where the site's mask
+    (``poutine.mask``: padded steps of a sequence, say) is on, 0 elsewhere."""
+    mask = site["mask"]
+    if mask is None or mask is True:
+        return values
+    mask = torch.as_tensor(mask)
+    return torch.where(mask.reshape(mask.shape + (1,) * event_ndim), values, values.new_zeros(()))
+
+
 def site_log_prob(site: dict) -> torch.Tensor:
     """Unscaled log-density of a site's value, with the site's mask applied."""
-    log_prob = log_density(site["fn"], site["value"])
-    mask = site["mask"]
-    if mask is not None and mask is not True:
-        log_prob = torch.where(mask, log_prob, log_prob.new_zeros(()))
-    return log_prob
+    return apply_mask(log_density(site["fn"], site["value"]), site)
 
 
 def datapoint_rows(values: torch.Tensor, site: dict, layout: PairLayout, data_plate: str,
