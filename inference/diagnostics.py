@@ -398,13 +398,16 @@ def _site_terms(guide_trace, model_trace, layout: PairLayout, data_plate: str, k
         rows = n if data_frame(site, data_plate) is not None else 1
         return out.expand((k, rows) + out.shape[2:])
 
+    # Each site's log-density once: the weights use all of them, the Monte Carlo KLs some.
+    model_lp = {name: reduce(site_log_prob(site), site) for name, site in model_sites.items()}
+    guide_lp = {name: reduce(site_log_prob(site), site) for name, site in guide_sites.items()}
     local_w = torch.zeros(k, n, dtype=torch.float64)
     global_w = torch.zeros(k, dtype=torch.float64)
     recon = torch.zeros(k, n, dtype=torch.float64)
     global_recon = torch.zeros(k, dtype=torch.float64)
-    for sign, sites in ((1.0, model_sites), (-1.0, guide_sites)):
-        for site in sites.values():
-            lp = reduce(site_log_prob(site), site)
+    for sign, sites, lps in ((1.0, model_sites, model_lp), (-1.0, guide_sites, guide_lp)):
+        for name, site in sites.items():
+            lp = lps[name]
             if data_frame(site, data_plate) is not None:
                 local_w = local_w + sign * lp
                 if site["is_observed"]:
@@ -413,7 +416,7 @@ def _site_terms(guide_trace, model_trace, layout: PairLayout, data_plate: str, k
                 global_w = global_w + sign * lp[:, 0]
                 if site["is_observed"]:
                     global_recon = global_recon + lp[:, 0]
-    kl = _kl_units(model_sites, guide_sites, layout, reduce)
+    kl = _kl_units(model_sites, guide_sites, model_lp, guide_lp, layout, reduce)
     latent_mean = {}
     for name in layout.latent:
         site = guide_sites[name]
@@ -424,9 +427,11 @@ def _site_terms(guide_trace, model_trace, layout: PairLayout, data_plate: str, k
             "global_recon": global_recon, "kl": kl, "latent_mean": latent_mean}
 
 
-def _kl_units(model_sites: dict, guide_sites: dict, layout: PairLayout, reduce):
+def _kl_units(model_sites: dict, guide_sites: dict, model_lp: dict, guide_lp: dict,
+              layout: PairLayout, reduce):
     """KL(q || p) of each latent site, analytic where torch knows it; the sites an autoguide
-    draws jointly from one auxiliary site form one unit named after them all (Monte Carlo)."""
+    draws jointly from one auxiliary site form one unit named after them all (Monte Carlo).
+    ``model_lp``/``guide_lp`` are the sites' reduced log-densities, ``[k, N or 1]``."""
     kl: dict[str, tuple[torch.Tensor, str]] = {}
     grouped: list[str] = []
     used_aux: set[str] = set()
@@ -448,17 +453,11 @@ def _kl_units(model_sites: dict, guide_sites: dict, layout: PairLayout, reduce):
             value = _masked(site_kl.value, site_kl.event_ndim, aux, p_site)
             kl[name] = (_per_dim(reduce, value, aux, site_kl.event_ndim), site_kl.method)
         else:
-            value = (reduce(site_log_prob(aux), aux) + reduce(site_log_prob(q_site), q_site)
-                     - reduce(site_log_prob(p_site), p_site))
+            value = guide_lp[aux["name"]] + guide_lp[name] - model_lp[name]
             kl[name] = (value.unsqueeze(-1), MONTE_CARLO)
     if grouped:
-        parts = [reduce(site_log_prob(guide_sites[a]), guide_sites[a]).sum(1, keepdim=True)
-                 for a in layout.auxiliary if a not in used_aux]
-        for name in grouped:
-            parts.append(reduce(site_log_prob(guide_sites[name]), guide_sites[name])
-                         .sum(1, keepdim=True))
-            parts.append(-reduce(site_log_prob(model_sites[name]), model_sites[name])
-                         .sum(1, keepdim=True))
+        parts = [guide_lp[a].sum(1, keepdim=True) for a in layout.auxiliary if a not in used_aux]
+        parts += [(guide_lp[name] - model_lp[name]).sum(1, keepdim=True) for name in grouped]
         kl[" + ".join(grouped)] = (sum(parts).unsqueeze(-1), MONTE_CARLO)
     return kl
 
