@@ -165,7 +165,7 @@ class _AuxiliaryLeaves(Messenger):
         self.values: dict[str, torch.Tensor] = {}
 
     def _postprocess_message(self, msg: dict) -> None:
-        if msg["type"] == "sample" and msg["infer"].get("is_auxiliary", False):
+        if msg["type"] == "sample" and is_auxiliary(msg):
             if torch.is_tensor(msg["value"]) and msg["value"].is_floating_point():
                 msg["value"] = msg["value"].detach().requires_grad_()
                 self.values[msg["name"]] = msg["value"]
@@ -338,17 +338,16 @@ def _with_vectorization(model: Callable, guide: Callable, x: torch.Tensor, layou
                         data_plate: str) -> PairLayout:
     """Whether the pair broadcasts over a leading particle dimension: two particles are traced
     and every site must carry them; else evaluation goes particle by particle."""
+    width = layout.max_plate_nesting + 1
     try:
         with pyro.validation_enabled(False), torch.no_grad():
             guide_trace, model_trace = trace_pair(model, guide, x, 2, layout.particle_dim)
             for trace in (guide_trace, model_trace):
                 for site in sample_sites(trace).values():
                     lp = site_log_prob(site)
-                    width = layout.max_plate_nesting + 1
-                    if lp.dim() > width or lp.dim() < width or lp.shape[0] != 2:
-                        return replace(layout, vectorized=False)
                     frame = data_frame(site, data_plate)
-                    if frame is not None and lp.shape[width + frame.dim] != layout.rows(x):
+                    if (lp.dim() != width or lp.shape[0] != 2 or frame is not None
+                            and lp.shape[width + frame.dim] != layout.rows(x)):
                         return replace(layout, vectorized=False)
     except Exception:  # noqa: BLE001 - any failure under the particle plate: not broadcastable
         return replace(layout, vectorized=False)
