@@ -153,7 +153,13 @@ class EvaluationPlan:
         return "test" if self.held_out else "train"
 
     def eval_x(self, data: Dataset, points: int | None = None) -> torch.Tensor:
-        return subset(data.test, points) if self.held_out else data.train
+        return diagnosed_points(data, self.split, points)
+
+
+def diagnosed_points(data: Dataset, split: str, points: int | None = None) -> torch.Tensor:
+    """The points a pair's diagnostics cover: ``points`` of the test split (a fixed random
+    subset), or the whole training set the guide was fitted to."""
+    return subset(data.test, points) if split == "test" else data.train
 
 
 def _runs_on(model: Callable, guide: Callable, x: torch.Tensor, data_plate: str) -> bool:

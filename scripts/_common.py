@@ -30,7 +30,7 @@ from inference.plotting import (
     plot_terms_curves,
 )
 from inference.reconstruction import reconstruct, sample_prior_means
-from inference.training import CHECKPOINT, TrainingInterrupted
+from inference.training import CHECKPOINT, TrainingInterrupted, diagnosed_points
 from inference.user_code import is_file_spec, load_object
 from models import MODELS
 from models.linear_gaussian import LinearGaussian
@@ -288,15 +288,21 @@ def load_run(run_dir: Path) -> tuple[dict, Dataset, Pair, dict]:
     data = load_data(config["data"], config["data_dir"], config["binarize"])
     pair = build_pair(config, data)
     # A guide with parameters per training point is rebuilt on the training set.
-    example = data.test[:2] if config.get("evaluated_on", "test") == "test" else data.train
+    example = diagnosed_points(data, run_split(config), 2)
     state = load_checkpoint(run_dir / CHECKPOINT, pair.model, pair.guide, example)
     return config, data, pair, state
 
 
-def evaluation_data(config: dict, data: Dataset) -> tuple[str, torch.Tensor]:
+def run_split(config: dict) -> str:
     """The split a run's pair is diagnosed on (see inference.training.EvaluationPlan)."""
-    split = config.get("evaluated_on", "test")
-    return split, data.test if split == "test" else data.train
+    return config.get("evaluated_on", "test")
+
+
+def run_plate(args: argparse.Namespace, config: dict) -> str:
+    """The data plate: the script's --data-plate, else the run's own."""
+    return args.data_plate or config["fit_options"].get("data_plate", "data")
+
+
 
 
 def run_figures(history: list[dict], kl_per_dim: dict, pair: Pair, data: Dataset,

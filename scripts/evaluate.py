@@ -15,13 +15,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
     HelpFormatter,
-    evaluation_data,
     exact_means,
     format_exact_comparison,
     format_predictive,
     format_summary,
     load_run,
     run_main,
+    run_plate,
+    run_split,
 )
 
 from inference.atomic import write_json_atomic  # noqa: E402
@@ -63,12 +64,12 @@ def main(argv: list[str] | None = None) -> int:
         pyro.set_rng_seed(args.seed + ctx.rank)
         config, data, pair, _ = load_run(run_dir)
         k = args.num_samples if args.num_samples is not None else config["num_samples"]
-        fitted_on = evaluation_data(config, data)[0]
+        fitted_on = run_split(config)
         if args.split is None:
             args.split = fitted_on
         x = data.test if args.split == "test" else data.train_epoch()
         x = subset(x, args.max_points)
-        plate = args.data_plate or config["fit_options"].get("data_plate", "data")
+        plate = run_plate(args, config)
         if args.split == "test" and fitted_on == "train":
             # The guide was fitted to the training set: held-out points get the posterior
             # predictive density, never an evidence gap of data the guide did not see.

@@ -22,7 +22,6 @@ from _common import (  # noqa: E402
     HelpFormatter,
     build_pair,
     default_guide,
-    evaluation_data,
     exact_means,
     format_exact_comparison,
     format_predictive,
@@ -32,12 +31,13 @@ from _common import (  # noqa: E402
     parse_hidden_dims,
     run_figures,
     run_main,
+    run_split,
     synthetic_truth,
 )
 
 from inference.atomic import write_json_atomic  # noqa: E402
 from inference.checkpoint import rng_preserved  # noqa: E402
-from inference.datasets import BINARIZATIONS, subset  # noqa: E402
+from inference.datasets import BINARIZATIONS  # noqa: E402
 from inference.diagnostics import evaluate  # noqa: E402
 from inference.distributed import Distributed  # noqa: E402
 from inference.errors import ConfigError, ElbogapError  # noqa: E402
@@ -47,6 +47,7 @@ from inference.training import (  # noqa: E402
     CHECKPOINT,
     METRICS,
     FitOptions,
+    diagnosed_points,
     fit,
     plan_evaluation,
 )
@@ -337,10 +338,9 @@ def train_and_report(args: argparse.Namespace, ctx: Distributed) -> int:
     options.progress = not args.no_progress and ctx.is_main
     args.data = config["data"]
 
-    split, x_final = evaluation_data(config, data)
-    eval_x = subset(x_final, options.eval_points) if split == "test" else x_final
-    if split == "test":
-        x_final = subset(x_final, config.get("test_points"))
+    split = run_split(config)
+    eval_x = diagnosed_points(data, split, options.eval_points)
+    x_final = diagnosed_points(data, split, config.get("test_points"))
 
     def add_exact(record: dict) -> None:
         if "diagnostics" in record and (exact := exact_means(pair.exact(eval_x))) is not None:

@@ -21,11 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     EXACT_ROWS,
     HelpFormatter,
-    evaluation_data,
     exact_means,
     load_run,
     run_figures,
     run_main,
+    run_plate,
+    run_split,
 )
 
 from guides.local import LocalMeanFieldGuide, LocalSite  # noqa: E402
@@ -44,7 +45,7 @@ from inference.plotting import (  # noqa: E402
 )
 from inference.predictive import posterior_predictive  # noqa: E402
 from inference.report import FigureItem, Note, Table, render_html  # noqa: E402
-from inference.training import METRICS  # noqa: E402
+from inference.training import METRICS, diagnosed_points  # noqa: E402
 
 CAPTIONS = {
     "elbo.png": ("ELBO during training", "Train and test ELBO per data point, in nats."),
@@ -133,10 +134,6 @@ def caption(name: str, history: list[dict]) -> tuple[str, str]:
     return title, text
 
 
-def run_plate(args: argparse.Namespace, config: dict) -> str:
-    return args.data_plate or config["fit_options"].get("data_plate", "data")
-
-
 def write_report(run_dir: Path, report: dict, notes, tables, figures, subtitle: str) -> None:
     page = render_html("elbogap report", subtitle, notes, tables, figures)
     write_text_atomic(run_dir / "report.html", page)
@@ -201,9 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(args.run_dir)
     pyro.set_rng_seed(args.seed)
     config, data, pair, _ = load_run(run_dir)
-    split, x = evaluation_data(config, data)
+    split = run_split(config)
     held_out = split == "test"
-    x = subset(x, args.max_points) if held_out else x
+    x = diagnosed_points(data, split, args.max_points)
     progress = not args.no_progress
     d = evaluate(pair.model, pair.guide, x, num_samples=args.num_samples, batch_size=100,
                  data_plate=run_plate(args, config), progress=progress)
