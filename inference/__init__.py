@@ -3,9 +3,9 @@
 Nothing here knows a particular model: every quantity is read off Pyro traces.
 """
 
-from inference.diagnostics import DataSetTotals, Diagnostics, evaluate
+from inference.diagnostics.evaluation import DataSetTotals, Diagnostics, evaluate
+from inference.diagnostics.predictive import PosteriorPredictive, posterior_predictive
 from inference.errors import ConfigError, ConventionError, DataError, ElbogapError
-from inference.predictive import PosteriorPredictive, posterior_predictive
 
 __all__ = [
     "ConfigError",

@@ -17,11 +17,10 @@ import torch
 from pyro.infer import autoguide
 
 from guides import GUIDES
-from inference.checkpoint import load_checkpoint
-from inference.cpu import configure_cpu
-from inference.datasets import DATA_SEED, Dataset, load_dataset, subset_indices
+from inference.data.datasets import DATA_SEED, Dataset, load_dataset, subset_indices
+from inference.diagnostics.reconstruction import reconstruct, sample_prior_means
 from inference.errors import ConfigError, ElbogapError
-from inference.plotting import (
+from inference.outputs.plotting import (
     plot_elbo_curves,
     plot_evidence_gap,
     plot_image_grid,
@@ -29,8 +28,9 @@ from inference.plotting import (
     plot_reconstructions,
     plot_terms_curves,
 )
-from inference.reconstruction import reconstruct, sample_prior_means
-from inference.training import CHECKPOINT, TrainingInterrupted, diagnosed_points
+from inference.training.checkpoint import load_checkpoint
+from inference.training.cpu import configure_cpu
+from inference.training.fitting import CHECKPOINT, TrainingInterrupted, diagnosed_points
 from inference.user_code import is_file_spec, load_object
 from models import MODELS
 from models.linear_gaussian import LinearGaussian
@@ -294,7 +294,7 @@ def load_run(run_dir: Path) -> tuple[dict, Dataset, Pair, dict]:
 
 
 def run_split(config: dict) -> str:
-    """The split a run's pair is diagnosed on (see inference.training.EvaluationPlan)."""
+    """The split a run's pair is diagnosed on (see inference.training.fitting.EvaluationPlan)."""
     return config.get("evaluated_on", "test")
 
 

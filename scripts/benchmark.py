@@ -40,13 +40,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import HelpFormatter, run_main  # noqa: E402
 
 from guides.mean_field import MeanFieldGuide  # noqa: E402
-from inference.atomic import write_json_atomic, write_text_atomic  # noqa: E402
-from inference.datasets import load_mnist  # noqa: E402
-from inference.diagnostics import evaluate  # noqa: E402
-from inference.distributed import Distributed  # noqa: E402
-from inference.elbo_step import ElboStep  # noqa: E402
+from inference.data.datasets import load_mnist  # noqa: E402
+from inference.diagnostics.evaluation import evaluate  # noqa: E402
+from inference.diagnostics.psis import pareto_khat  # noqa: E402
 from inference.errors import ConfigError  # noqa: E402
-from inference.psis import pareto_khat  # noqa: E402
+from inference.outputs.atomic import write_json_atomic, write_text_atomic  # noqa: E402
+from inference.training.distributed import Distributed  # noqa: E402
+from inference.training.elbo_step import ElboStep  # noqa: E402
 from models.vae import VAE  # noqa: E402
 
 DATA_DIM, HIDDEN, LATENT = 784, 400, 50

@@ -25,12 +25,12 @@ from _common import (  # noqa: E402
     run_split,
 )
 
-from inference.atomic import write_json_atomic  # noqa: E402
-from inference.datasets import subset  # noqa: E402
-from inference.diagnostics import evaluate  # noqa: E402
-from inference.distributed import Distributed  # noqa: E402
+from inference.data.datasets import subset  # noqa: E402
+from inference.diagnostics.evaluation import evaluate  # noqa: E402
+from inference.diagnostics.predictive import posterior_predictive  # noqa: E402
 from inference.errors import ConfigError  # noqa: E402
-from inference.predictive import posterior_predictive  # noqa: E402
+from inference.outputs.atomic import write_json_atomic  # noqa: E402
+from inference.training.distributed import Distributed  # noqa: E402
 
 
 def parser() -> argparse.ArgumentParser:

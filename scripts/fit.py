@@ -35,15 +35,15 @@ from _common import (  # noqa: E402
     synthetic_truth,
 )
 
-from inference.atomic import write_json_atomic  # noqa: E402
-from inference.checkpoint import rng_preserved  # noqa: E402
-from inference.datasets import BINARIZATIONS  # noqa: E402
-from inference.diagnostics import evaluate  # noqa: E402
-from inference.distributed import Distributed  # noqa: E402
+from inference.data.datasets import BINARIZATIONS  # noqa: E402
+from inference.diagnostics.evaluation import evaluate  # noqa: E402
+from inference.diagnostics.predictive import posterior_predictive  # noqa: E402
 from inference.errors import ConfigError, ElbogapError  # noqa: E402
-from inference.plotting import save_figure  # noqa: E402
-from inference.predictive import posterior_predictive  # noqa: E402
-from inference.training import (  # noqa: E402
+from inference.outputs.atomic import write_json_atomic  # noqa: E402
+from inference.outputs.plotting import save_figure  # noqa: E402
+from inference.training.checkpoint import rng_preserved  # noqa: E402
+from inference.training.distributed import Distributed  # noqa: E402
+from inference.training.fitting import (  # noqa: E402
     CHECKPOINT,
     METRICS,
     FitOptions,

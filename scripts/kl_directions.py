@@ -25,9 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import HelpFormatter, run_main  # noqa: E402
 
-from inference.atomic import write_json_atomic  # noqa: E402
-from inference.errors import ConfigError  # noqa: E402
-from inference.kl_directions import (  # noqa: E402
+from inference.diagnostics.kl_directions import (  # noqa: E402
     DiagonalGaussian,
     fit_kl,
     gradient_samples,
@@ -36,7 +34,9 @@ from inference.kl_directions import (  # noqa: E402
     parameter_names,
     surrogate_loss,
 )
-from inference.plotting import save_figure  # noqa: E402
+from inference.errors import ConfigError  # noqa: E402
+from inference.outputs.atomic import write_json_atomic  # noqa: E402
+from inference.outputs.plotting import save_figure  # noqa: E402
 
 DIVERGENCE = {"reverse": "min D(p_θ || q)", "forward": "min D(q || p_θ)"}
 

@@ -29,23 +29,23 @@ from _common import (  # noqa: E402
     run_split,
 )
 
-from guides.local import LocalMeanFieldGuide, LocalSite  # noqa: E402
-from inference.amortization import decompose_gap, fit_local_guide, normal_sites  # noqa: E402
-from inference.arviz_export import guide_inference_data, save_inference_data  # noqa: E402
-from inference.atomic import write_json_atomic, write_text_atomic  # noqa: E402
-from inference.datasets import subset  # noqa: E402
-from inference.diagnostics import ACTIVE_UNIT_THRESHOLD, evaluate  # noqa: E402
+from inference.data.datasets import subset  # noqa: E402
+from inference.diagnostics.amortization import decompose_gap, fit_local_guide, normal_sites  # noqa: E402
+from inference.diagnostics.evaluation import ACTIVE_UNIT_THRESHOLD, evaluate  # noqa: E402
+from inference.diagnostics.local_guide import LocalMeanFieldGuide, LocalSite  # noqa: E402
+from inference.diagnostics.predictive import posterior_predictive  # noqa: E402
 from inference.errors import ConfigError, ConventionError  # noqa: E402
-from inference.plotting import (  # noqa: E402
+from inference.outputs.arviz_export import guide_inference_data, save_inference_data  # noqa: E402
+from inference.outputs.atomic import write_json_atomic, write_text_atomic  # noqa: E402
+from inference.outputs.html import FigureItem, Note, Table, render_html  # noqa: E402
+from inference.outputs.plotting import (  # noqa: E402
     figure_png,
     plot_active_units,
     plot_gap_decomposition,
     plot_khat_histogram,
     plot_latent_scatter,
 )
-from inference.predictive import posterior_predictive  # noqa: E402
-from inference.report import FigureItem, Note, Table, render_html  # noqa: E402
-from inference.training import METRICS, diagnosed_points  # noqa: E402
+from inference.training.fitting import METRICS, diagnosed_points  # noqa: E402
 
 CAPTIONS = {
     "elbo.png": ("ELBO during training", "Train and test ELBO per data point, in nats."),

@@ -7,10 +7,10 @@ import torch
 from pyro import poutine
 
 from guides.mean_field import MeanFieldGuide
-from inference.checkpoint import rng_preserved
-from inference.datasets import load_digits
-from inference.elbo_step import ElboStep
-from inference.training import FitOptions, fit
+from inference.data.datasets import load_digits
+from inference.training.checkpoint import rng_preserved
+from inference.training.elbo_step import ElboStep
+from inference.training.fitting import FitOptions, fit
 from models.vae import VAE
 
 X = torch.bernoulli(torch.full((40, 12), 0.3), generator=torch.Generator().manual_seed(0))

@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 PROBE = """
 import torch
-from inference.cpu import configure_cpu, reuse_freed_memory
+from inference.training.cpu import configure_cpu, reuse_freed_memory
 tiny = (torch.tensor([1e-30]) * torch.tensor([1e-10])).item()  # 1e-40: a denormal float32
 configure_cpu()
 flushed = (torch.tensor([1e-30]) * torch.tensor([1e-10])).item()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import scipy.io
 
-from inference.datasets import (
+from inference.data.datasets import (
     load_array,
     load_binarized_mnist,
     load_dataset,
@@ -210,7 +210,7 @@ def test_subsets_are_random_fixed_and_nested_never_the_first_rows():
     """Larochelle's binarized MNIST test set is sorted by class: its first rows are all zeros."""
     import torch
 
-    from inference.datasets import subset
+    from inference.data.datasets import subset
 
     x = torch.arange(100).repeat_interleave(10).reshape(-1, 1)  # 100 "classes" of 10, sorted
     small, large = subset(x, 20), subset(x, 50)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from inference.diagnostics import evaluate, importance_stats
+from inference.diagnostics.evaluation import evaluate, importance_stats
 from inference.errors import ConfigError, ConventionError
 from tests.pairs import (
     plated_features_guide,

@@ -14,11 +14,11 @@ import torch
 import torch.multiprocessing as mp
 
 from guides.mean_field import MeanFieldGuide
-from inference.datasets import Dataset, load_digits
-from inference.diagnostics import evaluate
-from inference.distributed import Distributed
-from inference.elbo_step import ElboStep
-from inference.training import FitOptions, fit
+from inference.data.datasets import Dataset, load_digits
+from inference.diagnostics.evaluation import evaluate
+from inference.training.distributed import Distributed
+from inference.training.elbo_step import ElboStep
+from inference.training.fitting import FitOptions, fit
 from models.vae import VAE
 
 ROOT = Path(__file__).resolve().parents[1]

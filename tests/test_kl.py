@@ -7,8 +7,8 @@ import torch
 from pyro import poutine
 
 from guides.mean_field import MeanFieldGuide
-from inference.diagnostics import evaluate
-from inference.kl import ANALYTIC, MONTE_CARLO, kl_to_prior
+from inference.diagnostics.evaluation import evaluate
+from inference.diagnostics.kl import ANALYTIC, MONTE_CARLO, kl_to_prior
 from models.vae import VAE
 
 

@@ -10,8 +10,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from inference.errors import ConfigError
-from inference.kl_directions import (
+from inference.diagnostics.kl_directions import (
     DiagonalGaussian,
     GaussianMixture,
     fit_kl,
@@ -19,6 +18,7 @@ from inference.kl_directions import (
     kl_quadrature,
     surrogate_loss,
 )
+from inference.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 

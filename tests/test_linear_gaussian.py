@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from guides.linear import LinearEncoderGuide, OptimalMeanFieldGuide
-from inference.datasets import Dataset
-from inference.diagnostics import evaluate
-from inference.training import FitOptions, fit
+from inference.data.datasets import Dataset
+from inference.diagnostics.evaluation import evaluate
+from inference.training.fitting import FitOptions, fit
 from models.linear_gaussian import LinearGaussian
 
 

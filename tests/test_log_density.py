@@ -4,7 +4,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from inference.log_density import log_density
+from inference.diagnostics.log_density import log_density
 
 
 def reference(logits, value):

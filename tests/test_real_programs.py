@@ -19,10 +19,10 @@ from pyro.infer.autoguide import (
 from pyro.optim import Adam
 
 from inference import ConventionError, evaluate
-from inference.datasets import Dataset
+from inference.data.datasets import Dataset
 from inference.errors import ConfigError
-from inference.parameters import pair_parameters
-from inference.training import FitOptions, fit
+from inference.training.fitting import FitOptions, fit
+from inference.training.parameters import pair_parameters
 from tests.real_programs import (
     baseball,
     bayesian_regression,
@@ -521,7 +521,7 @@ def test_cli_autoguide_around_a_model_alone_with_a_named_plate(tmp_path):
 def test_held_out_points_get_the_posterior_predictive_density():
     """With q(w) = N(m, diag s^2) the predictive density of a new point is Gaussian:
     p_q(y | f) = N(y; f . m, sigma^2 + sum_i f_i^2 s_i^2)."""
-    from inference.predictive import posterior_predictive
+    from inference.diagnostics.predictive import posterior_predictive
 
     data, mean, cov, _, noise = conjugate_regression()
     d_w = mean.shape[0]
@@ -551,7 +551,7 @@ def test_held_out_points_get_the_posterior_predictive_density():
 def test_training_scales_local_sites_only():
     from pyro import poutine
 
-    from inference.minibatch import ScaleDataPlate
+    from inference.training.minibatch import ScaleDataPlate
 
     def model(x):
         w = pyro.sample("w", dist.Normal(0.0, 1.0))

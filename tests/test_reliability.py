@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from guides.linear import LinearEncoderGuide, OptimalMeanFieldGuide
-from guides.local import LocalMeanFieldGuide, LocalSite
-from inference.amortization import decompose_gap, fit_local_guide, normal_sites
-from inference.diagnostics import evaluate
-from inference.psis import importance_ess, khat_summary, pareto_khat
+from inference.diagnostics.amortization import decompose_gap, fit_local_guide, normal_sites
+from inference.diagnostics.evaluation import evaluate
+from inference.diagnostics.local_guide import LocalMeanFieldGuide, LocalSite
+from inference.diagnostics.psis import importance_ess, khat_summary, pareto_khat
 from models.linear_gaussian import LinearGaussian
 from tests.test_linear_gaussian import draw, random_model
 

@@ -19,12 +19,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from guides.mean_field import MeanFieldGuide
-from inference import checkpoint as checkpoint_module
-from inference.checkpoint import load_checkpoint, save_checkpoint
-from inference.datasets import Dataset, load_array, load_digits, load_frey_face, read_amat, read_idx
-from inference.diagnostics import evaluate
+from inference.data.datasets import Dataset, load_array, load_digits, load_frey_face, read_amat, read_idx
+from inference.diagnostics.evaluation import evaluate
 from inference.errors import ConventionError, DataError
-from inference.training import CHECKPOINT, FitOptions, TrainingError, fit
+from inference.training import checkpoint as checkpoint_module
+from inference.training.checkpoint import load_checkpoint, save_checkpoint
+from inference.training.fitting import CHECKPOINT, FitOptions, TrainingError, fit
 from models.vae import VAE
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,13 +10,13 @@ import torch
 from pyro import poutine
 
 from guides.mean_field import MeanFieldGuide
-from inference.checkpoint import load_checkpoint
-from inference.datasets import load_digits
-from inference.diagnostics import evaluate
-from inference.elbo_step import ElboStep
+from inference.data.datasets import load_digits
+from inference.diagnostics.evaluation import evaluate
 from inference.errors import ConfigError
-from inference.minibatch import scale_data_plate
-from inference.training import CHECKPOINT, METRICS, FitOptions, fit
+from inference.training.checkpoint import load_checkpoint
+from inference.training.elbo_step import ElboStep
+from inference.training.fitting import CHECKPOINT, METRICS, FitOptions, fit
+from inference.training.minibatch import scale_data_plate
 from models.vae import VAE
 
 

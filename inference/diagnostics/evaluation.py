@@ -36,11 +36,9 @@ import torch
 from torch.distributions import biject_to, transforms
 from tqdm.auto import tqdm
 
-from inference.distributed import SINGLE, Distributed
-from inference.errors import ConfigError, ConventionError
-from inference.kl import MONTE_CARLO, SiteKL, kl_to_prior
-from inference.psis import importance_ess, khat_summary, pareto_khat
-from inference.traces import (
+from inference.diagnostics.kl import MONTE_CARLO, SiteKL, kl_to_prior
+from inference.diagnostics.psis import importance_ess, khat_summary, pareto_khat
+from inference.diagnostics.traces import (
     FixedSubsample,
     PairLayout,
     apply_mask,
@@ -54,6 +52,8 @@ from inference.traces import (
     site_log_prob,
     trace_pair,
 )
+from inference.errors import ConfigError, ConventionError
+from inference.training.distributed import SINGLE, Distributed
 
 # Burda et al. (2016): a latent dimension is active when Cov_x(E_q[z_d | x]) exceeds this.
 ACTIVE_UNIT_THRESHOLD = 0.01

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from inference.diagnostics import (
+from inference.diagnostics.evaluation import (
     DEFAULT_ROWS_PER_CHUNK,
     MIN_SAMPLES_KHAT,
     checked_arguments,
@@ -31,7 +31,7 @@ from inference.diagnostics import (
     khat_where_defined,
     mean_and_se,
 )
-from inference.psis import importance_ess, khat_summary
+from inference.diagnostics.psis import importance_ess, khat_summary
 
 
 @dataclass

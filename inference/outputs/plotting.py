@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from inference.atomic import write_atomic  # noqa: E402
+from inference.outputs.atomic import write_atomic  # noqa: E402
 
 
 def figure_png(fig: Figure) -> bytes:
@@ -58,7 +58,7 @@ def _entry(summary: dict, key: str) -> dict:
 
 
 def _points(records: Sequence[dict]) -> str:
-    """Which points the diagnostics of a run are about (see inference.training.EvaluationPlan)."""
+    """Which points the diagnostics of a run are about (see inference.training.fitting.EvaluationPlan)."""
     last = records[-1]["diagnostics"] if records else {}
     if last.get("split", "test") == "test":
         return "test"

@@ -1,8 +1,8 @@
 """Fitting a model/guide pair with SVI, logging ELBO and diagnostics per epoch into a run directory.
 
 Each step hands the pair a minibatch of x; sites in the data plate are scaled by N / B so that
-Trace_ELBO's loss estimates minus the full-data ELBO (see ``inference.minibatch``), and Adam
-takes one step on it (see ``inference.elbo_step``).
+Trace_ELBO's loss estimates minus the full-data ELBO (see ``inference.training.minibatch``), and Adam
+takes one step on it (see ``inference.training.elbo_step``).
 """
 
 from __future__ import annotations
@@ -17,15 +17,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from inference.atomic import write_text_atomic
-from inference.checkpoint import rng_preserved, rng_state, save_checkpoint, set_rng_state
-from inference.datasets import Dataset, subset
-from inference.diagnostics import evaluate
-from inference.distributed import SINGLE, Distributed
-from inference.elbo_step import ELBOS, ElboStep
+from inference.data.datasets import Dataset, subset
+from inference.diagnostics.evaluation import evaluate
+from inference.diagnostics.traces import PairLayout, inspect_pair
 from inference.errors import ConfigError, ConventionError, ElbogapError
-from inference.parameters import pair_parameters
-from inference.traces import PairLayout, inspect_pair
+from inference.outputs.atomic import write_text_atomic
+from inference.training.checkpoint import rng_preserved, rng_state, save_checkpoint, set_rng_state
+from inference.training.distributed import SINGLE, Distributed
+from inference.training.elbo_step import ELBOS, ElboStep
+from inference.training.parameters import pair_parameters
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -57,7 +57,7 @@ class FitOptions:
     time_budget: float | None = None  # seconds; training stops after the epoch that exceeds it
     seed: int = 0  # fixes the data order and dynamic binarization of every epoch
     max_nonfinite_steps: int = 10  # consecutive skipped steps before training stops
-    jit: bool = True  # replay a checked recording of the loss (inference.compiled_loss)
+    jit: bool = True  # replay a checked recording of the loss (inference.training.compiled_loss)
 
     def check(self, num_train: int, world_size: int = 1) -> None:
         for name in ("epochs", "batch_size", "num_particles", "eval_every", "eval_samples",

@@ -26,8 +26,8 @@ from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import Independent
 
+from inference.diagnostics.log_density import log_density
 from inference.errors import ConventionError
-from inference.log_density import log_density
 
 PARTICLE_PLATE = "_elbogap_particles"
 

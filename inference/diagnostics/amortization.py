@@ -17,10 +17,10 @@ import torch
 from pyro.infer import Trace_ELBO
 from torch.distributions import Independent, Normal
 
-from inference.diagnostics import Diagnostics, evaluate, mean_and_se
+from inference.diagnostics.evaluation import Diagnostics, evaluate, mean_and_se
+from inference.diagnostics.traces import inspect_pair, sample_sites, trace_pair
 from inference.errors import ConventionError
-from inference.optimize import minimize
-from inference.traces import inspect_pair, sample_sites, trace_pair
+from inference.training.optimize import minimize
 
 
 def normal_sites(

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from inference.errors import ConfigError
-from inference.optimize import minimize
+from inference.training.optimize import minimize
 
 ESTIMATORS = ("score-function", "pathwise")
 DIRECTIONS = ("reverse", "forward")

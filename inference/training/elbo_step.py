@@ -9,7 +9,7 @@ in ``scripts/benchmark.py``):
 * Distribution argument and support checks (Pyro's validation) run on the first step only: a
   pair that passes them once has the same shapes and supports on every later minibatch.
 * With ``jit`` (the default) later steps replay a recording of the loss's tensor operations
-  instead of running the pair's Python (``inference.compiled_loss``: verified against the eager
+  instead of running the pair's Python (``inference.training.compiled_loss``: verified against the eager
   loss first, eager for good if the pair cannot be recorded faithfully).
 """
 
@@ -23,13 +23,13 @@ import pyro.ops.jit
 import torch
 from pyro.infer import JitTrace_ELBO, Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
 
-from inference.checkpoint import rng_preserved
-from inference.compiled_loss import CompiledLoss
-from inference.distributed import SINGLE, Distributed
+from inference.diagnostics.traces import first_line, trace_pair
 from inference.errors import ConventionError
-from inference.minibatch import ScaleDataPlate
-from inference.parameters import pair_parameters
-from inference.traces import first_line, trace_pair
+from inference.training.checkpoint import rng_preserved
+from inference.training.compiled_loss import CompiledLoss
+from inference.training.distributed import SINGLE, Distributed
+from inference.training.minibatch import ScaleDataPlate
+from inference.training.parameters import pair_parameters
 
 ELBOS = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO, "enum": TraceEnum_ELBO}
 

@@ -39,8 +39,8 @@ from pathlib import Path
 import pyro
 import torch
 
-from inference.checkpoint import rng_preserved
-from inference.traces import first_line
+from inference.diagnostics.traces import first_line
+from inference.training.checkpoint import rng_preserved
 
 # The recording runs the eager loss's operations; only the summation order of its value
 # (float32 tensors against Pyro's float64 Python sum) may differ, by about 1e-7.

@@ -18,10 +18,10 @@ import numpy as np
 import pyro
 import torch
 
-from inference.atomic import write_atomic
+from inference.diagnostics.traces import trace_pair
 from inference.errors import ConfigError
-from inference.parameters import pair_parameters
-from inference.traces import trace_pair
+from inference.outputs.atomic import write_atomic
+from inference.training.parameters import pair_parameters
 
 
 def rng_state() -> dict:

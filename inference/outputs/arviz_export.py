@@ -8,9 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from inference.atomic import write_atomic
-from inference.psis import import_arviz
-from inference.traces import (
+from inference.diagnostics.psis import import_arviz
+from inference.diagnostics.traces import (
     datapoint_rows,
     inspect_pair,
     per_datapoint,
@@ -18,6 +17,7 @@ from inference.traces import (
     site_log_prob,
     trace_pair,
 )
+from inference.outputs.atomic import write_atomic
 
 
 def guide_inference_data(
