@@ -77,7 +77,7 @@ class LinearGaussian(nn.Module):
 
     def posterior_precision(self) -> torch.Tensor:
         """Lambda = I + W^T diag(1/psi) W, the posterior precision for every x_n (k x k)."""
-        eye = torch.eye(self.latent_dim, dtype=self.weight.dtype)
+        eye = torch.eye(self.latent_dim, dtype=self.weight.dtype, device=self.weight.device)
         return eye + self.weight.T @ (self.weight / self.psi.unsqueeze(-1))
 
     def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,7 +85,7 @@ class LinearGaussian(nn.Module):
         chol = torch.linalg.cholesky(self.posterior_precision())
         rhs = ((x - self.bias) / self.psi) @ self.weight  # rows: W^T diag(1/psi)(x_n - b)
         mean = torch.cholesky_solve(rhs.T, chol).T
-        eye = torch.eye(self.latent_dim, dtype=chol.dtype)
+        eye = torch.eye(self.latent_dim, dtype=chol.dtype, device=chol.device)
         return mean, torch.cholesky_solve(eye, chol)
 
     def optimal_mean_field(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

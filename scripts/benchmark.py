@@ -35,11 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import HelpFormatter, run_main  # noqa: E402
-
 from guides.mean_field import MeanFieldGuide  # noqa: E402
+from inference.command_line import HelpFormatter, run_main  # noqa: E402
 from inference.data.datasets import load_mnist  # noqa: E402
 from inference.diagnostics.evaluation import evaluate  # noqa: E402
 from inference.diagnostics.psis import pareto_khat  # noqa: E402

@@ -7,39 +7,24 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import pyro
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import (  # noqa: E402
-    HelpFormatter,
-    exact_means,
-    format_exact_comparison,
-    format_predictive,
-    format_summary,
-    load_run,
-    run_main,
-    run_plate,
-    run_split,
-)
-
-from inference.data.datasets import subset  # noqa: E402
-from inference.diagnostics.evaluation import evaluate  # noqa: E402
-from inference.diagnostics.predictive import posterior_predictive  # noqa: E402
-from inference.errors import ConfigError  # noqa: E402
-from inference.outputs.atomic import write_json_atomic  # noqa: E402
-from inference.training.distributed import Distributed  # noqa: E402
+from inference import ConfigError, evaluate, load_run, posterior_predictive, subset
+from inference.command_line import HelpFormatter, check_positive, run_main
+from inference.outputs.atomic import write_json_atomic
+from inference.outputs.table import format_exact_comparison, format_predictive, format_summary
+from inference.pairs import exact_comparison, exact_means
+from inference.training.device import add_device_flag
+from inference.training.distributed import Distributed
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(allow_abbrev=False,
-        description=__doc__, formatter_class=HelpFormatter
-    )
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("run_dir", help="a directory written by scripts/fit.py")
     p.add_argument("--num-samples", "-K", type=int, help="K (default: the run's --num-samples)")
-    p.add_argument("--split", choices=("test", "train"),
+    p.add_argument("--split", choices=("test", "train", "validation"),
                    help="default: where the run was diagnosed (train for a guide with parameters "
                         "per training point, or with global latents)")
     p.add_argument("--max-points", type=int,
@@ -47,6 +32,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=100, help="data points per pass")
     p.add_argument("--data-plate", help="the plate over data points (default: the run's)")
     p.add_argument("--seed", type=int, default=0, help="fixes the guide's draws")
+    add_device_flag(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     return p
@@ -54,52 +40,55 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    run_dir = Path(args.run_dir)
-    for flag, value in (("--num-samples", args.num_samples), ("--batch-size", args.batch_size),
-                        ("--max-points", args.max_points)):
-        if value is not None and value < 1:
-            raise ConfigError(f"{flag} must be a positive integer, got {value}")
-    ctx = Distributed.from_environment()
+    check_positive(num_samples=args.num_samples, batch_size=args.batch_size,
+                   max_points=args.max_points)
+    ctx = Distributed.from_environment(args.device)
     try:
         pyro.set_rng_seed(args.seed + ctx.rank)
-        config, data, pair, _ = load_run(run_dir)
-        k = args.num_samples if args.num_samples is not None else config["num_samples"]
-        fitted_on = run_split(config)
-        if args.split is None:
-            args.split = fitted_on
-        x = data.test if args.split == "test" else data.train_epoch()
-        x = subset(x, args.max_points)
-        plate = run_plate(args, config)
-        if args.split == "test" and fitted_on == "train":
+        run = load_run(args.run_dir)
+        k = args.num_samples or run.config["num_samples"]
+        split = args.split or run.split
+        if split == "validation" and run.data.validation is None:
+            raise ConfigError(f"--split validation: run {run.dir} has no validation split "
+                              "(it was trained without --val-fraction)")
+        x = {"test": run.data.test, "validation": run.data.validation,
+             "train": run.data.train_epoch()}[split]
+        x = subset(x, args.max_points).to(ctx.device)
+        plate = args.data_plate or run.options.data_plate
+        if split != "train" and run.split == "train":
             # The guide was fitted to the training set: held-out points get the posterior
             # predictive density, never an evidence gap of data the guide did not see.
-            predictive = posterior_predictive(pair.model, pair.guide, x, num_samples=k,
+            predictive = posterior_predictive(run.model, run.guide, x, num_samples=k,
                                               batch_size=args.batch_size, data_plate=plate)
-            summary = {"data": config["data"], "split": "test", **predictive.summary()}
-            out = run_dir / f"predictive-test-K{k}.json"
+            summary = {"data": run.config["data"], "split": split, **predictive.summary()}
+            out = run.dir / f"predictive-{split}-K{k}.json"
             write_json_atomic(out, summary)
-            print(format_predictive(summary))
-            print(f"wrote {out}")
+            print(format_predictive(summary), f"\nwrote {out}")
             return 0
-        diagnostics = evaluate(pair.model, pair.guide, x, num_samples=k,
-                               batch_size=args.batch_size, data_plate=plate,
-                               progress=not args.no_progress and ctx.is_main, distributed=ctx)
+        d = evaluate(run.model, run.guide, x, num_samples=k, batch_size=args.batch_size,
+                     data_plate=plate, progress=not args.no_progress and ctx.is_main,
+                     distributed=ctx, device=ctx.device)
     finally:
         ctx.shutdown()
     if not ctx.is_main:
         return 0
-    summary = {"data": config["data"], "split": args.split, **diagnostics.summary()}
-    exact = pair.exact(x)
+    summary = {"data": run.config["data"], "split": split, **d.summary()}
+    exact = run.pair.exact(x)
     if exact is not None:
         summary["exact"] = exact_means(exact)
-    out = run_dir / f"evaluation-{args.split}-K{k}.json"
+        summary["exact_comparison"] = exact_comparison(d, {k: v.cpu() for k, v in exact.items()})
+    out = run.dir / f"evaluation-{split}-K{k}.json"
     write_json_atomic(out, summary)
     print(format_summary(summary))
     if exact is not None:
-        print(format_exact_comparison(diagnostics, exact))
+        print(format_exact_comparison(summary["exact_comparison"]))
     print(f"wrote {out}")
     return 0
 
 
+def command() -> int:
+    return run_main(main)
+
+
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    sys.exit(command())

@@ -9,42 +9,21 @@ Gaussian) and the variance of the score-function and pathwise gradient estimator
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
-import matplotlib
+import pyro
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pyro  # noqa: E402
-import pyro.distributions as dist  # noqa: E402
-import torch  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import HelpFormatter, run_main  # noqa: E402
-
-from inference.diagnostics.kl_directions import (  # noqa: E402
-    DiagonalGaussian,
-    fit_kl,
-    gradient_samples,
-    kl_monte_carlo,
-    kl_quadrature,
-    parameter_names,
-    surrogate_loss,
-)
-from inference.errors import ConfigError  # noqa: E402
-from inference.outputs.atomic import write_json_atomic  # noqa: E402
-from inference.outputs.plotting import save_figure  # noqa: E402
-
-DIVERGENCE = {"reverse": "min D(p_θ || q)", "forward": "min D(q || p_θ)"}
+from inference.command_line import HelpFormatter, run_main
+from inference.diagnostics.kl_directions import fit_both_directions, gradient_variances, make_target
+from inference.errors import ConfigError
+from inference.outputs.atomic import write_json_atomic
+from inference.outputs.plotting import plot_kl_directions, save_figure
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(allow_abbrev=False,
-        description=__doc__, formatter_class=HelpFormatter
-    )
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--target", choices=("bimodal", "gaussian"), default="bimodal",
                    help="bimodal: 1/2 N(-2, 0.5^2) + 1/2 N(2, 0.5^2); gaussian: N(1, 0.7^2)")
     p.add_argument("--separation", type=float, default=2.0,
@@ -67,64 +46,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def make_target(name: str, separation: float) -> dist.Distribution:
-    if name == "gaussian":
-        return dist.Normal(torch.tensor([1.0]), torch.tensor([0.7])).to_event(1)
-    locs = torch.tensor([[-separation], [separation]])
-    return dist.MixtureSameFamily(
-        dist.Categorical(probs=torch.tensor([0.5, 0.5])), dist.Normal(locs, 0.5).to_event(1)
-    )
-
-
-def divergences(p: dist.Distribution, target: dist.Distribution, gaussian: bool) -> dict:
-    """Both directions: Monte Carlo (mean, se), quadrature, and closed form where one exists."""
-    out = {}
-    for name, (a, b) in {"reverse": (p, target), "forward": (target, p)}.items():
-        mc = kl_monte_carlo(a, b, 200_000)
-        entry = {"monte_carlo": mc.mean, "monte_carlo_se": mc.se,
-                 "quadrature": kl_quadrature(a, b, -15.0, 15.0)}
-        entry["exact"] = (torch.distributions.kl_divergence(a, b).item() if gaussian else None)
-        out[name] = entry
-    return out
-
-
-def gradient_variances(target, args) -> dict:
-    """Mean and variance of each estimator of grad D(p_theta || q) at the initial theta."""
-    out = {}
-    for label, estimator, baseline in (
-        ("score-function", "score-function", None),
-        ("score-function + leave-one-out baseline", "score-function", "leave-one-out"),
-        ("pathwise", "pathwise", None),
-    ):
-        family = DiagonalGaussian(torch.tensor([args.init_loc]), torch.tensor([args.init_scale]))
-        grads = gradient_samples(family, surrogate_loss("reverse", estimator, baseline), target,
-                                 args.num_samples, args.replicates)
-        out[label] = {
-            name: {"mean": grads[:, i].mean().item(), "variance": grads[:, i].var().item(),
-                   "se_of_mean": grads[:, i].std().item() / math.sqrt(args.replicates)}
-            for i, name in enumerate(parameter_names(family))
-        }
-    return out
-
-
-def plot(target, fits: dict, title: str):
-    x = torch.linspace(-6, 6, 1201).unsqueeze(-1)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    with torch.no_grad():
-        ax.fill_between(x[:, 0], target.log_prob(x).exp(), color="0.85", label="target q")
-        for (name, fit), color in zip(fits.items(), ("C3", "C0"), strict=True):
-            density = fit["family"].distribution().log_prob(x).exp()
-            ax.plot(x[:, 0], density, color=color, lw=2,
-                    label=f"{name} KL, {DIVERGENCE[name]}: loc {fit['loc']:.2f}, "
-                          f"scale {fit['scale']:.2f}")
-    ax.set_xlabel("x")
-    ax.set_ylabel("density")
-    ax.set_title(title)
-    ax.legend(loc="upper left", fontsize=8)
-    ax.grid(alpha=0.3)
-    return fig
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     for flag in ("steps", "num_samples", "replicates"):
@@ -143,22 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     pyro.set_rng_seed(args.seed)
     target = make_target(args.target, args.separation)
     gaussian = args.target == "gaussian"
-    baseline = None if args.baseline == "none" else args.baseline
-    fits = {}
-    for direction, estimator in (("reverse", args.estimator), ("forward", "pathwise")):
-        family = DiagonalGaussian(torch.tensor([args.init_loc]), torch.tensor([args.init_scale]))
-        fit_kl(family, target, direction, estimator=estimator, baseline=baseline,
-               steps=args.steps, lr=args.lr, num_samples=args.num_samples)
-        fits[direction] = {
-            "family": family,
-            "estimator": estimator if direction == "reverse" else "maximum likelihood",
-            "loc": family.loc.item(),
-            "scale": family.log_scale.exp().item(),
-        }
-    with torch.no_grad():
-        for fit in fits.values():
-            fit["divergences"] = divergences(fit["family"].distribution(), target, gaussian)
-    variances = gradient_variances(target, args)
+    fits = fit_both_directions(target, args.estimator,
+                               None if args.baseline == "none" else args.baseline, args.init_loc,
+                               args.init_scale, args.steps, args.lr, args.num_samples)
+    variances = gradient_variances(target, args.init_loc, args.init_scale, args.num_samples,
+                                   args.replicates)
 
     mean = target.mean.item()
     std = target.variance.sqrt().item()
@@ -182,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     if out_dir is not None:
         title = ("reverse KL seeks a mode, forward KL covers both" if not gaussian
                  else "both directions recover a Gaussian target")
-        save_figure(plot(target, fits, title), out_dir / "kl_directions.png")
+        save_figure(plot_kl_directions(target, fits, title), out_dir / "kl_directions.png")
         write_json_atomic(out_dir / "kl_directions.json", {
             "target": {"name": args.target, "mean": mean, "std": std},
             **{name: {k: v for k, v in fit.items() if k != "family"} for name, fit in fits.items()},
@@ -193,5 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def command() -> int:
+    return run_main(main)
+
+
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    sys.exit(command())

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from inference.outputs import runs
+
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--epochs", "3", "--num-samples", "50", "--eval-samples", "10", "--eval-points", "50",
         "--no-progress"]
@@ -232,9 +234,10 @@ def test_help_states_every_flag_and_each_default_once(script):
     assert not [line for line in text.splitlines() if line.count("default") > 1]
 
 
-def test_final_evaluation_says_what_it_costs_and_test_points_bound_it(tmp_path, capsys):
+def test_final_evaluation_says_what_it_costs_and_test_points_bound_it(tmp_path, capsys,
+                                                                     monkeypatch):
     fit_script = load_script("fit")
-    fit_script.ANNOUNCE_AFTER_SECONDS = 0  # every estimate is "long"
+    monkeypatch.setattr(runs, "ANNOUNCE_AFTER_SECONDS", 0)  # every estimate is "long"
     args = [*FAST, "--test-points", "40", "--out", str(tmp_path / "run")]
     assert fit_script.run_main(fit_script.main, args) == 0
     out = capsys.readouterr().out

@@ -10,7 +10,7 @@ from __future__ import annotations
 import gzip
 import warnings
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ from inference.errors import DataError
 # run sees must not depend on the training seed.
 DATA_SEED = 0
 BINARIZATIONS = ("threshold", "fixed", "dynamic")
+DATASETS = ("digits", "synthetic", "mnist", "binarized_mnist", "frey_face", "array")
 
 
 
@@ -52,10 +53,29 @@ class Dataset:
     image_shape: tuple[int, int] | None
     likelihood: str
     dynamic_binarization: bool = False
+    # Rows held out of the training set to watch during training instead of the test set.
+    validation: torch.Tensor | None = None
 
     @property
     def data_dim(self) -> int:
         return int(self.train.shape[1])
+
+    def with_validation(self, fraction: float, seed: int = DATA_SEED) -> Dataset:
+        """This data set with ``fraction`` of its training rows (a fixed random subset) moved
+        to a validation split; dynamically binarized rows are binarized once, like the test set."""
+        if not 0 < fraction < 1:
+            raise DataError(f"--val-fraction must be between 0 and 1 (exclusive), got {fraction}")
+        n = self.train.shape[0]
+        held = int(round(fraction * n))
+        if not 0 < held < n:
+            raise DataError(f"--val-fraction {fraction} of {n} training points leaves no "
+                            "validation or no training point")
+        g = torch.Generator().manual_seed(seed)
+        order = torch.randperm(n, generator=g)
+        validation = self.train[order[:held]]
+        if self.dynamic_binarization:
+            validation = torch.bernoulli(validation, generator=g)
+        return replace(self, train=self.train[order[held:]], validation=validation)
 
     def train_epoch(self, generator: torch.Generator | None = None) -> torch.Tensor:
         if self.dynamic_binarization:
@@ -301,9 +321,15 @@ def load_array(path: str | Path, num_test: int | None = None) -> Dataset:
 
 
 def load_dataset(name: str, path: str | Path | None = None, binarize: str = "dynamic") -> Dataset:
-    """``digits`` (bundled), or ``mnist``, ``binarized_mnist``, ``frey_face``, ``array`` from path."""
+    """``digits`` (bundled), ``synthetic`` (drawn from a fixed factor-analysis model), or
+    ``mnist``, ``binarized_mnist``, ``frey_face``, ``array`` read from ``path``."""
     if name == "digits":
         return load_digits()
+    if name == "synthetic":
+        # synthetic.py builds on this module's Dataset.
+        from inference.data.synthetic import load_synthetic
+
+        return load_synthetic()
     if path is None:
         raise DataError(f"data set '{name}' is read from files: pass their directory (--data-dir)")
     loaders = {
@@ -313,5 +339,5 @@ def load_dataset(name: str, path: str | Path | None = None, binarize: str = "dyn
         "array": lambda: load_array(path),
     }
     if name not in loaders:
-        raise DataError(f"unknown data set '{name}', expected one of {['digits', *loaders]}")
+        raise DataError(f"unknown data set '{name}', expected one of {['digits', 'synthetic', *loaders]}")
     return loaders[name]()

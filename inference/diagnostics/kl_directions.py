@@ -182,3 +182,65 @@ def gradient_samples(
 
 def parameter_names(family: nn.Module) -> list[str]:
     return [f"{name}[{i}]" for name, p in family.named_parameters() for i in range(p.numel())]
+
+
+def make_target(name: str, separation: float) -> dist.Distribution:
+    """bimodal: 1/2 N(-s, 0.5^2) + 1/2 N(s, 0.5^2); gaussian: N(1, 0.7^2)."""
+    if name == "gaussian":
+        return dist.Normal(torch.tensor([1.0]), torch.tensor([0.7])).to_event(1)
+    locs = torch.tensor([[-separation], [separation]])
+    return dist.MixtureSameFamily(
+        dist.Categorical(probs=torch.tensor([0.5, 0.5])), dist.Normal(locs, 0.5).to_event(1)
+    )
+
+
+def divergences(p: dist.Distribution, target: dist.Distribution, gaussian: bool) -> dict:
+    """Both directions: Monte Carlo (mean, se), quadrature, and closed form where one exists."""
+    out = {}
+    for name, (a, b) in {"reverse": (p, target), "forward": (target, p)}.items():
+        mc = kl_monte_carlo(a, b, 200_000)
+        entry = {"monte_carlo": mc.mean, "monte_carlo_se": mc.se,
+                 "quadrature": kl_quadrature(a, b, -15.0, 15.0)}
+        entry["exact"] = (torch.distributions.kl_divergence(a, b).item() if gaussian else None)
+        out[name] = entry
+    return out
+
+
+def gradient_variances(target: dist.Distribution, init_loc: float, init_scale: float,
+                        num_samples: int, replicates: int) -> dict:
+    """Mean and variance of each estimator of grad D(p_theta || q) at the initial theta."""
+    out = {}
+    for label, estimator, baseline in (
+        ("score-function", "score-function", None),
+        ("score-function + leave-one-out baseline", "score-function", "leave-one-out"),
+        ("pathwise", "pathwise", None),
+    ):
+        family = DiagonalGaussian(torch.tensor([init_loc]), torch.tensor([init_scale]))
+        grads = gradient_samples(family, surrogate_loss("reverse", estimator, baseline), target,
+                                 num_samples, replicates)
+        out[label] = {
+            name: {"mean": grads[:, i].mean().item(), "variance": grads[:, i].var().item(),
+                   "se_of_mean": grads[:, i].std().item() / math.sqrt(replicates)}
+            for i, name in enumerate(parameter_names(family))
+        }
+    return out
+
+
+def fit_both_directions(target: dist.Distribution, estimator: str, baseline: str | None,
+                        init_loc: float, init_scale: float, steps: int, lr: float,
+                        num_samples: int) -> dict:
+    """A Gaussian fitted to ``target`` by reverse KL (with ``estimator``) and by forward KL
+    (maximum likelihood), each from the same start, with both divergences of each fit."""
+    fits = {}
+    for direction, how in (("reverse", estimator), ("forward", "pathwise")):
+        family = DiagonalGaussian(torch.tensor([init_loc]), torch.tensor([init_scale]))
+        fit_kl(family, target, direction, estimator=how, baseline=baseline, steps=steps, lr=lr,
+               num_samples=num_samples)
+        fits[direction] = {"family": family,
+                           "estimator": how if direction == "reverse" else "maximum likelihood",
+                           "loc": family.loc.item(), "scale": family.log_scale.exp().item()}
+    gaussian = not isinstance(target, dist.MixtureSameFamily)
+    with torch.no_grad():
+        for fit in fits.values():
+            fit["divergences"] = divergences(fit["family"].distribution(), target, gaussian)
+    return fits

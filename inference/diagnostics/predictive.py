@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import torch
 
 from inference.diagnostics.evaluation import (
-    DEFAULT_ROWS_PER_CHUNK,
     MIN_SAMPLES_KHAT,
     checked_arguments,
     first_layout,
@@ -32,6 +31,7 @@ from inference.diagnostics.evaluation import (
     mean_and_se,
 )
 from inference.diagnostics.psis import importance_ess, khat_summary
+from inference.training.device import rows_per_chunk as default_rows_per_chunk
 
 
 @dataclass
@@ -68,18 +68,19 @@ def posterior_predictive(
     num_samples: int,
     batch_size: int | None = None,
     data_plate: str = "data",
-    rows_per_chunk: int = DEFAULT_ROWS_PER_CHUNK,
+    rows_per_chunk: int | None = None,
 ) -> PosteriorPredictive:
     """log E_q(theta)[p(x_n | theta)] for each held-out point of a pair with global latents
     (for a pair of local latents only it equals the evidence ``evaluate`` reports)."""
     batch_size = checked_arguments(x_new, num_samples, batch_size, "posterior_predictive")
+    rows_per_chunk = rows_per_chunk or default_rows_per_chunk(x_new.device)
     with torch.no_grad():
         first, batch_size = first_layout(model, guide, x_new, batch_size, data_plate)
         chunks = []
         for _, batches in joint_chunks(model, guide, x_new, first, batch_size, num_samples,
                                        data_plate, rows_per_chunk, progress=False):
             chunks.append(torch.cat([terms["local_w"] for *_, terms in batches], dim=1))
-    log_w = torch.cat(chunks)
+    log_w = torch.cat(chunks).cpu()
     stats = importance_stats(log_w, log_w)
     return PosteriorPredictive(
         log_density=stats["log_evidence"],

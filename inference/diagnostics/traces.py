@@ -55,6 +55,9 @@ class PairLayout:
     vectorized: bool = True
     # Rows the data plate picks of x itself (pyro.plate("data", len(x), subsample_size=B)).
     subsample: int | None = None
+    # Whether the observed sites hold less than x: the rest of x is an input the model
+    # conditions on (a CVAE, a regression), and the evidence is log p(y | inputs).
+    conditional: bool = False
 
     def rows(self, x: torch.Tensor) -> int:
         """Data points a pass of the pair on ``x`` covers."""
@@ -315,9 +318,12 @@ def inspect_pair(
         for frame in site["cond_indep_stack"]:
             if frame.vectorized:
                 nesting = max(nesting, -frame.dim)
+    rows = own_subsample or n
+    observed_size = sum(model_sites[name]["value"].numel() for name in observed)
     layout = PairLayout(latent=latent, observed=observed, max_plate_nesting=nesting,
                         global_sites=tuple(global_sites), auxiliary=auxiliary,
-                        subsample=own_subsample)
+                        subsample=own_subsample,
+                        conditional=observed_size < x[:1].numel() * rows)
     return _with_vectorization(model, guide, x, layout, data_plate)
 
 

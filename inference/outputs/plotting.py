@@ -15,6 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
@@ -60,8 +61,8 @@ def _entry(summary: dict, key: str) -> dict:
 def _points(records: Sequence[dict]) -> str:
     """Which points the diagnostics of a run are about (see inference.training.fitting.EvaluationPlan)."""
     last = records[-1]["diagnostics"] if records else {}
-    if last.get("split", "test") == "test":
-        return "test"
+    if last.get("split", "test") in ("test", "validation"):
+        return last.get("split", "test")
     return "training set (total / N):" if last.get("unit") == "data set" else "training"
 
 
@@ -76,8 +77,9 @@ def plot_elbo_curves(history: Sequence[dict]) -> Figure:
     epochs = [r["epoch"] for r in history]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(epochs, [r["train_elbo"] for r in history], label="train ELBO")
-    if any(r.get("test_elbo") is not None for r in history):
-        ax.plot(epochs, [r["test_elbo"] for r in history], label="test ELBO")
+    for split in ("validation", "test"):
+        if any(r.get(f"{split}_elbo") is not None for r in history):
+            ax.plot(epochs, [r.get(f"{split}_elbo") for r in history], label=f"{split} ELBO")
     ax.set_xlabel("epoch")
     _integer_ticks(ax.xaxis)
     ax.set_ylabel("ELBO per data point (nats)")
@@ -271,5 +273,27 @@ def plot_latent_scatter(
     ax.set_xlabel(axis_labels[0])
     ax.set_ylabel(axis_labels[1])
     ax.set_title("E_q[z | x] of test points")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+DIVERGENCE = {"reverse": "min D(p_θ || q)", "forward": "min D(q || p_θ)"}
+
+
+def plot_kl_directions(target, fits: dict, title: str) -> Figure:
+    """The target density and the Gaussians fitted by each direction of the KL."""
+    x = torch.linspace(-6, 6, 1201).unsqueeze(-1)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    with torch.no_grad():
+        ax.fill_between(x[:, 0], target.log_prob(x).exp(), color="0.85", label="target q")
+        for (name, fit), color in zip(fits.items(), ("C3", "C0"), strict=True):
+            density = fit["family"].distribution().log_prob(x).exp()
+            ax.plot(x[:, 0], density, color=color, lw=2,
+                    label=f"{name} KL, {DIVERGENCE[name]}: loc {fit['loc']:.2f}, "
+                          f"scale {fit['scale']:.2f}")
+    ax.set_xlabel("x")
+    ax.set_ylabel("density")
+    ax.set_title(title)
+    ax.legend(loc="upper left", fontsize=8)
     ax.grid(alpha=0.3)
     return fig

@@ -20,7 +20,8 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from inference.errors import ElbogapError
+from inference.errors import ConfigError, ElbogapError
+from inference.training.device import resolve_device
 
 T = TypeVar("T")
 
@@ -29,6 +30,7 @@ T = TypeVar("T")
 class Distributed:
     rank: int = 0
     world_size: int = 1
+    device: torch.device = torch.device("cpu")
 
     @property
     def enabled(self) -> bool:
@@ -39,15 +41,29 @@ class Distributed:
         return self.rank == 0
 
     @classmethod
-    def from_environment(cls) -> Distributed:
-        """Join the process group torchrun describes (gloo on CPU, nccl when CUDA is used)."""
+    def from_environment(cls, device: str | torch.device = "cpu",
+                         threads: int | None = None) -> Distributed:
+        """This process's device (``auto``: its GPU, ``LOCAL_RANK`` under torchrun, when CUDA
+        is available) and, under torchrun, the process group it joins (nccl on GPUs, else
+        gloo).  ``threads`` sets torch's CPU threads."""
+        if threads is not None:
+            if threads < 1:
+                raise ConfigError(f"--threads must be a positive integer, got {threads}")
+            torch.set_num_threads(threads)
+        device = resolve_device(device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         if world_size <= 1:
-            return cls()
+            return cls(device=device)
         if not dist.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() else "gloo"
-            dist.init_process_group(backend=backend)
-        return cls(rank=dist.get_rank(), world_size=dist.get_world_size())
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        return cls(rank=dist.get_rank(), world_size=dist.get_world_size(), device=device)
+
+    def say(self, text: str) -> None:
+        """Print on the first rank only."""
+        if self.is_main:
+            print(text)
 
     def shard(self, size: int) -> slice:
         """This rank's contiguous part of ``range(size)``; parts differ by at most one."""
@@ -83,7 +99,8 @@ class Distributed:
     def mean(self, value: float) -> float:
         if not self.enabled:
             return value
-        t = torch.tensor([value], dtype=torch.float64)
+        # nccl reduces only tensors on the GPU.
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t.item() / self.world_size
 

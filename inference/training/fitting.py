@@ -23,6 +23,7 @@ from inference.diagnostics.traces import PairLayout, inspect_pair
 from inference.errors import ConfigError, ConventionError, ElbogapError
 from inference.outputs.atomic import write_text_atomic
 from inference.training.checkpoint import rng_preserved, rng_state, save_checkpoint, set_rng_state
+from inference.training.device import CPU, move_pair, resolve_device
 from inference.training.distributed import SINGLE, Distributed
 from inference.training.elbo_step import ELBOS, ElboStep
 from inference.training.parameters import pair_parameters
@@ -58,6 +59,7 @@ class FitOptions:
     seed: int = 0  # fixes the data order and dynamic binarization of every epoch
     max_nonfinite_steps: int = 10  # consecutive skipped steps before training stops
     jit: bool = True  # replay a checked recording of the loss (inference.training.compiled_loss)
+    device: str = "cpu"  # auto, cpu, cuda or cuda:INDEX (inference.training.device)
 
     def check(self, num_train: int, world_size: int = 1) -> None:
         for name in ("epochs", "batch_size", "num_particles", "eval_every", "eval_samples",
@@ -98,7 +100,7 @@ def _minibatches(x_epoch: torch.Tensor, order: torch.Tensor, global_batch: int,
 
 def _train_epoch(
     step: ElboStep, data: Dataset, epoch: int, options: FitOptions, distributed: Distributed,
-    own_minibatch: int | None = None,
+    own_minibatch: int | None = None, device: torch.device = CPU,
 ) -> float:
     """One pass over the training set; the mean loss of its steps with a finite loss.
 
@@ -108,7 +110,8 @@ def _train_epoch(
     n = data.train.shape[0]
     global_batch = options.batch_size * distributed.world_size
     epoch_rng = torch.Generator().manual_seed(options.seed * 1_000_003 + epoch)
-    x_epoch = data.train_epoch(epoch_rng)
+    # Drawn on the CPU (its generator is), then moved once per epoch.
+    x_epoch = data.train_epoch(epoch_rng).to(device)
     order = torch.randperm(n, generator=epoch_rng)
     step.compiled.recheck()
     total, steps = 0.0, 0
@@ -147,19 +150,25 @@ class EvaluationPlan:
 
     layout: PairLayout
     held_out: bool
+    # Held-out points watched during training: the validation split when the data has one.
+    monitored: str = "test"
 
     @property
     def split(self) -> str:
         return "test" if self.held_out else "train"
 
     def eval_x(self, data: Dataset, points: int | None = None) -> torch.Tensor:
-        return diagnosed_points(data, self.split, points)
+        return diagnosed_points(data, self.monitored if self.held_out else "train", points)
 
 
 def diagnosed_points(data: Dataset, split: str, points: int | None = None) -> torch.Tensor:
-    """The points a pair's diagnostics cover: ``points`` of the test split (a fixed random
-    subset), or the whole training set the guide was fitted to."""
-    return subset(data.test, points) if split == "test" else data.train
+    """The points a pair's diagnostics cover: ``points`` of the test (or validation) split, a
+    fixed random subset, or the whole training set the guide was fitted to."""
+    if split == "train":
+        return data.train
+    if split == "validation":
+        return subset(data.validation, points)
+    return subset(data.test, points)
 
 
 def _runs_on(model: Callable, guide: Callable, x: torch.Tensor, data_plate: str) -> bool:
@@ -211,7 +220,8 @@ def plan_evaluation(model: Callable, guide: Callable, data: Dataset,
             "particle dimension (see README, Conventions), so Pyro cannot vectorize its "
             "particles; use --num-particles 1"
         )
-    return EvaluationPlan(layout, held_out)
+    return EvaluationPlan(layout, held_out,
+                          "validation" if data.validation is not None else "test")
 
 
 @dataclass
@@ -257,6 +267,10 @@ def fit(
     options.check(n, distributed.world_size)
     # The conventions, checked once up front: a clear error now rather than a quietly wrong fit.
     plan = plan_evaluation(model, guide, data, options, distributed.world_size)
+    device = resolve_device(options.device)
+    # Tracing the pair (plan_evaluation) created its parameters on the CPU; the optimizer
+    # below must hold them where they will live.
+    move_pair(model, guide, device)
     run_dir = Path(run_dir) if run_dir is not None and distributed.is_main else None
     step = ElboStep(model, guide, n, lr=options.lr, elbo=options.elbo,
                     num_particles=options.num_particles, data_plate=options.data_plate,
@@ -274,7 +288,9 @@ def fit(
     elif distributed.enabled:
         # Parameters were initialized alike on every rank; the noise of the draws must differ.
         torch.manual_seed(options.seed * 1_000_003 + distributed.rank + 1)
-    eval_x = plan.eval_x(data, options.eval_points)
+    eval_x = plan.eval_x(data, options.eval_points).to(device)
+    watched = f"{plan.monitored}_elbo"
+    held_out_x = (data.validation if plan.monitored == "validation" else data.test).to(device)
     epochs = tqdm(range(first_epoch, options.epochs + 1), desc="fit", unit="epoch",
                   initial=first_epoch - 1, total=options.epochs,
                   disable=not (options.progress and distributed.is_main))
@@ -287,7 +303,7 @@ def fit(
             start = time.perf_counter()
             try:
                 train_loss = _train_epoch(step, data, epoch, options, distributed,
-                                          plan.layout.subsample)
+                                          plan.layout.subsample, device)
             except TrainingError as e:
                 raise TrainingError(f"{e}; {_what_is_kept(run_dir, epoch)}") from None
             if not (eager_told or step.compiled.enabled) and distributed.is_main:
@@ -297,9 +313,9 @@ def fit(
             record = {
                 "epoch": epoch,
                 "train_elbo": -train_loss / n,
-                "test_elbo": evaluate(model, guide, data.test, num_samples=1, batch_size=1000,
-                                      data_plate=options.data_plate,
-                                      distributed=distributed).elbo.mean().item()
+                watched: evaluate(model, guide, held_out_x, num_samples=1, batch_size=1000,
+                                  data_plate=options.data_plate,
+                                  distributed=distributed).elbo.mean().item()
                 if plan.held_out else None,
                 "seconds": time.perf_counter() - start,
                 "skipped_steps": step.skipped,
@@ -314,12 +330,13 @@ def fit(
                     model, guide, eval_x, num_samples=options.eval_samples,
                     data_plate=options.data_plate, distributed=distributed,
                 )
-                record["diagnostics"] = {"split": plan.split, **diagnostics.summary()}
+                record["diagnostics"] = {"split": plan.monitored if plan.held_out else "train",
+                                         **diagnostics.summary()}
             if on_epoch is not None:
                 on_epoch(record)
             result.history.append(record)
             epochs.set_postfix(train_elbo=f"{record['train_elbo']:.2f}", **(
-                {"test_elbo": f"{record['test_elbo']:.2f}"} if plan.held_out else {}))
+                {watched: f"{record[watched]:.2f}"} if plan.held_out else {}))
             rng_per_rank = distributed.gather(rng_state())
             if run_dir is not None:
                 write_text_atomic(

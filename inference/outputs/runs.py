@@ -1,0 +1,339 @@
+"""Run directories: what ``scripts/fit.py`` writes, and everything needed to pick a run up again
+from Python (``load_run``) with its data, its pair and its fitted parameters.
+
+A run directory holds ``config.json`` (how to rebuild data and pair), ``checkpoint.pt``,
+``metrics.jsonl`` (one record per epoch), ``diagnostics.json`` and the figures.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import pyro
+import torch
+
+from inference.data.datasets import Dataset, load_dataset, subset_indices
+from inference.diagnostics.evaluation import evaluate
+from inference.diagnostics.predictive import posterior_predictive
+from inference.diagnostics.reconstruction import reconstruct, sample_prior_means
+from inference.errors import ConfigError, ElbogapError
+from inference.outputs.atomic import write_json_atomic
+from inference.outputs.plotting import (
+    plot_elbo_curves,
+    plot_evidence_gap,
+    plot_image_grid,
+    plot_kl_per_dim,
+    plot_reconstructions,
+    plot_terms_curves,
+    save_figure,
+)
+from inference.pairs import Pair, build_pair, default_guide, exact_comparison, exact_means
+from inference.training.checkpoint import load_checkpoint, rng_preserved
+from inference.training.distributed import SINGLE, Distributed
+from inference.training.fitting import (
+    CHECKPOINT,
+    METRICS,
+    FitOptions,
+    FitResult,
+    diagnosed_points,
+    fit,
+    plan_evaluation,
+)
+
+CONFIG = "config.json"
+# Settings of a run besides FitOptions: data, pair and the final evaluation.
+RUN_DEFAULTS = {"data": "digits", "data_dir": None, "binarize": "dynamic", "model": "vae",
+                "guide": None, "likelihood": "auto", "likelihood_scale": None,
+                "latent_dim": None, "hidden_dims": None, "num_samples": 1000,
+                "test_points": None, "eval_batch_size": 100, "val_fraction": None}
+
+
+@dataclass
+class Run:
+    """A run directory's config, data, pair (parameters restored) and checkpoint state."""
+
+    dir: Path
+    config: dict
+    data: Dataset
+    pair: Pair
+    state: dict | None = None
+
+    @property
+    def model(self):
+        return self.pair.model
+
+    @property
+    def guide(self):
+        return self.pair.guide
+
+    @property
+    def options(self) -> FitOptions:
+        return FitOptions(**self.config["fit_options"])
+
+    @property
+    def split(self) -> str:
+        """Where the pair is diagnosed: "test", or "train" for a guide with parameters per
+        training point or with global latents (see ``inference.training.EvaluationPlan``)."""
+        return self.config.get("evaluated_on", "test")
+
+    def points(self, n: int | None = None) -> torch.Tensor:
+        """The points the pair is diagnosed on (a fixed random subset of ``n`` of them)."""
+        return diagnosed_points(self.data, self.split, n)
+
+    @property
+    def history(self) -> list[dict]:
+        """The records of ``metrics.jsonl``, one per epoch."""
+        path = self.dir / METRICS
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_config(run_dir: Path) -> dict:
+    path = Path(run_dir) / CONFIG
+    if not path.is_file():
+        raise ConfigError(f"{run_dir}: no {CONFIG}; is it a run directory of scripts/fit.py?")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+
+
+def load_run(run_dir: str | Path) -> Run:
+    """The run in ``run_dir``: its config, data, model and guide with the checkpoint's
+    parameters, and the checkpoint's state (optimizer, epoch, random streams)."""
+    run_dir = Path(run_dir)
+    config = read_config(run_dir)
+    pyro.clear_param_store()
+    data = run_data(config)
+    pair = build_pair(config, data.data_dim)
+    run = Run(run_dir, config, data, pair)
+    # A guide with parameters per training point is rebuilt on the training set.
+    run.state = load_checkpoint(run_dir / CHECKPOINT, pair.model, pair.guide, run.points(2))
+    return run
+
+
+def run_data(config: dict) -> Dataset:
+    """The data set a config names, with its validation split when it has one."""
+    data = load_dataset(config.get("data") or "digits", config.get("data_dir"),
+                        config.get("binarize") or "dynamic")
+    if config.get("val_fraction"):
+        data = data.with_validation(config["val_fraction"])
+    return data
+
+
+def run_config(data: Dataset, settings: dict) -> dict:
+    """A new run's config: ``settings`` (keys of ``RUN_DEFAULTS`` and ``FitOptions``, None
+    meaning "the default") completed with defaults that depend on the data: latent_dim 50
+    (10 for data of < 400 values, 3 for synthetic), hidden_dims (400,) ((200,) for small data),
+    the likelihood the data set suits, the model's own guide."""
+    config = {**RUN_DEFAULTS, **{f.name: f.default for f in fields(FitOptions)}}
+    config.update({k: v for k, v in settings.items() if v is not None})
+    unknown = set(config) - set(RUN_DEFAULTS) - {f.name for f in fields(FitOptions)}
+    if unknown:
+        raise ConfigError(f"unknown run settings {sorted(unknown)}")
+    small = data.data_dim < 400
+    if config["likelihood"] == "auto":
+        config["likelihood"] = data.likelihood
+    if config["hidden_dims"] is None:
+        config["hidden_dims"] = [200] if small else [400]
+    config["hidden_dims"] = list(config["hidden_dims"])
+    if config["latent_dim"] is None:
+        config["latent_dim"] = 3 if data.name == "synthetic" else 10 if small else 50
+    model = config["model"]
+    if ":" in model and model.rsplit(":", 1)[0].endswith(".py"):
+        path, _, name = model.rpartition(":")
+        config["model"] = f"{Path(path).resolve()}:{name}"
+    config["guide"] = config["guide"] or default_guide(model)
+    if config["data_dir"] is not None:
+        config["data_dir"] = str(Path(config["data_dir"]).resolve())
+    check_positive_settings(config)
+    return config
+
+
+def check_positive_settings(config: dict) -> None:
+    for name in ("num_samples", "test_points", "eval_batch_size"):
+        value = config.get(name)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+
+
+def check_likelihood(likelihood: str, data: Dataset) -> None:
+    if likelihood != "bernoulli":
+        return
+    # Dynamically binarized training data holds grey levels, drawn to 0/1 every epoch.
+    for split in (data.test,) if data.dynamic_binarization else (data.train, data.test):
+        if not ((split == 0) | (split == 1)).all():
+            low, high = split.min().item(), split.max().item()
+            raise ConfigError(
+                f"--likelihood bernoulli needs data of 0s and 1s, but data set '{data.name}' has "
+                f"values from {low:g} to {high:g}: binarize it (for mnist: --binarize), or use "
+                "--likelihood gaussian"
+            )
+
+
+def prepare_run_dir(run_dir: Path, overwrite: bool = False) -> Path:
+    """Make ``run_dir`` ready for a new run: refuse one that holds a run (unless
+    ``overwrite``), or that cannot be written."""
+    if run_dir.is_file():
+        raise ConfigError(f"--out {run_dir}: is a file, not a directory")
+    held = {p.name for p in run_dir.iterdir()} if run_dir.is_dir() else set()
+    if held == {CONFIG}:
+        # A run that failed before its first epoch (its config is all it wrote): nothing to keep.
+        print(f"note: {run_dir} holds only the config of a run that never completed an epoch; "
+              "starting anew there")
+    elif held and not overwrite:
+        raise ConfigError(
+            f"--out {run_dir}: already holds a run; pass --overwrite to replace it, or another --out"
+        )
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"--out {run_dir}: cannot write there ({e.strerror})") from None
+    return run_dir
+
+
+def default_run_dir(config: dict) -> Path:
+    return Path("runs") / (f"{config['data']}-{Path(config['model']).stem}-"
+                           f"{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def new_run(settings: dict, out: str | Path | None = None, overwrite: bool = False,
+            distributed: Distributed = SINGLE) -> tuple[Run, FitOptions]:
+    """A run not yet trained: data loaded, pair built (seeded by ``settings["seed"]``), every
+    rule checked, and only then its directory made and ``config.json`` written."""
+    # The same seed on every rank: the same initial parameters (fit varies the draws per rank).
+    pyro.set_rng_seed(settings.get("seed") or 0)
+    pyro.clear_param_store()
+    data = run_data(settings)
+    config = run_config(data, settings)
+    check_likelihood(config["likelihood"], data)
+    pair = build_pair(config, data.data_dim)
+    options = FitOptions(**{f.name: config[f.name] for f in fields(FitOptions)})
+    options.check(data.train.shape[0], distributed.world_size)
+    # Where the fitted pair can be diagnosed (a clear error now if the pair breaks a rule).
+    config["evaluated_on"] = plan_evaluation(pair.model, pair.guide, data, options).split
+    run_dir = Path(out) if out is not None else default_run_dir(config)
+    run_dir = distributed.on_main(lambda: prepare_run_dir(run_dir, overwrite))
+    config.update(fit_options=asdict(options), processes=distributed.world_size)
+    if distributed.is_main:
+        write_json_atomic(run_dir / CONFIG, config)
+    return Run(run_dir, config, data, pair), options
+
+
+def resumed_run(run_dir: str | Path, epochs: int | None = None,
+                time_budget: float | None = None,
+                distributed: Distributed = SINGLE) -> tuple[Run, FitOptions]:
+    """The run in ``run_dir``, ready to continue from its checkpoint with its own settings
+    (``epochs`` may raise the total, ``time_budget`` in seconds bounds this session)."""
+    run = load_run(run_dir)
+    options = run.options
+    if epochs is not None:
+        options.epochs = epochs
+    if time_budget is not None:
+        options.time_budget = time_budget
+    options.check(run.data.train.shape[0], distributed.world_size)
+    run.state["history"] = run.history
+    return run, options
+
+
+def train(run: Run, options: FitOptions, distributed: Distributed = SINGLE) -> FitResult:
+    """``fit`` the run's pair, checkpointing into its directory; the closed forms of a model
+    that has them are recorded beside every epoch's diagnostics."""
+    eval_x = run.points(options.eval_points)
+
+    def add_exact(record: dict) -> None:
+        if "diagnostics" in record and (exact := exact_means(run.pair.exact(eval_x))) is not None:
+            record["exact"] = exact
+
+    return fit(run.model, run.guide, run.data, options, run.dir, on_epoch=add_exact,
+               distributed=distributed, resume=run.state)
+
+
+ANNOUNCE_AFTER_SECONDS = 30
+
+
+def final_evaluation_seconds(run: Run, x: torch.Tensor, processes: int = 1) -> float | None:
+    """What the final evaluation of ``x`` will take here, timed on a few points at a small K
+    without moving any random stream (None: the pair runs only on its whole data set)."""
+    k, probe_k = run.config["num_samples"], min(run.config["num_samples"], 50)
+    probe = x[: min(x.shape[0], 20)]
+    start = time.perf_counter()
+    try:
+        with rng_preserved():
+            evaluate(run.model, run.guide, probe, num_samples=probe_k,
+                     data_plate=run.options.data_plate)
+    except ElbogapError:
+        return None
+    return (time.perf_counter() - start) * x.shape[0] * k / (probe.shape[0] * probe_k * processes)
+
+
+def final_summary(run: Run, progress: bool = True,
+                  distributed: Distributed = SINGLE) -> dict | None:
+    """Diagnose the trained pair (``num_samples`` draws, ``test_points`` points) and write
+    ``diagnostics.json`` and the figures; the summary (None on ranks other than the first)."""
+    config, plate = run.config, run.options.data_plate
+    x = run.points(config.get("test_points"))
+    if distributed.is_main:
+        seconds = final_evaluation_seconds(run, x, distributed.world_size)
+        if seconds is not None and seconds > ANNOUNCE_AFTER_SECONDS:
+            print(f"final evaluation: {x.shape[0]} {run.split} points x K={config['num_samples']}, "
+                  f"about {seconds / 60:.1f} min here (--num-samples and --test-points bound it)")
+    d = evaluate(run.model, run.guide, x, num_samples=config["num_samples"],
+                 batch_size=config["eval_batch_size"], progress=progress, data_plate=plate,
+                 distributed=distributed)
+    if not distributed.is_main:
+        return None
+    summary = {"data": config["data"], "split": run.split, **d.summary()}
+    if (exact := run.pair.exact(x)) is not None:
+        summary["exact"] = exact_means(exact)
+        summary["exact_comparison"] = exact_comparison(d, exact)
+    if config["data"] == "synthetic":
+        from inference.data.synthetic import synthetic_truth
+
+        summary["data_generating_log_evidence"] = (
+            synthetic_truth().log_evidence(run.data.test).double().mean().item())
+    if d.unit == "data set" and run.data.test.shape[0]:
+        # Held-out points have no evidence gap under a global guide: their posterior
+        # predictive density is what can be said of them.
+        with torch.no_grad():
+            summary["held_out_predictive"] = posterior_predictive(
+                run.model, run.guide, run.data.test, num_samples=config["num_samples"],
+                batch_size=config["eval_batch_size"], data_plate=plate).summary()
+    write_json_atomic(run.dir / "diagnostics.json", summary)
+    for name, fig in run_figures(run, summary["kl_per_dim"]).items():
+        save_figure(fig, run.dir / name)
+    return summary
+
+
+def run_figures(run: Run, kl_per_dim: dict) -> dict:
+    """The figures of a run by file name: curves over training, KL per dimension, and for image
+    data reconstructions and prior samples read off the model's observed site."""
+    history, data, held_out = run.history, run.data, run.split == "test"
+    figures = {
+        "elbo.png": plot_elbo_curves(history),
+        "reconstruction_kl.png": plot_terms_curves(history),
+        "evidence_gap.png": plot_evidence_gap(history),
+        "kl_per_dim.png": plot_kl_per_dim(kl_per_dim),
+    }
+    if data.image_shape is not None:
+        # A guide with parameters per training point reconstructs only the training set.
+        x = data.test if held_out else data.train
+        shown = subset_indices(x.shape[0], 32)
+        if held_out:
+            x, shown = x[shown], torch.arange(len(shown))
+        figures["reconstructions.png"] = plot_reconstructions(
+            x[shown].numpy(), reconstruct(run.model, run.guide, x)[shown].numpy(),
+            data.image_shape,
+        )
+        figures["prior_samples.png"] = plot_image_grid(
+            sample_prior_means(run.model, data.test[:64]).numpy(), data.image_shape,
+            "prior samples: E[x|z], z ~ p(z)",
+        )
+    return figures

@@ -1,0 +1,1 @@
+"""The command-line scripts; installed as ``elbogap_scripts`` (console commands elbogap-*)."""
