@@ -42,6 +42,7 @@ from inference.diagnostics.evaluation import evaluate  # noqa: E402
 from inference.diagnostics.psis import pareto_khat  # noqa: E402
 from inference.errors import ConfigError  # noqa: E402
 from inference.outputs.atomic import write_json_atomic, write_text_atomic  # noqa: E402
+from inference.training.device import add_device_flag, resolve_device  # noqa: E402
 from inference.training.distributed import Distributed  # noqa: E402
 from inference.training.elbo_step import ElboStep  # noqa: E402
 from models.vae import VAE  # noqa: E402
@@ -152,7 +153,7 @@ def hand_written_log_evidence(vae: VAE, enc: MeanFieldGuide, x: torch.Tensor, k:
         parts = []
         for start in range(0, k, chunk):
             m = min(chunk, k - start)
-            eps = torch.randn(m, *loc.shape)
+            eps = torch.randn(m, *loc.shape, device=x.device)
             z = loc + scale * eps
             log_px = -F.binary_cross_entropy_with_logits(
                 vae.decoder(z), x.expand(m, *x.shape), reduction="none").sum(-1)
@@ -162,9 +163,23 @@ def hand_written_log_evidence(vae: VAE, enc: MeanFieldGuide, x: torch.Tensor, k:
 
 
 def evidence_runner(name: str, x: torch.Tensor, k: int):
-    """A zero-argument function computing log p(x) for all of x with contender ``name``."""
+    """A zero-argument function computing log p(x) for all of x with contender ``name``, on
+    x's device (waiting for a GPU to finish, so that the time is the computation's)."""
     pyro.clear_param_store()
     vae, enc = elbogap_pair()
+    if x.device.type == "cuda":
+        vae.to(x.device), enc.to(x.device)
+        run = _evidence_runner(name, x, k, vae, enc)
+
+        def synchronized():
+            out = run()
+            torch.cuda.synchronize(x.device)
+            return out
+        return synchronized
+    return _evidence_runner(name, x, k, vae, enc)
+
+
+def _evidence_runner(name: str, x: torch.Tensor, k: int, vae: VAE, enc: MeanFieldGuide):
     if name == "elbogap evaluate":
         return lambda: evaluate(vae.model, enc.guide, x, num_samples=k,
                                 batch_size=min(100, x.shape[0])).log_evidence
@@ -331,6 +346,7 @@ def training_section(args, x_train: torch.Tensor, gflops: float) -> list[dict]:
 
 def evidence_section(args, x_test: torch.Tensor) -> list[dict]:
     rows = []
+    x_test = x_test.to(args.device)
     for k in args.evidence_k:
         contenders = {
             "elbogap evaluate": evidence_runner("elbogap evaluate", x_test[: args.evidence_points], k),
@@ -344,7 +360,9 @@ def evidence_section(args, x_test: torch.Tensor) -> list[dict]:
         for name, t in times.items():
             n = args.importance_points if name == "pyro.infer.Importance" else args.evidence_points
             per_point = statistics.median(t) / n
-            memory = run_probe({"contender": name, "k": k, "n": n})
+            # Peak memory is measured in a fresh CPU process (VmHWM); on a GPU: none.
+            memory = (run_probe({"contender": name, "k": k, "n": n}) if args.device.type == "cpu"
+                      else {"peak_extra_mib": None})
             rows.append({"k": k, "contender": name, "points": n,
                          "points_per_second": 1 / per_point,
                          "ratio_to_hand_written": per_point / hand,
@@ -366,6 +384,10 @@ def scaling_section(args) -> list[dict]:
     return rows
 
 
+def _mib(value: float | None) -> str:
+    return "–" if value is None else f"{value:.0f}"
+
+
 def markdown(report: dict) -> str:
     m = report["machine"]
     lines = [
@@ -382,11 +404,11 @@ def markdown(report: dict) -> str:
               "|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['contender']} | {r['k']} | {r['points_per_second']:.2f} | "
               f"{r['ratio_to_hand_written']:.2f} | {r['gflops']:.0f} | "
-              f"{r['peak_extra_mib']:.0f} |" for r in report["evidence"]]
+              f"{_mib(r['peak_extra_mib'])} |" for r in report["evidence"]]
     lines += ["", "| evaluate scaling | K | N | seconds | points/s | peak extra MiB |",
               "|---|---:|---:|---:|---:|---:|"]
     lines += [f"| vary {r['vary']} | {r['k']} | {r['n']} | {r['seconds']:.2f} | "
-              f"{r['points_per_second']:.2f} | {r['peak_extra_mib']:.0f} |"
+              f"{r['points_per_second']:.2f} | {_mib(r['peak_extra_mib'])} |"
               for r in report["scaling"]]
     lines += ["", "| data parallel | processes × threads | global batch | examples/s | ms / step | "
               "all-reduced per step |", "|---|---:|---:|---:|---:|---:|"]
@@ -403,6 +425,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="MNIST IDX directory; synthetic data of MNIST's shape if absent")
     p.add_argument("--out", default="runs/benchmark", help="directory for benchmark.json/.md")
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks the script runs")
+    add_device_flag(p, default="cpu", what="the evidence section")
     p.add_argument("--probe", help=argparse.SUPPRESS)
     p.add_argument("--dp-probe", help=argparse.SUPPRESS)
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
@@ -436,6 +459,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(result))
         return 0
     configure(args)
+    # The evidence section runs on --device; training, scaling and data-parallel stay on CPU.
+    args.device = resolve_device(args.device)
     torch.manual_seed(0)
     pyro.set_rng_seed(0)
     if args.data_dir:
@@ -455,6 +480,8 @@ def main(argv: list[str] | None = None) -> int:
                     "python": platform.python_version(), "matmul_gflops": gflops},
         "data": source,
         "quick": args.quick,
+        "evidence_device": str(args.device) + (
+            f" ({torch.cuda.get_device_name(args.device)})" if args.device.type == "cuda" else ""),
     }
     report["training"] = training_section(args, x_train, gflops)
     report["evidence"] = evidence_section(args, x_test)

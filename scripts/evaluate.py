@@ -44,8 +44,9 @@ def main(argv: list[str] | None = None) -> int:
                    max_points=args.max_points)
     ctx = Distributed.from_environment(args.device)
     try:
-        pyro.set_rng_seed(args.seed + ctx.rank)
         run = load_run(args.run_dir)
+        # After the pair is built (its initial weights draw from the same stream).
+        pyro.set_rng_seed(args.seed + ctx.rank)
         k = args.num_samples or run.config["num_samples"]
         split = args.split or run.split
         if split == "validation" and run.data.validation is None:

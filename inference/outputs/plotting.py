@@ -10,22 +10,32 @@ import io
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from inference.outputs.atomic import write_atomic
 
-from inference.outputs.atomic import write_atomic  # noqa: E402
+
+class ShownFigure(Figure):
+    """A Figure that Jupyter shows as PNG when a cell returns it: elbogap's figures are made
+    without pyplot (no GUI backend, no global figure list to leak), so IPython's pyplot hooks
+    never see them."""
+
+    def _repr_png_(self) -> bytes:
+        return figure_png(self)
+
+
+def subplots(*grid: int, figsize: tuple[float, float], layout: str | None = None, **kwargs):
+    """``plt.subplots`` without pyplot."""
+    fig = ShownFigure(figsize=figsize, layout=layout)
+    return fig, fig.subplots(*grid, **kwargs)
 
 
 def figure_png(fig: Figure) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
     return buffer.getvalue()
 
 
@@ -75,7 +85,7 @@ def _series(records: Sequence[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
 
 def plot_elbo_curves(history: Sequence[dict]) -> Figure:
     epochs = [r["epoch"] for r in history]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = subplots(figsize=(6, 4))
     ax.plot(epochs, [r["train_elbo"] for r in history], label="train ELBO")
     for split in ("validation", "test"):
         if any(r.get(f"{split}_elbo") is not None for r in history):
@@ -92,7 +102,7 @@ def plot_elbo_curves(history: Sequence[dict]) -> Figure:
 def plot_terms_curves(history: Sequence[dict]) -> Figure:
     records = _diagnosed(history)
     epochs = [r["epoch"] for r in records]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (left, right) = subplots(1, 2, figsize=(10, 4))
     for ax, key, title in (
         (left, "reconstruction", "reconstruction  E_q[log p(x|z)]"),
         (right, "kl_prior", "KL(q(z|x) || p(z))"),
@@ -113,7 +123,7 @@ def plot_evidence_gap(history: Sequence[dict]) -> Figure:
     records = _diagnosed(history)
     epochs = [r["epoch"] for r in records]
     k = records[-1]["diagnostics"]["num_samples"] if records else "?"
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 6), sharex=True)
+    fig, (top, bottom) = subplots(2, 1, figsize=(6, 6), sharex=True)
     exact = [r.get("exact") for r in records]
     has_exact = bool(records) and all(e is not None for e in exact)
     for color, key, label in (("C0", "log_evidence", f"log p(x), importance sampling K={k}"),
@@ -149,7 +159,7 @@ def plot_evidence_gap(history: Sequence[dict]) -> Figure:
 
 def plot_kl_per_dim(kl_per_dim: dict[str, Sequence[float]]) -> Figure:
     sites = list(kl_per_dim)
-    fig, axes = plt.subplots(len(sites), 1, figsize=(7, 2.6 * len(sites)), squeeze=False,
+    fig, axes = subplots(len(sites), 1, figsize=(7, 2.6 * len(sites)), squeeze=False,
                              layout="constrained")
     for ax, site in zip(axes[:, 0], sites, strict=False):
         values = np.asarray(kl_per_dim[site], dtype=float)
@@ -184,7 +194,7 @@ def plot_reconstructions(
     for s in range(0, len(inputs), columns):
         rows += [inputs[s : s + columns], reconstructions[s : s + columns]]
     pairs = np.concatenate(rows)
-    fig, ax = plt.subplots(figsize=(6, 0.75 * len(pairs) / columns + 0.5))
+    fig, ax = subplots(figsize=(6, 0.75 * len(pairs) / columns + 0.5))
     ax.imshow(_tile(pairs, image_shape, columns))
     ax.set_title("inputs (odd rows) and reconstructions E[x|z], z ~ q(z|x) (even rows)")
     ax.axis("off")
@@ -194,7 +204,7 @@ def plot_reconstructions(
 def plot_image_grid(
     images: np.ndarray, image_shape: tuple[int, int], title: str
 ) -> Figure:
-    fig, ax = plt.subplots(figsize=(6, 6))
+    fig, ax = subplots(figsize=(6, 6))
     ax.imshow(_tile(images, image_shape, 8))
     ax.set_title(title)
     ax.axis("off")
@@ -204,7 +214,7 @@ def plot_image_grid(
 def plot_khat_histogram(khat: np.ndarray) -> Figure:
     """Pareto k-hat per data point, with the reliability thresholds 0.5 and 0.7."""
     finite = khat[np.isfinite(khat)]
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, ax = subplots(figsize=(6, 3.6))
     ax.hist(finite, bins=40, color="C0")
     _integer_ticks(ax.yaxis)
     ax.axvline(0.5, color="C2", ls="--", lw=1.2, label="0.5: good below")
@@ -222,7 +232,7 @@ def plot_khat_histogram(khat: np.ndarray) -> Figure:
 def plot_active_units(variances: dict[str, Sequence[float]], threshold: float) -> Figure:
     """Cov_x(E_q[z_d | x]) per latent dimension, log scale, with the activity threshold."""
     sites = list(variances)
-    fig, axes = plt.subplots(len(sites), 1, figsize=(7, 2.8 * len(sites)), squeeze=False,
+    fig, axes = subplots(len(sites), 1, figsize=(7, 2.8 * len(sites)), squeeze=False,
                              layout="constrained")
     for ax, site in zip(axes[:, 0], sites, strict=False):
         values = np.maximum(np.asarray(variances[site], dtype=float), 1e-12)
@@ -242,7 +252,7 @@ def plot_active_units(variances: dict[str, Sequence[float]], threshold: float) -
 
 def plot_gap_decomposition(approximation: np.ndarray, amortization: np.ndarray) -> Figure:
     """Mean approximation and amortization gaps (± 2 SE over points), and their spread."""
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (left, right) = subplots(1, 2, figsize=(10, 3.8))
     means = [approximation.mean(), amortization.mean()]
     ses = [approximation.std(ddof=1) / np.sqrt(len(approximation)),
            amortization.std(ddof=1) / np.sqrt(len(amortization))]
@@ -267,7 +277,7 @@ def plot_latent_scatter(
     means: np.ndarray, color: np.ndarray, color_label: str, axis_labels: tuple[str, str]
 ) -> Figure:
     """Points in a 2-D latent space (or a projection of it), coloured by a per-point value."""
-    fig, ax = plt.subplots(figsize=(6, 5))
+    fig, ax = subplots(figsize=(6, 5))
     points = ax.scatter(means[:, 0], means[:, 1], c=color, s=10, cmap="viridis")
     fig.colorbar(points, ax=ax, label=color_label)
     ax.set_xlabel(axis_labels[0])
@@ -283,7 +293,7 @@ DIVERGENCE = {"reverse": "min D(p_θ || q)", "forward": "min D(q || p_θ)"}
 def plot_kl_directions(target, fits: dict, title: str) -> Figure:
     """The target density and the Gaussians fitted by each direction of the KL."""
     x = torch.linspace(-6, 6, 1201).unsqueeze(-1)
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = subplots(figsize=(7, 4))
     with torch.no_grad():
         ax.fill_between(x[:, 0], target.log_prob(x).exp(), color="0.85", label="target q")
         for (name, fit), color in zip(fits.items(), ("C3", "C0"), strict=True):

@@ -54,10 +54,11 @@ def resolve_device(spec: str | torch.device | None = "auto", local_rank: int | N
     return torch.device("cuda", i)
 
 
-def add_device_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    parser.add_argument("--device", default="auto",
-                        help=f"{DEVICES}; auto: the GPU (one per process under torchrun, "
-                             "LOCAL_RANK) when CUDA is available, else the CPU")
+def add_device_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+                    default: str = "auto", what: str = "everything") -> None:
+    parser.add_argument("--device", default=default,
+                        help=f"where {what} runs: {DEVICES}; auto: the GPU (one per process "
+                             "under torchrun, LOCAL_RANK) when CUDA is available, else the CPU")
 
 
 def rows_per_chunk(device: torch.device) -> int:
@@ -93,12 +94,24 @@ def modules_of(fn: Callable) -> list[nn.Module]:
 
 
 def move_pair(model: Callable, guide: Callable, device: torch.device) -> None:
-    """Move the pair's modules and the param store's values to ``device``, in place."""
-    for module in modules_of(model) + modules_of(guide):
+    """Move the pair's modules and the param store's values to ``device``.  A module keeps its
+    Parameter objects where torch can move them in place (CPU and GPU); where it cannot, the
+    store is pointed at the module's new ones, so store and modules still share tensors."""
+    modules = modules_of(model) + modules_of(guide)
+    owner = {id(p): (m, name) for m in modules for name, p in m.named_parameters()}
+    for module in modules:
         module.to(device)
+    store = pyro.get_param_store()
     with torch.no_grad():
-        for _, value in pyro.get_param_store().named_parameters():
-            if value.device != device:
-                # In place, as nn.Module.to does: the store's own tensor moves, gradients and
-                # the name it is stored under stay attached.
-                value.data = value.data.to(device)
+        for name, value in list(store._params.items()):
+            if value.device == device:
+                continue
+            if id(value) in owner:
+                module, attribute = owner[id(value)]
+                moved = module.get_parameter(attribute)
+            else:
+                moved = value.detach().to(device).requires_grad_(value.requires_grad)
+            # Pyro 1.9's store keeps a name per tensor beside the tensor per name.
+            store._params[name] = moved
+            store._param_to_name.pop(value, None)
+            store._param_to_name[moved] = name
