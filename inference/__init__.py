@@ -11,9 +11,11 @@ command-line scripts do is a call from Python::
 """
 
 from inference.data.datasets import Dataset, load_dataset, subset
+from inference.diagnostics.ais import AnnealedEvidence, BidirectionalBounds, annealed_evidence, bdmc
 from inference.diagnostics.amortization import GapDecomposition, decompose_gap
 from inference.diagnostics.evaluation import DataSetTotals, Diagnostics, evaluate
 from inference.diagnostics.predictive import PosteriorPredictive, posterior_predictive
+from inference.diagnostics.surgery import ElboSurgery, elbo_surgery
 from inference.errors import ConfigError, ConventionError, DataError, ElbogapError
 from inference.outputs.report import Report, ReportSettings
 from inference.outputs.runs import Run, load_run, new_run, resumed_run, train
@@ -23,6 +25,12 @@ from inference.training.fitting import FitOptions, FitResult, fit
 
 __all__ = [
     "AUTOGUIDES",
+    "AnnealedEvidence",
+    "BidirectionalBounds",
+    "ElboSurgery",
+    "annealed_evidence",
+    "bdmc",
+    "elbo_surgery",
     "ConfigError",
     "ConventionError",
     "DataError",

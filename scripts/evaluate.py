@@ -12,8 +12,15 @@ import pyro
 
 from inference import ConfigError, evaluate, load_run, posterior_predictive, subset
 from inference.command_line import HelpFormatter, check_positive, run_main
+from inference.diagnostics.ais import ais_beside_importance, bdmc
 from inference.outputs.atomic import write_json_atomic
-from inference.outputs.table import format_exact_comparison, format_predictive, format_summary
+from inference.outputs.table import (
+    format_annealed,
+    format_bdmc,
+    format_exact_comparison,
+    format_predictive,
+    format_summary,
+)
 from inference.pairs import exact_comparison, exact_means
 from inference.training.device import add_device_flag
 from inference.training.distributed import Distributed
@@ -33,6 +40,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data-plate", help="the plate over data points (default: the run's)")
     p.add_argument("--seed", type=int, default=0, help="fixes the guide's draws")
     add_device_flag(p)
+    a = p.add_argument_group("annealed importance sampling (AIS)")
+    a.add_argument("--method", choices=("is", "ais"), default="is",
+                   help="is: importance sampling with the guide (K draws); ais: AIS beside it on "
+                        "--points points")
+    a.add_argument("--bdmc", action="store_true", help="bracket log p(x) of --points points "
+                   "simulated from the model by forward and reverse AIS (BDMC)")
+    a.add_argument("--ais-steps", type=int, default=500, help="intermediate distributions T")
+    a.add_argument("--chains", type=int, default=16, help="AIS chains per point")
+    a.add_argument("--ais-start", choices=("guide", "prior"), default="guide",
+                   help="where the chains start (prior: for guides without a density)")
+    a.add_argument("--points", type=int, default=100,
+                   help="points for --method ais and --bdmc (a fixed random subset, seed 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     return p
@@ -41,7 +60,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     check_positive(num_samples=args.num_samples, batch_size=args.batch_size,
-                   max_points=args.max_points)
+                   max_points=args.max_points, ais_steps=args.ais_steps, chains=args.chains,
+                   points=args.points)
     ctx = Distributed.from_environment(args.device)
     try:
         run = load_run(args.run_dir)
@@ -64,8 +84,11 @@ def main(argv: list[str] | None = None) -> int:
             summary = {"data": run.config["data"], "split": split, **predictive.summary()}
             out = run.dir / f"predictive-{split}-K{k}.json"
             write_json_atomic(out, summary)
-            print(format_predictive(summary), f"\nwrote {out}")
+            print(format_predictive(summary))
+            print(f"wrote {out}")
             return 0
+        if args.method == "ais" or args.bdmc:
+            return annealed(args, run, x, k, plate, ctx)
         d = evaluate(run.model, run.guide, x, num_samples=k, batch_size=args.batch_size,
                      data_plate=plate, progress=not args.no_progress and ctx.is_main,
                      distributed=ctx, device=ctx.device)
@@ -84,6 +107,28 @@ def main(argv: list[str] | None = None) -> int:
     if exact is not None:
         print(format_exact_comparison(summary["exact_comparison"]))
     print(f"wrote {out}")
+    return 0
+
+
+def annealed(args: argparse.Namespace, run, x, k: int, plate: str, ctx) -> int:
+    """--method ais and --bdmc: AIS beside importance sampling, and the BDMC bracket."""
+    x = subset(x, args.points)
+    settings = {"num_chains": args.chains, "num_steps": args.ais_steps, "start": args.ais_start,
+                "data_plate": plate, "progress": not args.no_progress}
+    tag = f"C{args.chains}-T{args.ais_steps}"
+    if args.method == "ais":
+        summary = ais_beside_importance(run.model, run.guide, x, num_samples=k,
+                                        batch_size=args.batch_size, **settings)
+        out = run.dir / f"ais-{run.split}-{tag}.json"
+        write_json_atomic(out, {"data": run.config["data"], **summary})
+        print(format_annealed(summary, summary["importance"]))
+        print(f"wrote {out}")
+    if args.bdmc:
+        bounds = bdmc(run.model, run.guide, x, **settings).summary()
+        out = run.dir / f"bdmc-{tag}.json"
+        write_json_atomic(out, {"data": run.config["data"], **bounds})
+        print(format_bdmc(bounds))
+        print(f"wrote {out}")
     return 0
 
 

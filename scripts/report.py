@@ -33,6 +33,12 @@ def parser() -> argparse.ArgumentParser:
                    help="test points whose guide samples go to inference_data.nc")
     p.add_argument("--idata-draws", type=int, default=s.idata_draws,
                    help="guide draws per point in inference_data.nc")
+    p.add_argument("--ais-points", type=int, default=s.ais_points,
+                   help="test points for annealed importance sampling beside IS (0: skip it)")
+    p.add_argument("--ais-steps", type=int, default=s.ais_steps, help="AIS distributions T")
+    p.add_argument("--ais-chains", type=int, default=s.ais_chains, help="AIS chains per point")
+    p.add_argument("--no-bdmc", dest="bdmc", action="store_false",
+                   help="skip the BDMC bracket on --ais-points simulated points")
     p.add_argument("--data-plate", help="the plate over data points (default: the run's)")
     p.add_argument("--seed", type=int, default=s.seed,
                    help="fixes every draw (the report's numbers are a fresh estimate)")

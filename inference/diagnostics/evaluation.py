@@ -136,6 +136,8 @@ class Diagnostics:
     # whose evidence is log p(y | inputs)): the tables' labels say which.
     observed: tuple[str, ...] = ("x",)
     conditional: bool = False
+    # ELBO surgery's summary (inference.diagnostics.surgery), when evaluate computed it.
+    elbo_surgery: dict | None = None
 
     def __repr__(self) -> str:
         from inference.outputs.table import format_summary
@@ -203,6 +205,8 @@ class Diagnostics:
         out["ess"] = {"mean": float(self.ess.mean()), "min": float(self.ess.min())}
         out["active_units"] = active_units_summary(self)
         out["notes"] = list(self.notes)
+        if self.elbo_surgery is not None:
+            out["elbo_surgery"] = self.elbo_surgery
         return out
 
 
@@ -263,6 +267,7 @@ def evaluate(
     progress: bool = False,
     distributed: Distributed = SINGLE,
     device: str | torch.device | None = None,
+    surgery: bool = False,
 ) -> Diagnostics:
     """Diagnose the guide of any model/guide pair that follows the conventions.
 
@@ -284,6 +289,8 @@ def evaluate(
         evaluated whole on every rank: its weights do not split over points.)
     :param device: where to compute (``"cuda"``, ``"cuda:1"``, ``"auto"``; default: where x
         is); the pair's parameters are moved there.  The returned tensors are on the CPU.
+    :param surgery: also split the mean KL to the prior into the mutual information I_q(x; z)
+        and KL(q(z) || p(z)) (``summary()["elbo_surgery"]``; O(N^2) in the points).
     """
     batch_size = checked_arguments(x, num_samples, batch_size, "evaluate")
     if device is not None:
@@ -296,6 +303,11 @@ def evaluate(
     d = _evaluate(model, guide, x, first, num_samples, batch_size, data_plate, rows_per_chunk,
                   keep_log_weights, progress, distributed)
     d.observed, d.conditional = first.observed, first.conditional
+    if surgery:
+        from inference.diagnostics.surgery import elbo_surgery
+
+        d.elbo_surgery = elbo_surgery(model, guide, x, num_samples=min(num_samples, 10),
+                                      data_plate=data_plate).summary()
     return _on_cpu(d)
 
 

@@ -273,6 +273,23 @@ def plot_gap_decomposition(approximation: np.ndarray, amortization: np.ndarray) 
     return fig
 
 
+def plot_ais_vs_importance(importance: np.ndarray, ais: np.ndarray, khat: np.ndarray) -> Figure:
+    """Per point, AIS minus importance sampling against importance sampling's log p(x),
+    coloured by its Pareto k-hat: where k-hat > 0.7 importance sampling falls short of AIS."""
+    fig, ax = subplots(figsize=(6.5, 4.2), layout="constrained")
+    finite = np.where(np.isfinite(khat), khat, np.nan)
+    points = ax.scatter(importance, ais - importance, c=finite, cmap="viridis", vmin=0,
+                        vmax=max(1.0, np.nanmax(finite) if np.isfinite(finite).any() else 1.0),
+                        s=18)
+    fig.colorbar(points, ax=ax, label="Pareto k-hat of importance sampling")
+    ax.axhline(0, color="0.4", lw=1)
+    ax.set_xlabel("log p(x), importance sampling (nats)")
+    ax.set_ylabel("AIS - importance sampling (nats)")
+    ax.set_title(f"AIS beside importance sampling (n={len(ais)})")
+    ax.grid(alpha=0.3)
+    return fig
+
+
 def plot_latent_scatter(
     means: np.ndarray, color: np.ndarray, color_label: str, axis_labels: tuple[str, str]
 ) -> Figure:

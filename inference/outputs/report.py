@@ -13,10 +13,17 @@ import pyro
 import torch
 
 from inference.data.datasets import subset
+from inference.diagnostics.ais import annealed_evidence, bdmc
 from inference.diagnostics.amortization import decompose_gap, fit_local_guide, normal_sites
-from inference.diagnostics.evaluation import ACTIVE_UNIT_THRESHOLD, Diagnostics, evaluate
+from inference.diagnostics.evaluation import (
+    ACTIVE_UNIT_THRESHOLD,
+    Diagnostics,
+    evaluate,
+    mean_and_se,
+)
 from inference.diagnostics.local_guide import LocalMeanFieldGuide, LocalSite
 from inference.diagnostics.predictive import posterior_predictive
+from inference.diagnostics.surgery import elbo_surgery
 from inference.errors import ConfigError, ConventionError
 from inference.outputs.arviz_export import guide_inference_data, save_inference_data
 from inference.outputs.atomic import write_json_atomic, write_text_atomic
@@ -24,6 +31,7 @@ from inference.outputs.html import FigureItem, Note, Table, render_html
 from inference.outputs.plotting import (
     figure_png,
     plot_active_units,
+    plot_ais_vs_importance,
     plot_gap_decomposition,
     plot_khat_histogram,
     plot_latent_scatter,
@@ -65,6 +73,10 @@ class ReportSettings:
     amortization_steps: int = 500
     idata_points: int = 5
     idata_draws: int = 1000
+    ais_points: int = 20  # 0: no AIS
+    ais_steps: int = 200
+    ais_chains: int = 16
+    bdmc: bool = True  # bracket AIS on ais_points points simulated from the model
     data_plate: str | None = None  # None: the run's
     seed: int = 0
     progress: bool = True
@@ -74,8 +86,12 @@ class ReportSettings:
                      "amortization_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer")
-        if self.amortization_points < 0:
-            raise ConfigError("--amortization-points must be 0 or more")
+        for name in ("amortization_points", "ais_points"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be 0 or more")
+        for name in ("ais_steps", "ais_chains"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer")
 
 
 def _fmt(entry: dict | None) -> tuple[str, str]:
@@ -131,9 +147,15 @@ class Report:
         settings.check()
         pyro.set_rng_seed(settings.seed)
         x = run.points(settings.max_points)
+        plate = settings.data_plate or run.options.data_plate
         d = evaluate(run.model, run.guide, x, num_samples=settings.num_samples, batch_size=100,
-                     data_plate=settings.data_plate or run.options.data_plate,
-                     progress=settings.progress)
+                     data_plate=plate, progress=settings.progress)
+        if d.unit == "data point" and not d.conditional and d.num_data > 1:
+            try:
+                d.elbo_surgery = elbo_surgery(run.model, run.guide, x, data_plate=plate,
+                                              num_samples=min(10, settings.num_samples)).summary()
+            except ConventionError as e:
+                d.notes.append(f"no ELBO surgery: {e}")
         summary = d.summary()
         split = run.split if d.unit == "data point" else "train"
         report = cls(run, settings, d, {"data": run.config["data"], "split": split, **summary})
@@ -225,19 +247,72 @@ class Report:
             "Latent space", "Posterior means of the test points, coloured by their evidence gap.",
             figure_png(plot_latent_scatter(projected, d.evidence_gap.numpy(),
                                            "evidence gap (nats)", axes))))
+        if summary.get("elbo_surgery") is not None:
+            s = summary["elbo_surgery"]
+            self.tables.append(Table(
+                "ELBO surgery (Hoffman & Johnson 2016): the KL to the prior split in two",
+                ("quantity", "mean", "± SE over points"),
+                [("mean KL(q(z|x) || p(z))", *_fmt(s["mean_kl"])),
+                 ("mutual information I_q(x; z)", *_fmt(s["mutual_information"])),
+                 ("marginal KL(q(z) || p(z)), q(z) the aggregate posterior",
+                  *_fmt(s["marginal_kl"]))]))
+            self.notes.append(Note(s["note"] + "."))
         held_out = self.run.split == "test"
+        ais = self._annealed() if self.settings.ais_points and held_out else None
         if not held_out:
             self.notes.append(Note("No amortization gap: the guide has parameters per training "
                                    "point (it is not amortized), so it is already the local "
                                    "guide q*."))
         elif self.settings.amortization_points:
-            self._gap_decomposition()
+            self._gap_decomposition(ais)
         if held_out:
             self.idata = guide_inference_data(
                 self.run.model, self.run.guide,
                 subset(self.run.data.test, self.settings.idata_points), self.settings.idata_draws)
 
-    def _gap_decomposition(self) -> None:
+    def _annealed(self):
+        """AIS beside importance sampling on a few test points, and the BDMC bracket."""
+        s, run = self.settings, self.run
+        xa = subset(run.data.test, s.ais_points)
+        options = {"num_chains": s.ais_chains, "num_steps": s.ais_steps,
+                   "data_plate": self.plate, "progress": s.progress}
+        try:
+            importance = evaluate(run.model, run.guide, xa, num_samples=s.num_samples,
+                                  data_plate=self.plate)
+            ais = annealed_evidence(run.model, run.guide, xa, **options)
+        except ConventionError as e:
+            self.notes.append(Note(f"No annealed importance sampling: {e}", warning=True))
+            return None
+        diff = (ais.log_evidence - importance.log_evidence).double()
+        a = self.numbers["ais"] = {**ais.summary(), "ais_minus_is": {
+            "mean": diff.mean().item(), "se": diff.std().item() / len(diff) ** 0.5}}
+        rows = [("log p(x), AIS", *_fmt(a["log_evidence"])),
+                (f"log p(x), importance sampling K={s.num_samples}",
+                 *_fmt(mean_and_se(importance.log_evidence))),
+                ("AIS - importance sampling", *_fmt(a["ais_minus_is"])),
+                ("ELBO (the chains' starting draws)", *_fmt(a["elbo"])),
+                ("evidence gap, AIS", *_fmt(a["evidence_gap"]))]
+        if s.bdmc:
+            b = self.numbers["bdmc"] = bdmc(run.model, run.guide, xa, **options).summary()
+            rows += [(f"BDMC on {b['num_data']} simulated points: lower bound (forward AIS)",
+                      f"{b['lower']:.3f}", ""),
+                     ("BDMC: upper bound (reverse AIS)", f"{b['upper']:.3f}", ""),
+                     ("BDMC bracket upper - lower", *_fmt({"mean": b["bracket"],
+                                                           "se": b["bracket_se"]}))]
+        self.tables.append(Table(
+            f"Annealed importance sampling ({len(xa)} test points, {s.ais_chains} chains x "
+            f"{s.ais_steps} HMC steps from the guide; acceptance {a['acceptance']['mean']:.2f})",
+            ("quantity", "mean", "± SE over points"), rows))
+        self.figures.append(FigureItem(
+            "AIS beside importance sampling",
+            "Per test point, AIS minus importance sampling against importance sampling's log p(x),"
+            " coloured by its Pareto k-hat: points with k-hat > 0.7 are where importance sampling "
+            "falls short. BDMC brackets the true log p(x) on data simulated from the model.",
+            figure_png(plot_ais_vs_importance(importance.log_evidence.numpy(),
+                                              ais.log_evidence.numpy(), importance.khat.numpy()))))
+        return ais
+
+    def _gap_decomposition(self, ais=None) -> None:
         """Approximation and amortization gaps (Cremer et al. 2018) on a few test points."""
         s, run = self.settings, self.run
         xa = subset(run.data.test, s.amortization_points)
@@ -260,13 +335,24 @@ class Report:
              ("ELBO of the encoder", *_fmt(g["elbo_amortized"])),
              ("ELBO of q*", *_fmt(g["elbo_local"])),
              ("approximation gap log p(x) - ELBO[q*]", *_fmt(g["approximation_gap"])),
-             ("amortization gap ELBO[q*] - ELBO[encoder]", *_fmt(g["amortization_gap"]))]))
+             ("amortization gap ELBO[q*] - ELBO[encoder]", *_fmt(g["amortization_gap"]))]
+            + self._approximation_gap_with_ais(gaps, ais)))
         self.figures.append(FigureItem(
             "Gap decomposition",
             "Approximation gap: what the mean-field family cannot capture. Amortization gap: "
             "what sharing one encoder across data points costs (Cremer et al. 2018).",
             figure_png(plot_gap_decomposition(gaps.approximation_gap.numpy(),
                                               gaps.amortization_gap.numpy()))))
+
+    def _approximation_gap_with_ais(self, gaps, ais) -> list[tuple[str, str, str]]:
+        """The approximation gap with AIS's log p(x) (Cremer et al. 2018), on the points both
+        cover: subsets of the test set are nested, so AIS's points come first."""
+        if ais is None:
+            return []
+        m = min(len(ais.log_evidence), len(gaps.elbo_local))
+        gap = ais.log_evidence[:m] - gaps.elbo_local[:m]
+        self.numbers["gap_decomposition"]["approximation_gap_ais"] = summary = mean_and_se(gap)
+        return [(f"approximation gap with AIS log p(x) (first {m} points)", *_fmt(summary))]
 
     @property
     def subtitle(self) -> str:

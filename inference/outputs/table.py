@@ -70,6 +70,11 @@ def summary_rows(summary: dict) -> tuple[str, str, list[tuple[str, dict | None]]
         if units["warning"]:
             notes.append(f"WARNING: {units['warning']}")
     notes += [f"note: {n}" for n in summary.get("notes", [])]
+    surgery = summary.get("elbo_surgery")
+    if surgery is not None:
+        rows += [("ELBO surgery: mutual information I_q(x; z)", surgery["mutual_information"]),
+                 ("  marginal KL(q(z) || p(z))", surgery["marginal_kl"])]
+        notes.append(f"note: {surgery['note']}")
     return f"nats per data point, N={summary['num_data']}", "mean", rows, notes
 
 
@@ -106,6 +111,38 @@ def summary_html(summary: dict) -> str:
     return (f"<table><thead><tr><th style='text-align:left'>{html.escape(heading)}</th>"
             f"<th>{column}</th><th>± SE</th></tr></thead><tbody>{body}</tbody></table>"
             f"<ul>{items}</ul>")
+
+
+def format_annealed(summary: dict, importance: dict | None = None) -> str:
+    """AIS beside importance sampling on the same points, and the BDMC bracket when present."""
+    a = summary["ais"]
+    lines = [f"annealed importance sampling on {a['num_data']} points: {a['num_chains']} chains x "
+             f"{a['num_steps']} steps from the {a['start']} (HMC acceptance "
+             f"{a['acceptance']['mean']:.2f}, step size {a['step_size']['mean']:.3f})"]
+    rows = [("log p(x)  AIS", a["log_evidence"])]
+    if "evidence_gap" in a:
+        rows += [("ELBO  (the chains' starting draws)", a["elbo"]),
+                 ("evidence gap  log p(x) AIS - ELBO", a["evidence_gap"])]
+    if importance is not None:
+        k = importance["num_samples"]
+        rows += [(f"log p(x)  importance sampling, K={k}", importance["log_evidence"]),
+                 ("AIS - importance sampling", summary["ais_minus_is"])]
+    width = max(len(name) for name, _ in rows)
+    lines += [f"{name:<{width}}  {_fmt(entry)}" for name, entry in rows]
+    lines.append(f"(Monte Carlo SE of the AIS log p(x) per point, mean over points: "
+                 f"{a['log_evidence_mc_se']:.3f})")
+    if importance is not None and importance.get("khat"):
+        lines.append(f"importance sampling's Pareto k-hat: {importance['khat']['verdict']}")
+    return "\n".join(lines)
+
+
+def format_bdmc(summary: dict) -> str:
+    b = summary
+    se = f" ± {b['bracket_se']:.3f}" if b.get("bracket_se") is not None else ""
+    return (f"BDMC on {b['num_data']} points simulated from the model ({b['num_chains']} chains x "
+            f"{b['num_steps']} steps): log p(x) between {b['lower']:.3f} (forward AIS) and "
+            f"{b['upper']:.3f} (reverse AIS); bracket {b['bracket']:.3f}{se} nats: on data like "
+            "yours this AIS setting is within about that of the true log p(x)")
 
 
 def format_predictive(summary: dict) -> str:
