@@ -38,6 +38,7 @@ from torch import nn
 from guides.mean_field import MeanFieldGuide  # noqa: E402
 from inference.command_line import HelpFormatter, run_main  # noqa: E402
 from inference.data.datasets import load_mnist  # noqa: E402
+from inference.diagnostics.ais import annealing_path, initial_state  # noqa: E402
 from inference.diagnostics.evaluation import evaluate  # noqa: E402
 from inference.diagnostics.psis import pareto_khat  # noqa: E402
 from inference.errors import ConfigError  # noqa: E402
@@ -371,6 +372,46 @@ def evidence_section(args, x_test: torch.Tensor) -> list[dict]:
     return rows
 
 
+def ais_step_runners(x: torch.Tensor, chains: int, beta: float = 0.5) -> dict:
+    """One AIS leapfrog evaluation, log pi_beta(z) and its gradient for chains x points:
+    elbogap's (read off Pyro traces of the pair) and the same written in PyTorch."""
+    pyro.clear_param_store()
+    vae, enc = elbogap_pair()
+    path = annealing_path(vae.model, enc.guide, x, chains, "guide", "data")
+    u0 = initial_state(path, "guide")
+
+    def elbogap():
+        u = {k: v.detach().requires_grad_(True) for k, v in u0.items()}
+        with pyro.validation_enabled(False):
+            joint, base, jac = path.terms(u)
+        log_pi = (1 - beta) * base + beta * joint + jac
+        return torch.autograd.grad(log_pi.sum(), list(u.values()))
+
+    with torch.no_grad():
+        loc, scale = enc.encode(x)
+    z0 = u0["z"]
+
+    def hand_written():
+        z = z0.detach().requires_grad_(True)
+        log_px = -F.binary_cross_entropy_with_logits(
+            vae.decoder(z), x.expand(chains, *x.shape), reduction="none").sum(-1)
+        log_pz = -0.5 * z.pow(2).sum(-1) - 0.5 * LATENT * math.log(2 * math.pi)
+        log_q = torch.distributions.Normal(loc, scale).log_prob(z).sum(-1)
+        log_pi = (1 - beta) * log_q + beta * (log_px + log_pz)
+        return torch.autograd.grad(log_pi.sum(), [z])
+
+    return {"elbogap AIS step": elbogap, "hand-written PyTorch": hand_written}
+
+
+def ais_section(args, x_test: torch.Tensor) -> list[dict]:
+    x = x_test[: args.ais_points]
+    times = alternate(ais_step_runners(x, args.ais_chains), args.rounds, args.repeats, args.warmup)
+    hand = statistics.median(times["hand-written PyTorch"])
+    return [{"contender": name, "chains": args.ais_chains, "points": x.shape[0],
+             "ms_per_step": 1000 * statistics.median(t),
+             "ratio_to_hand_written": statistics.median(t) / hand} for name, t in times.items()]
+
+
 def scaling_section(args) -> list[dict]:
     rows = []
     for k in args.scaling_k:
@@ -405,6 +446,10 @@ def markdown(report: dict) -> str:
     lines += [f"| {r['contender']} | {r['k']} | {r['points_per_second']:.2f} | "
               f"{r['ratio_to_hand_written']:.2f} | {r['gflops']:.0f} | "
               f"{_mib(r['peak_extra_mib'])} |" for r in report["evidence"]]
+    lines += ["", "| AIS leapfrog evaluation (log pi and gradient) | chains × points | ms | "
+              "× hand-written |", "|---|---:|---:|---:|"]
+    lines += [f"| {r['contender']} | {r['chains']} × {r['points']} | {r['ms_per_step']:.2f} | "
+              f"{r['ratio_to_hand_written']:.2f} |" for r in report.get("ais", [])]
     lines += ["", "| evaluate scaling | K | N | seconds | points/s | peak extra MiB |",
               "|---|---:|---:|---:|---:|---:|"]
     lines += [f"| vary {r['vary']} | {r['k']} | {r['n']} | {r['seconds']:.2f} | "
@@ -440,6 +485,7 @@ def configure(args) -> None:
     args.evidence_points = 4 if quick else 100
     args.importance_points = 2 if quick else 3
     args.evidence_rounds = 1 if quick else 3
+    args.ais_chains, args.ais_points = (4, 4) if quick else (16, 100)
     args.scaling_k = (10, 100) if quick else (100, 1000, 5000, 20000)
     args.scaling_n_fixed = 4 if quick else 20
     args.scaling_n = (2, 8) if quick else (10, 100, 1000)
@@ -485,6 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     report["training"] = training_section(args, x_train, gflops)
     report["evidence"] = evidence_section(args, x_test)
+    report["ais"] = ais_section(args, x_test)
     report["scaling"] = scaling_section(args)
     report["data_parallel"] = data_parallel_section(args)
     write_json_atomic(out / "benchmark.json", report)

@@ -83,13 +83,17 @@ def test_diagnostics_read_as_a_table_and_plot_themselves(run_dir):
 def test_report_builds_from_python_and_writes_what_the_script_writes(run_dir, tmp_path):
     run = load_run(run_dir)
     report = Report.build(run, num_samples=30, max_points=40, amortization_points=4,
-                          amortization_steps=5, idata_points=2, idata_draws=20, progress=False)
+                          amortization_steps=5, idata_points=2, idata_draws=20, ais_points=3,
+                          ais_steps=10, ais_chains=4, progress=False)
     page = report._repr_html_()
     assert "Gap decomposition" in page and "Reliability of the evidence estimate" in page
+    assert "AIS beside importance sampling" in page and "BDMC bracket" in page
+    assert "ELBO surgery" in page and "approximation gap with AIS" in page
     written = report.write(tmp_path)
     assert [p.name for p in written] == ["report.html", "report.json", "inference_data.nc"]
     numbers = json.loads((tmp_path / "report.json").read_text())
     assert numbers["num_data"] == 40 and "gap_decomposition" in numbers
+    assert {"ais", "bdmc", "elbo_surgery"} <= set(numbers)
     with pytest.raises(ConfigError, match="--num-samples must be a positive integer"):
         Report.build(run, num_samples=0)
 
@@ -221,3 +225,19 @@ def test_fit_and_evaluate_on_a_gpu_agree_with_the_cpu(tmp_path):
     diff = (on_gpu.log_evidence - on_cpu.log_evidence).double()
     se = (on_gpu.log_evidence_se.double() ** 2 + on_cpu.log_evidence_se.double() ** 2).sqrt()
     assert (diff.abs() < 5 * se + 1e-4).all()
+
+
+def test_evaluate_script_runs_ais_beside_importance_sampling_and_bdmc(run_dir):
+    result = script("evaluate", str(run_dir), "--method", "ais", "--points", "6", "--chains", "4",
+                    "--ais-steps", "20", "-K", "50", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert "log p(x)  AIS" in result.stdout and "AIS - importance sampling" in result.stdout
+    saved = json.loads((run_dir / "ais-test-C4-T20.json").read_text())
+    assert saved["ais"]["num_data"] == 6 and len(saved["per_point"]["khat"]) == 6
+    result = script("evaluate", str(run_dir), "--bdmc", "--points", "6", "--chains", "4",
+                    "--ais-steps", "20", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    bounds = json.loads((run_dir / "bdmc-C4-T20.json").read_text())
+    assert bounds["num_data"] == 6 and bounds["upper"] > bounds["lower"] - 1.0
+    result = script("evaluate", str(run_dir), "--method", "ais", "--chains", "0")
+    assert result.returncode == 2 and "--chains must be a positive integer" in result.stderr

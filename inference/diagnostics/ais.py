@@ -34,8 +34,10 @@ from torch.distributions import biject_to
 from tqdm.auto import tqdm
 
 from inference.diagnostics.evaluation import checked_arguments
+from inference.diagnostics.surgery import guide_is_a_function_of_x
 from inference.diagnostics.traces import (
     PairLayout,
+    apply_mask,
     data_frame,
     in_particles,
     inspect_pair,
@@ -119,6 +121,13 @@ class _Path:
         self.guide = in_particles(guide, chains, layout.particle_dim)
         self.transforms = {name: biject_to(s) for name, s in supports.items()}
         self.chains = chains
+        # q(z | x) of a guide whose sites depend on x alone is the same at every step: its
+        # distributions are read once (no encoder pass per leapfrog step).
+        self.guide_sites = None
+        if start == "guide" and guide_is_a_function_of_x(self.guide, x, tuple(supports)) is None:
+            # Unvalidated: a leapfrog step may take z numerically out of the support.
+            with torch.no_grad(), pyro.validation_enabled(False):
+                self.guide_sites = sample_sites(poutine.trace(self.guide).get_trace(x))
 
     def reduce(self, values: torch.Tensor, site: dict) -> torch.Tensor:
         out = per_datapoint(values, site, self.layout, self.data_plate)
@@ -135,6 +144,10 @@ class _Path:
             for name in u)
         if self.start == "prior":
             base = sum(self.reduce(site_log_prob(sites[name]), sites[name]) for name in u)
+        elif self.guide_sites is not None:
+            base = sum(self.reduce(apply_mask(self.guide_sites[name]["fn"].log_prob(z[name]),
+                                              self.guide_sites[name]), self.guide_sites[name])
+                       for name in u)
         else:
             guide_trace = poutine.trace(poutine.condition(self.guide, data=z)).get_trace(self.x)
             guide_sites = sample_sites(guide_trace)
@@ -183,7 +196,7 @@ def _check_pair(model: Callable, guide: Callable, x: torch.Tensor, start: str,
     return layout, supports
 
 
-def _initial_state(path: _Path, start: str) -> dict[str, torch.Tensor]:
+def initial_state(path: _Path, start: str) -> dict[str, torch.Tensor]:
     """z_0 ~ base for every chain and point, in unconstrained space."""
     with torch.no_grad():
         if start == "guide":
@@ -301,8 +314,8 @@ def annealed_evidence(
     parts = []
     for s in range(0, x.shape[0], batch_size):
         xb = x[s: s + batch_size]
-        path = _path_for(model, guide, xb, num_chains, start, data_plate)
-        u = _initial_state(path, start)
+        path = annealing_path(model, guide, xb, num_chains, start, data_plate)
+        u = initial_state(path, start)
         log_w, acceptance, eps, start_ratio, _ = _anneal(
             path, u, betas, leapfrog_steps, step_size, progress, f"AIS {s}-{s + xb.shape[0]}")
         parts.append((log_w, acceptance.mean(0), eps.mean(0), start_ratio.double()))
@@ -320,7 +333,10 @@ def annealed_evidence(
         num_steps=num_steps, start=start, elbo=elbo, elbo_se=elbo_se)
 
 
-def _path_for(model, guide, x, chains, start, data_plate) -> _Path:
+def annealing_path(model: Callable, guide: Callable, x: torch.Tensor, chains: int, start: str,
+                   data_plate: str) -> _Path:
+    """The pair checked for AIS and ready to evaluate log p(x, z), log base(z) and their
+    gradients for ``chains`` chains per point of ``x``."""
     layout, supports = _check_pair(model, guide, x, start, data_plate)
     path = _Path(model, guide, x, layout, chains, start, data_plate, supports)
     with torch.no_grad():
@@ -387,7 +403,7 @@ def bdmc(
     forward = annealed_evidence(model, guide, x, num_chains=num_chains, num_steps=num_steps,
                                 leapfrog_steps=leapfrog_steps, start=start, step_size=step_size,
                                 data_plate=data_plate, progress=progress)
-    path = _path_for(model, guide, x, num_chains, start, data_plate)
+    path = annealing_path(model, guide, x, num_chains, start, data_plate)
     u = {}
     for name, value in exact.items():
         # Every chain starts at the latents that generated x: exact posterior draws.

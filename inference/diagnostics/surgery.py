@@ -60,19 +60,19 @@ class ElboSurgery:
                         "carry more"}
 
 
-def _check_guide_is_a_function_of_x(guide: Callable, x: torch.Tensor, latent: tuple[str, ...]):
-    """Each guide site's distribution must depend on x only, not on other draws: the aggregate
-    posterior evaluates q(z | x_m) at draws made for other points."""
-    first = poutine.trace(guide).get_trace(x)
-    second = poutine.trace(guide).get_trace(x)
+def guide_is_a_function_of_x(guide: Callable, x: torch.Tensor, latent: tuple[str, ...]) -> str | None:
+    """None when every guide site's distribution depends on x only, not on other draws (two
+    traces give each site the same density at the same value); else the first site that does
+    not (a hierarchical guide q(z2 | z1, x))."""
+    with torch.no_grad():
+        first = poutine.trace(guide).get_trace(x)
+        second = poutine.trace(guide).get_trace(x)
     for name in latent:
         a, b = first.nodes[name], second.nodes[name]
         value = a["value"]
         if not torch.allclose(a["fn"].log_prob(value), b["fn"].log_prob(value), atol=1e-5):
-            raise ConventionError(
-                f"ELBO surgery needs q(z | x) to factorize over the latent sites, each a function "
-                f"of x alone; guide site '{name}' changes with the other draws (a hierarchical "
-                "guide)")
+            return name
+    return None
 
 
 def _log_q_all(site_fn, values: torch.Tensor, site: dict, layout, data_plate: str,
@@ -108,7 +108,11 @@ def elbo_surgery(model: Callable, guide: Callable, x: torch.Tensor, *, num_sampl
         if not layout.vectorized:
             raise ConventionError("ELBO surgery draws all samples in one particle plate: the pair "
                                   "must broadcast over a leading particle dimension")
-        _check_guide_is_a_function_of_x(guide, x, layout.latent)
+        if (site := guide_is_a_function_of_x(guide, x, layout.latent)) is not None:
+            raise ConventionError(
+                f"ELBO surgery needs q(z | x) to factorize over the latent sites, each a function "
+                f"of x alone; guide site '{site}' changes with the other draws (a hierarchical "
+                "guide)")
         n = x.shape[0]
         guide_trace, model_trace = trace_pair(model, guide, x, num_samples, layout.particle_dim)
         single = sample_sites(poutine.trace(guide).get_trace(x))
