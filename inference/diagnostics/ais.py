@@ -11,7 +11,8 @@ estimates p(x) without bias, so its log is a stochastic lower bound that tighten
 steps grows.  Where importance sampling with q fails (Pareto k-hat > 0.7), AIS still converges.
 
 Latent sites are moved in the unconstrained space of their support (``biject_to``, with the
-Jacobian), all chains x data points in one tensor pass per leapfrog step.  Step sizes are adapted
+Jacobian), all chains x data points in one tensor pass per leapfrog step.  With global latents a
+chain's state is the whole data set's z, and the estimate is of log p(x_1..N).  Step sizes are adapted
 per chain and data point towards an acceptance rate of 0.65 (as ``lxuechen/BDMC``: x1.02 above,
 x0.98 below, clamped to [1e-4, 0.5]).
 
@@ -78,6 +79,7 @@ class AnnealedEvidence:
     start: str
     elbo: torch.Tensor | None = None
     elbo_se: torch.Tensor | None = None
+    unit: str = "data point"  # "data set" for global latents: one estimate of log p(x_1..N)
 
     @property
     def gap(self) -> torch.Tensor | None:
@@ -90,7 +92,8 @@ class AnnealedEvidence:
             se = v.std().item() / math.sqrt(len(v)) if len(v) > 1 else None
             return {"mean": v.mean().item(), "se": se}
 
-        out = {"method": "ais", "num_data": len(self.log_evidence), "num_chains": self.num_chains,
+        out = {"method": "ais", "unit": self.unit, "num_data": len(self.log_evidence),
+               "num_chains": self.num_chains,
                "num_steps": self.num_steps, "start": self.start,
                "log_evidence": mean_se(self.log_evidence),
                "log_evidence_mc_se": self.log_evidence_se.double().mean().item(),
@@ -121,6 +124,8 @@ class _Path:
         self.guide = in_particles(guide, chains, layout.particle_dim)
         self.transforms = {name: biject_to(s) for name, s in supports.items()}
         self.chains = chains
+        # With global latents a chain's state is the whole data set's z: one row, one weight.
+        self.rows = x.shape[0] if layout.per_datapoint else 1
         # q(z | x) of a guide whose sites depend on x alone is the same at every step: its
         # distributions are read once (no encoder pass per leapfrog step).
         self.guide_sites = None
@@ -131,7 +136,9 @@ class _Path:
 
     def reduce(self, values: torch.Tensor, site: dict) -> torch.Tensor:
         out = per_datapoint(values, site, self.layout, self.data_plate)
-        return out.expand(self.chains, self.x.shape[0])
+        if not self.layout.per_datapoint:
+            out = out.sum(1, keepdim=True)
+        return out.expand(self.chains, self.rows)
 
     def terms(self, u: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(log p(x, z), log base(z), log |det dz/du|), each [chains, N]."""
@@ -162,7 +169,8 @@ class _Path:
         offset = site_value.dim() - site["fn"].event_dim - width
         shape[offset] = self.chains
         frame = data_frame(site, self.data_plate)
-        shape[offset + width + frame.dim] = self.x.shape[0]
+        if self.layout.per_datapoint:
+            shape[offset + width + frame.dim] = self.x.shape[0]
         return tuple(shape)
 
 
@@ -171,10 +179,9 @@ def _check_pair(model: Callable, guide: Callable, x: torch.Tensor, start: str,
     if start not in STARTS:
         raise ConfigError(f"start must be one of {STARTS}, got {start!r}")
     layout = inspect_pair(model, guide, x, data_plate)
-    if not layout.per_datapoint:
-        raise ConventionError(
-            f"AIS here anneals each data point's local latents; sites {list(layout.global_sites)} "
-            "are outside the data plate (global latents are not supported yet)")
+    if layout.subsample is not None:
+        raise ConventionError(f"plate '{data_plate}' picks its own minibatch of x: AIS needs the "
+                              "pair to cover every point of x in one pass")
     if not layout.vectorized:
         raise ConventionError("AIS runs all chains in one particle plate: the pair must broadcast "
                               "over a leading particle dimension (see README, Conventions)")
@@ -212,7 +219,7 @@ def _anneal(path: _Path, u: dict[str, torch.Tensor], betas: torch.Tensor, leapfr
             step_size: float, progress: bool, desc: str):
     """Run the chains from state ``u`` along ``betas``; return log-weights [chains, N], mean
     acceptance and final step sizes per chain and point, and the starting (joint - base)."""
-    c, n = path.chains, path.x.shape[0]
+    c, n = path.chains, path.rows
     eps = torch.full((c, n), step_size, dtype=path.x.dtype, device=path.x.device)
     running = torch.full_like(eps, TARGET_ACCEPTANCE)
     accepted = torch.zeros_like(eps)
@@ -293,7 +300,8 @@ def annealed_evidence(
     data_plate: str = "data",
     progress: bool = False,
 ) -> AnnealedEvidence:
-    """AIS estimate of log p(x) for every data point of a pair of local latents.
+    """AIS estimate of log p(x) for every data point of a pair of local latents; for a pair with
+    global latents, of log p(x_1..N) of the whole data set (``unit == "data set"``, one value).
 
     :param num_chains: independent chains per data point (the estimate's log-mean-exp is over
         them).
@@ -312,9 +320,14 @@ def annealed_evidence(
         raise ConfigError(f"step_size must be in (0, {STEP_SIZE_RANGE[1]}], got {step_size}")
     betas = sigmoid_schedule(num_steps)
     parts = []
+    path = annealing_path(model, guide, x[:batch_size], num_chains, start, data_plate)
+    if not path.layout.per_datapoint:
+        # Global latents tie every point together: one pass over the whole data set.
+        batch_size = x.shape[0]
     for s in range(0, x.shape[0], batch_size):
         xb = x[s: s + batch_size]
-        path = annealing_path(model, guide, xb, num_chains, start, data_plate)
+        if s > 0 or xb.shape[0] != path.x.shape[0]:
+            path = annealing_path(model, guide, xb, num_chains, start, data_plate)
         u = initial_state(path, start)
         log_w, acceptance, eps, start_ratio, _ = _anneal(
             path, u, betas, leapfrog_steps, step_size, progress, f"AIS {s}-{s + xb.shape[0]}")
@@ -330,7 +343,8 @@ def annealed_evidence(
         log_evidence=log_evidence, log_evidence_se=se, log_weights=log_w,
         acceptance=torch.cat([p[1] for p in parts]).cpu(),
         step_size=torch.cat([p[2] for p in parts]).cpu(), num_chains=num_chains,
-        num_steps=num_steps, start=start, elbo=elbo, elbo_se=elbo_se)
+        num_steps=num_steps, start=start, elbo=elbo, elbo_se=elbo_se,
+        unit="data point" if path.layout.per_datapoint else "data set")
 
 
 def annealing_path(model: Callable, guide: Callable, x: torch.Tensor, chains: int, start: str,
@@ -432,11 +446,18 @@ def ais_beside_importance(model: Callable, guide: Callable, x: torch.Tensor, *,
     ais = annealed_evidence(model, guide, x, num_chains=num_chains, num_steps=num_steps,
                             start=start, batch_size=batch_size, data_plate=data_plate,
                             progress=progress)
-    diff = (ais.log_evidence - importance.log_evidence).double()
+    is_evidence = (importance.log_evidence if importance.unit == "data point" else
+                   torch.tensor([importance.total.log_evidence], dtype=torch.float64))
+    diff = (ais.log_evidence - is_evidence).double()
+    summary = importance.summary()
+    if importance.unit != "data point":
+        # One estimate of log p(x_1..N): the table reads it as its "mean".
+        summary["log_evidence"] = {"mean": importance.total.log_evidence,
+                                   "se": importance.total.log_evidence_se}
     return {
-        "ais": ais.summary(), "importance": importance.summary(),
+        "ais": ais.summary(), "importance": summary,
         "ais_minus_is": {"mean": diff.mean().item(),
                          "se": diff.std().item() / math.sqrt(len(diff)) if len(diff) > 1 else None},
-        "per_point": {"ais": ais.log_evidence.tolist(), "importance":
-                      importance.log_evidence.tolist(), "khat": importance.khat.tolist()},
+        "per_point": {"ais": ais.log_evidence.tolist(), "importance": is_evidence.tolist(),
+                      "khat": importance.khat.tolist()},
     }
