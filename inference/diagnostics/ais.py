@@ -48,6 +48,7 @@ from inference.diagnostics.traces import (
     site_log_prob,
 )
 from inference.errors import ConfigError, ConventionError
+from inference.training.device import rows_per_chunk as default_rows_per_chunk
 
 STARTS = ("guide", "prior")
 TARGET_ACCEPTANCE = 0.65
@@ -309,9 +310,11 @@ def annealed_evidence(
         ``leapfrog_steps + 1`` evaluations of the pair and its gradient.
     :param start: ``"guide"`` (anneal from q(z | x); also gives the ELBO and the AIS gap) or
         ``"prior"`` (from p(z): for guides without a density, such as autoguides).
-    :param batch_size: data points per pass (all at once when None); memory grows with
-        ``num_chains * batch_size``.
+    :param batch_size: data points per pass; memory grows with ``num_chains * batch_size``
+        (default: as many as keep that at evaluate's rows per chunk, 4096 on a CPU).
     """
+    if batch_size is None:
+        batch_size = max(1, default_rows_per_chunk(x.device) // num_chains)
     batch_size = checked_arguments(x, num_chains, batch_size, "annealed_evidence")
     for name, value in (("num_steps", num_steps), ("leapfrog_steps", leapfrog_steps)):
         if value < 1:
@@ -407,30 +410,40 @@ def bdmc(
     leapfrog_steps: int = 10,
     start: str = "guide",
     step_size: float = 0.01,
+    batch_size: int | None = None,
     data_plate: str = "data",
     progress: bool = False,
 ) -> BidirectionalBounds:
     """Simulate ``len(x_like)`` points from the model and bracket their log p(x) with forward
-    and reverse AIS of the same setting."""
-    checked_arguments(x_like, num_chains, None, "bdmc")
-    x, exact = simulate(model, x_like)
-    forward = annealed_evidence(model, guide, x, num_chains=num_chains, num_steps=num_steps,
-                                leapfrog_steps=leapfrog_steps, start=start, step_size=step_size,
-                                data_plate=data_plate, progress=progress)
-    path = annealing_path(model, guide, x, num_chains, start, data_plate)
-    u = {}
-    for name, value in exact.items():
-        # Every chain starts at the latents that generated x: exact posterior draws.
-        target = path.site_of(name)["value"].shape
-        padded = value.reshape((1,) * (len(target) - value.dim()) + tuple(value.shape))
-        u[name] = path.transforms[name].inv(padded.expand(target)).clone()
-    betas = sigmoid_schedule(num_steps).flip(0)
-    log_w, *_ = _anneal(path, u, betas, leapfrog_steps, step_size, progress, "reverse AIS")
-    # Reverse weights estimate 1 / p(x): minus their log-mean-exp bounds log p(x) from above.
-    upper, _ = log_mean_exp_with_se(log_w.cpu())
-    return BidirectionalBounds(x=x, lower=forward.log_evidence, upper=-upper,
+    and reverse AIS of the same setting (``batch_size`` points simulated and annealed at a
+    time, as in ``annealed_evidence``; a pair with global latents simulates its data set whole
+    and gets one bracket for log p(x_1..N))."""
+    if batch_size is None:
+        batch_size = max(1, default_rows_per_chunk(x_like.device) // num_chains)
+    batch_size = checked_arguments(x_like, num_chains, batch_size, "bdmc")
+    first = annealing_path(model, guide, x_like[:batch_size], num_chains, start, data_plate)
+    if not first.layout.per_datapoint:
+        batch_size = x_like.shape[0]
+    xs, lowers, uppers = [], [], []
+    for s in range(0, x_like.shape[0], batch_size):
+        x, exact = simulate(model, x_like[s: s + batch_size])
+        path = annealing_path(model, guide, x, num_chains, start, data_plate)
+        forward, *_ = _anneal(path, initial_state(path, start), sigmoid_schedule(num_steps),
+                              leapfrog_steps, step_size, progress, "forward AIS")
+        u = {}
+        for name, value in exact.items():
+            # Every chain starts at the latents that generated x: exact posterior draws.
+            target = path.site_of(name)["value"].shape
+            padded = value.reshape((1,) * (len(target) - value.dim()) + tuple(value.shape))
+            u[name] = path.transforms[name].inv(padded.expand(target)).clone()
+        reverse, *_ = _anneal(path, u, sigmoid_schedule(num_steps).flip(0), leapfrog_steps,
+                              step_size, progress, "reverse AIS")
+        xs.append(x)
+        lowers.append(log_mean_exp_with_se(forward.cpu())[0])
+        # Reverse weights estimate 1 / p(x): minus their log-mean-exp bounds log p(x) above.
+        uppers.append(-log_mean_exp_with_se(reverse.cpu())[0])
+    return BidirectionalBounds(x=torch.cat(xs), lower=torch.cat(lowers), upper=torch.cat(uppers),
                                num_chains=num_chains, num_steps=num_steps)
-
 
 
 def ais_beside_importance(model: Callable, guide: Callable, x: torch.Tensor, *,
