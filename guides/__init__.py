@@ -4,13 +4,18 @@
 have a ``guide(x)`` method, built from ``data_dim``, ``latent_dim`` and ``hidden_dims``.
 """
 
+from guides.full_rank import FullRankGuide
+from guides.iaf import IAFGuide
 from guides.linear import LinearEncoderGuide, OptimalMeanFieldGuide
 from guides.mean_field import MeanFieldGuide
 
 GUIDES = {
     "mean-field": MeanFieldGuide,
+    "full-rank": FullRankGuide,
+    "iaf": IAFGuide,
     "linear": LinearEncoderGuide,
     "optimal-mean-field": OptimalMeanFieldGuide,
 }
 
-__all__ = ["GUIDES", "LinearEncoderGuide", "MeanFieldGuide", "OptimalMeanFieldGuide"]
+__all__ = ["GUIDES", "FullRankGuide", "IAFGuide", "LinearEncoderGuide", "MeanFieldGuide",
+           "OptimalMeanFieldGuide"]

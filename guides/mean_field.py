@@ -19,6 +19,15 @@ from torch import nn
 MIN_SCALE = 1e-4
 
 
+def mlp_body(data_dim: int, hidden_dims: Sequence[int]) -> tuple[nn.Module, int]:
+    """Linear + softplus layers of the given widths, and the width of their output."""
+    layers: list[nn.Module] = []
+    sizes = [data_dim, *hidden_dims]
+    for a, b in zip(sizes[:-1], sizes[1:], strict=False):
+        layers += [nn.Linear(a, b), nn.Softplus()]
+    return nn.Sequential(*layers), sizes[-1]
+
+
 class MeanFieldGuide(nn.Module):
     """Encoder network; ``guide(x)`` is the Pyro program q(z | x)."""
 
@@ -32,12 +41,8 @@ class MeanFieldGuide(nn.Module):
         super().__init__()
         self.latent_dim = latent_dim
         self.site = site
-        layers: list[nn.Module] = []
-        sizes = [data_dim, *hidden_dims]
-        for a, b in zip(sizes[:-1], sizes[1:], strict=False):
-            layers += [nn.Linear(a, b), nn.Softplus()]
-        self.body = nn.Sequential(*layers)
-        self.head = nn.Linear(sizes[-1], 2 * latent_dim)
+        self.body, width = mlp_body(data_dim, hidden_dims)
+        self.head = nn.Linear(width, 2 * latent_dim)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         loc, raw_scale = self.head(self.body(x)).chunk(2, dim=-1)

@@ -147,7 +147,8 @@ def _user_pair(spec: str, guide: str | None, kwargs: dict) -> Pair:
 
 def build_pair(config: dict, data_dim: int) -> Pair:
     """The model and guide ``config`` names (``model``, ``guide``, ``latent_dim``,
-    ``hidden_dims``, ``likelihood``, ``likelihood_scale``), sized for data of ``data_dim``."""
+    ``hidden_dims``, ``likelihood``, ``likelihood_scale``, ``flows``), sized for data of
+    ``data_dim``; factories get the keyword arguments their signatures accept."""
     kwargs = {
         "data_dim": data_dim,
         "latent_dim": config["latent_dim"],
@@ -155,6 +156,8 @@ def build_pair(config: dict, data_dim: int) -> Pair:
         "likelihood": config["likelihood"],
         "likelihood_scale": config.get("likelihood_scale"),
     }
+    if config.get("flows") is not None:
+        kwargs["flows"] = config["flows"]
     if kwargs["likelihood_scale"] is not None and not kwargs["likelihood_scale"] > 0:
         raise ConfigError(f"--likelihood-scale must be positive, got {kwargs['likelihood_scale']}")
     if config["latent_dim"] < 1:

@@ -45,10 +45,12 @@ def parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model and guide")
     g.add_argument("--model", default="vae", help="a registered model (vae, linear-gaussian), "
                    "path/to/file.py:name or package.module:name returning (model, guide)")
-    g.add_argument("--guide", help="a registered guide: mean-field (MLP encoder), linear, "
+    g.add_argument("--guide", help="a registered guide: mean-field (MLP encoder), full-rank "
+                   "(Cholesky factor from the encoder), iaf (--flows conditional IAF layers), linear, "
                    "optimal-mean-field (linear-gaussian only), or one of Pyro's autoguides built "
                    "around the model: auto-normal, auto-diagonal-normal, auto-multivariate-normal, "
                    "auto-lowrank-multivariate-normal; default: the model's own")
+    g.add_argument("--flows", type=int, help="IAF layers of --guide iaf (default 2)")
     g.add_argument("--data-plate", default=o.data_plate,
                    help="name of the pyro.plate over data points in model and guide")
     g.add_argument("--likelihood", choices=("auto", "bernoulli", "gaussian"), default="auto",

@@ -241,3 +241,14 @@ def test_evaluate_script_runs_ais_beside_importance_sampling_and_bdmc(run_dir):
     assert bounds["num_data"] == 6 and bounds["upper"] > bounds["lower"] - 1.0
     result = script("evaluate", str(run_dir), "--method", "ais", "--chains", "0")
     assert result.returncode == 2 and "--chains must be a positive integer" in result.stderr
+
+
+def test_richer_guides_by_name_and_flows_only_for_iaf(tmp_path):
+    for guide, extra in (("full-rank", []), ("iaf", ["--flows", "1"])):
+        out = tmp_path / guide
+        result = script("fit", *FAST, "--guide", guide, *extra, "--out", str(out))
+        assert result.returncode == 0, result.stderr
+        assert "site 'z' (monte-carlo)" in result.stdout
+    assert json.loads((tmp_path / "iaf" / "config.json").read_text())["flows"] == 1
+    result = script("fit", *FAST, "--flows", "2", "--out", str(tmp_path / "bad"))
+    assert result.returncode == 2 and "--flows is for --guide iaf" in result.stderr

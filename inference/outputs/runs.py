@@ -48,7 +48,8 @@ CONFIG = "config.json"
 RUN_DEFAULTS = {"data": "digits", "data_dir": None, "binarize": "dynamic", "model": "vae",
                 "guide": None, "likelihood": "auto", "likelihood_scale": None,
                 "latent_dim": None, "hidden_dims": None, "num_samples": 1000,
-                "test_points": None, "eval_batch_size": 100, "val_fraction": None}
+                "test_points": None, "eval_batch_size": 100, "val_fraction": None,
+                "flows": None}
 
 
 @dataclass
@@ -148,6 +149,8 @@ def run_config(data: Dataset, settings: dict) -> dict:
         path, _, name = model.rpartition(":")
         config["model"] = f"{Path(path).resolve()}:{name}"
     config["guide"] = config["guide"] or default_guide(model)
+    if config["flows"] is not None and config["guide"] != "iaf":
+        raise ConfigError(f"--flows is for --guide iaf, not --guide {config['guide']}")
     if config["data_dir"] is not None:
         config["data_dir"] = str(Path(config["data_dir"]).resolve())
     check_positive_settings(config)
