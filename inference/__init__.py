@@ -17,6 +17,7 @@ from inference.diagnostics.evaluation import DataSetTotals, Diagnostics, evaluat
 from inference.diagnostics.predictive import PosteriorPredictive, posterior_predictive
 from inference.diagnostics.surgery import ElboSurgery, elbo_surgery
 from inference.errors import ConfigError, ConventionError, DataError, ElbogapError
+from inference.outputs.compare import Comparison, compare
 from inference.outputs.report import Report, ReportSettings
 from inference.outputs.runs import Run, load_run, new_run, resumed_run, train
 from inference.pairs import AUTOGUIDES, Pair, build_pair
@@ -27,6 +28,7 @@ __all__ = [
     "AUTOGUIDES",
     "AnnealedEvidence",
     "BidirectionalBounds",
+    "Comparison",
     "ElboSurgery",
     "annealed_evidence",
     "bdmc",
@@ -47,6 +49,7 @@ __all__ = [
     "ReportSettings",
     "Run",
     "build_pair",
+    "compare",
     "decompose_gap",
     "evaluate",
     "fit",

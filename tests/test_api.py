@@ -106,7 +106,7 @@ def test_scripts_are_argument_parsing_over_the_library():
 
 
 def test_console_commands_are_installed():
-    for command in ("elbogap-fit", "elbogap-evaluate", "elbogap-report"):
+    for command in ("elbogap-fit", "elbogap-evaluate", "elbogap-report", "elbogap-compare"):
         path = shutil.which(command) or str(Path(sys.executable).parent / command)
         result = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=120)
         assert result.returncode == 0 and "usage: " + command in result.stdout, result.stderr
@@ -252,3 +252,23 @@ def test_richer_guides_by_name_and_flows_only_for_iaf(tmp_path):
     assert json.loads((tmp_path / "iaf" / "config.json").read_text())["flows"] == 1
     result = script("fit", *FAST, "--flows", "2", "--out", str(tmp_path / "bad"))
     assert result.returncode == 2 and "--flows is for --guide iaf" in result.stderr
+
+
+def test_compare_puts_runs_side_by_side_with_paired_differences(run_dir, tmp_path):
+    other = tmp_path / "other"
+    result = script("fit", *FAST, "--guide", "full-rank", "--out", str(other))
+    assert result.returncode == 0, result.stderr
+    result = script("compare", str(run_dir), str(other), "-K", "40", "--points", "30",
+                    "--out", str(tmp_path / "cmp"))
+    assert result.returncode == 0, result.stderr
+    assert "gap − first run's, paired" in result.stdout
+    saved = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert saved["paired"][0] is None and saved["paired"][1]["evidence_gap"]["se"] > 0
+    # The paired difference is the difference of the two runs' means on the same points.
+    a, b = saved["summaries"]
+    assert saved["paired"][1]["elbo"]["mean"] == pytest.approx(
+        b["elbo"]["mean"] - a["elbo"]["mean"], abs=1e-6)
+    page = (tmp_path / "cmp" / "compare.html").read_text()
+    assert "Training curves overlaid" in page and "data:image/png;base64," in page
+    result = script("compare", str(run_dir))
+    assert result.returncode == 2 and "at least two run directories" in result.stderr

@@ -273,6 +273,30 @@ def plot_gap_decomposition(approximation: np.ndarray, amortization: np.ndarray) 
     return fig
 
 
+def plot_runs_overlaid(names: Sequence[str], histories: Sequence[Sequence[dict]]) -> Figure:
+    """Held-out ELBO (left) and evidence gap (right) over epochs, one line per run."""
+    fig, (left, right) = subplots(1, 2, figsize=(11, 4), layout="constrained")
+    for name, history in zip(names, histories, strict=True):
+        held = [r for r in history if r.get("test_elbo", r.get("validation_elbo")) is not None]
+        left.plot([r["epoch"] for r in held],
+                  [r.get("test_elbo", r.get("validation_elbo")) for r in held], label=name)
+        diag = [r for r in history if "diagnostics" in r
+                and r["diagnostics"].get("evidence_gap") is not None]
+        right.plot([r["epoch"] for r in diag],
+                   [r["diagnostics"]["evidence_gap"]["mean"] for r in diag], marker="o", ms=3,
+                   label=name)
+    for ax, label in ((left, "held-out ELBO per point (nats)"),
+                      (right, "evidence gap per point (nats)")):
+        ax.set_xlabel("epoch")
+        _integer_ticks(ax.xaxis)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    left.set_title("ELBO during training")
+    right.set_title("evidence gap during training")
+    return fig
+
+
 def plot_ais_vs_importance(importance: np.ndarray, ais: np.ndarray, khat: np.ndarray) -> Figure:
     """Per point, AIS minus importance sampling against importance sampling's log p(x),
     coloured by its Pareto k-hat: where k-hat > 0.7 importance sampling falls short of AIS."""

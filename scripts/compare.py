@@ -1,0 +1,49 @@
+"""Put runs side by side: DIR/compare.html (one table, paired differences against the first
+run where the runs share test points, the training curves overlaid) and DIR/compare.json."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from inference import compare
+from inference.command_line import HelpFormatter, check_positive, run_main
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter,
+                                allow_abbrev=False)
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="directories of scripts/fit.py")
+    p.add_argument("--out", default="runs/compare", help="directory for compare.html and .json")
+    p.add_argument("--num-samples", "-K", type=int, default=1000, help="importance samples")
+    p.add_argument("--points", type=int, default=500,
+                   help="test points, the same fixed random subset (seed 0) for every run")
+    p.add_argument("--surgery", action="store_true", help="add ELBO surgery's mutual information")
+    p.add_argument("--seed", type=int, default=0, help="the same draws' seed for every run")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    check_positive(num_samples=args.num_samples, points=args.points)
+    comparison = compare(args.run_dirs, num_samples=args.num_samples, points=args.points,
+                         seed=args.seed, surgery=args.surgery)
+    table = comparison.table()
+    width = max(len(row[0]) for row in table.rows)
+    print(f"{'':<{width}}  " + "  ".join(f"{n:>18}" for n in comparison.names))
+    for row in table.rows:
+        print(f"{row[0]:<{width}}  " + "  ".join(f"{c:>18}" for c in row[1:]))
+    for note in comparison.notes:
+        print(f"note: {note}")
+    written = comparison.write(args.out)
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def command() -> int:
+    return run_main(main)
+
+
+if __name__ == "__main__":
+    sys.exit(command())
