@@ -3,9 +3,9 @@
     e ~ Normal(mu(x_n), diag sigma(x_n)^2),   z_n = f_L(... f_1(e; h(x_n)) ...; h(x_n))   site "z"
 
 Each f_l is an affine autoregressive transform conditioned on the encoder's hidden state h(x_n)
-(Pyro's ``conditional_affine_autoregressive``); q's density is the base density times the flows'
-Jacobians, which Pyro's TransformedDistribution computes.  No closed-form KL to the prior exists,
-so the diagnostics estimate it by Monte Carlo, and say so.
+(Pyro's ``ConditionalAffineAutoregressive``, orders reversed between layers); q's density is
+the base density times the flows' Jacobians, which Pyro's TransformedDistribution computes.
+No closed-form KL to the prior exists, so the diagnostics estimate it by Monte Carlo, and say so.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import pyro
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
-from pyro.distributions.transforms import conditional_affine_autoregressive
+from pyro.distributions.transforms import ConditionalAffineAutoregressive
+from pyro.nn import ConditionalAutoRegressiveNN
 from torch import nn
 
 from guides.mean_field import MIN_SCALE, mlp_body
@@ -34,9 +35,14 @@ class IAFGuide(nn.Module):
         self.body, width = mlp_body(data_dim, hidden_dims)
         self.head = nn.Linear(width, 2 * latent_dim)
         flow_hidden = [max(2 * latent_dim, 16)]
+        # Fixed orders, reversed from one layer to the next (Kingma et al.): Pyro's default is a
+        # random permutation held in a buffer, which a checkpoint of parameters does not restore.
+        order = torch.arange(latent_dim)
         self.flows = nn.ModuleList(
-            conditional_affine_autoregressive(latent_dim, width, hidden_dims=flow_hidden)
-            for _ in range(flows))
+            ConditionalAffineAutoregressive(ConditionalAutoRegressiveNN(
+                latent_dim, width, flow_hidden,
+                permutation=order if layer % 2 == 0 else order.flip(0)))
+            for layer in range(flows))
 
     def distribution(self, x: torch.Tensor) -> dist.TransformedDistribution:
         hidden = self.body(x)
