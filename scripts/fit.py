@@ -68,9 +68,12 @@ def parser() -> argparse.ArgumentParser:
                    help="data points per SVI step (per process under torchrun)")
     g.add_argument("--lr", type=float, default=o.lr, help="Adam learning rate")
     g.add_argument("--num-particles", type=int, default=o.num_particles, help="ELBO samples per step")
-    g.add_argument("--elbo", choices=("trace", "meanfield", "enum"), default=o.elbo,
-                   help="Trace_ELBO, TraceMeanField_ELBO (analytic KL in the loss) or "
-                        "TraceEnum_ELBO (guides with config_enumerate'd discrete sites)")
+    g.add_argument("--elbo", choices=("trace", "meanfield", "enum", "iwae"), default=o.elbo,
+                   help="Trace_ELBO, TraceMeanField_ELBO (analytic KL in the loss), TraceEnum_ELBO "
+                        "(config_enumerate'd discrete sites) or iwae (the importance-weighted "
+                        "bound per data point with --num-particles K; Renyi with --renyi-alpha)")
+    g.add_argument("--renyi-alpha", type=float, default=o.renyi_alpha,
+                   help="order of the Renyi bound of --elbo iwae (0: IWAE)")
     g.add_argument("--seed", type=int, default=o.seed, help="fixes every random number on CPU")
     g.add_argument("--no-jit", dest="jit", action="store_false", help="run the pair's Python on "
                    "every step instead of replaying a checked recording of the loss (README, Performance)")

@@ -29,9 +29,11 @@ from inference.training.checkpoint import rng_preserved
 from inference.training.compiled_loss import CompiledLoss
 from inference.training.distributed import SINGLE, Distributed
 from inference.training.minibatch import ScaleDataPlate
+from inference.training.objectives import PerDatapointRenyiELBO
 from inference.training.parameters import pair_parameters
 
-ELBOS = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO, "enum": TraceEnum_ELBO}
+ELBOS = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO, "enum": TraceEnum_ELBO,
+         "iwae": PerDatapointRenyiELBO}
 
 
 class ElboStep:
@@ -54,6 +56,7 @@ class ElboStep:
         distributed: Distributed = SINGLE,
         jit: bool = True,
         max_plate_nesting: int | None = None,
+        renyi_alpha: float = 0.0,
     ):
         self.scale = ScaleDataPlate(data_plate, num_data)
         self.user_model, self.user_guide = model, guide
@@ -64,7 +67,10 @@ class ElboStep:
         if max_plate_nesting is not None:
             # Enumerated sites need their dimensions left of every plate; particles one more.
             particles["max_plate_nesting"] = max_plate_nesting
-        self.loss = ELBOS[elbo](**particles)
+        if elbo == "iwae":
+            self.loss = PerDatapointRenyiELBO(num_particles, renyi_alpha, data_plate)
+        else:
+            self.loss = ELBOS[elbo](**particles)
         self.compiled = CompiledLoss(
             self._eager_loss, lambda: _recorded_loss(elbo, particles, self.model, self.guide)
         )
@@ -72,6 +78,8 @@ class ElboStep:
             self.compiled.disable("jit is off")
         elif elbo == "enum":
             self.compiled.disable("TraceEnum_ELBO runs eagerly")
+        elif elbo == "iwae":
+            self.compiled.disable("the per-datapoint importance-weighted bound runs eagerly")
         elif pyro.settings.get("module_local_params"):
             # Recordings read their parameters from the param store, which then holds none.
             self.compiled.disable("module-local parameters (module_local_params=True) run eagerly")

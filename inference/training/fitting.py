@@ -50,6 +50,7 @@ class FitOptions:
     lr: float = 1e-3
     num_particles: int = 1
     elbo: str = "trace"
+    renyi_alpha: float = 0.0  # --elbo iwae: 0 is IWAE; the Renyi bound of order alpha otherwise
     eval_every: int = 1
     eval_samples: int = 100
     eval_points: int = 500
@@ -75,6 +76,9 @@ class FitOptions:
             raise ConfigError(f"--data-plate must be a plate's name, got {self.data_plate!r}")
         if self.elbo not in ELBOS:
             raise ConfigError(f"--elbo must be one of {sorted(ELBOS)}, got {self.elbo!r}")
+        if not (self.renyi_alpha >= 0 and self.renyi_alpha != 1):
+            raise ConfigError(f"--renyi-alpha must be >= 0 and not 1 (alpha = 1 is the ELBO: "
+                              f"--elbo trace), got {self.renyi_alpha}")
         if self.batch_size * world_size > num_train:
             per = f" x {world_size} processes" if world_size > 1 else ""
             raise ConfigError(
@@ -275,7 +279,8 @@ def fit(
     step = ElboStep(model, guide, n, lr=options.lr, elbo=options.elbo,
                     num_particles=options.num_particles, data_plate=options.data_plate,
                     distributed=distributed, jit=options.jit,
-                    max_plate_nesting=plan.layout.max_plate_nesting)
+                    max_plate_nesting=plan.layout.max_plate_nesting,
+                    renyi_alpha=options.renyi_alpha)
     result = FitResult(step=step, plan=plan)
     first_epoch = 1
     if resume is not None:

@@ -1,0 +1,80 @@
+"""Training objectives beyond the ELBO, reduced per data point.
+
+The importance-weighted bound (Burda et al. 2016) and its Rényi generalization (Li & Turner 2016),
+
+    L_alpha(x_n) = 1 / (1 - alpha) log (1/K) sum_k w_kn^(1 - alpha),   w_kn = p(x_n, z_kn) / q(z_kn | x_n),
+
+summed over the data points of a minibatch (and scaled to the data set like every data-plate
+site).  alpha = 0 is IWAE; K = 1 (any alpha) is the ELBO.  Pyro 1.9's ``RenyiELBO`` keeps the
+plates common to every site, so where every site is in the data plate it is per point as well
+(tests/test_objectives.py checks the two agree); where a site sits outside the plate it sums
+over the plate first and bounds the minibatch jointly (pyro-ppl/pyro#3104).  A per-point bound
+does not exist there, and this objective refuses such a pair with the site's name instead.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from inference.diagnostics.traces import (
+    PairLayout,
+    data_frame,
+    inspect_pair,
+    per_datapoint,
+    sample_sites,
+    site_log_prob,
+    trace_pair,
+)
+from inference.errors import ConfigError, ConventionError
+
+
+class PerDatapointRenyiELBO:
+    """``loss`` / ``differentiable_loss`` as Pyro's ELBOs have them: minus the bound."""
+
+    def __init__(self, num_particles: int = 5, alpha: float = 0.0, data_plate: str = "data"):
+        if num_particles < 1:
+            raise ConfigError(f"--num-particles must be a positive integer, got {num_particles}")
+        if not (alpha >= 0 and alpha != 1):
+            raise ConfigError(f"--renyi-alpha must be >= 0 and not 1 (alpha = 1 is the ELBO: "
+                              f"--elbo trace), got {alpha}")
+        self.num_particles, self.alpha, self.data_plate = num_particles, alpha, data_plate
+        self._layout: PairLayout | None = None
+
+    def _log_weights(self, model: Callable, guide: Callable, x: torch.Tensor
+                     ) -> tuple[torch.Tensor, float]:
+        """Per particle and point log w ``[K, N]``, and the data plate's scale N / B."""
+        if self._layout is None:
+            with torch.no_grad():
+                self._layout = inspect_pair(model, guide, x, self.data_plate)
+            if not self._layout.per_datapoint:
+                raise ConventionError(
+                    f"--elbo iwae bounds each data point's evidence: sites "
+                    f"{list(self._layout.global_sites)} are outside plate '{self.data_plate}'")
+            if not self._layout.vectorized:
+                raise ConventionError("--elbo iwae draws its particles in one plate: the pair "
+                                      "must broadcast over a leading particle dimension")
+        layout, k = self._layout, self.num_particles
+        guide_trace, model_trace = trace_pair(model, guide, x, k, layout.particle_dim)
+        log_w, scale = 0.0, 1.0
+        for sign, trace in ((1.0, model_trace), (-1.0, guide_trace)):
+            for site in sample_sites(trace).values():
+                if data_frame(site, self.data_plate) is None:
+                    continue
+                values = per_datapoint(site_log_prob(site), site, layout, self.data_plate)
+                log_w = log_w + sign * values
+                scale = float(site["scale"])
+        return torch.as_tensor(log_w).expand(k, -1), scale
+
+    def differentiable_loss(self, model: Callable, guide: Callable, x: torch.Tensor
+                            ) -> torch.Tensor:
+        log_w, scale = self._log_weights(model, guide, x)
+        power = (1.0 - self.alpha) * log_w
+        bound = (torch.logsumexp(power, 0) - math.log(self.num_particles)) / (1.0 - self.alpha)
+        return -scale * bound.sum()
+
+    def loss(self, model: Callable, guide: Callable, x: torch.Tensor) -> float:
+        with torch.no_grad():
+            return self.differentiable_loss(model, guide, x).item()
