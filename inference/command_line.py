@@ -37,9 +37,10 @@ def parse_hidden_dims(text: str) -> tuple[int, ...]:
 
 
 def check_positive(**flags: int | None) -> None:
-    """Refuse a flag (given by its argparse dest) whose value is below 1; None is "not given"."""
+    """Refuse a flag (given by its argparse dest) that is not an integer of at least 1; None is
+    "not given"."""
     for name, value in flags.items():
-        if value is not None and value < 1:
+        if value is not None and (not isinstance(value, int) or value < 1):
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
 
 

@@ -72,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         if split == "validation" and run.data.validation is None:
             raise ConfigError(f"--split validation: run {run.dir} has no validation split "
                               "(it was trained without --val-fraction)")
-        x = {"test": run.data.test, "validation": run.data.validation,
-             "train": run.data.train_epoch()}[split]
+        # Only the training split is drawn (a dynamic binarization): no other draw moves.
+        x = run.data.train_epoch() if split == "train" else getattr(run.data, split)
         x = subset(x, args.max_points).to(ctx.device)
         plate = args.data_plate or run.options.data_plate
         if split != "train" and run.split == "train":

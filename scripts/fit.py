@@ -147,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.resume:
                 ctx.say(f"no checkpoint in {args.resume} yet: starting the run there")
                 args.out, args.overwrite = args.resume, True
-            settings = {k: v for k, v in vars(args).items()
-                        if k in {f.name for f in fields(FitOptions)} or k in RUN_DEFAULTS}
+            known = {f.name for f in fields(FitOptions)} | set(RUN_DEFAULTS)
+            settings = {k: v for k, v in vars(args).items() if k in known}
             run, options = new_run({**settings, "time_budget": budget}, args.out, args.overwrite, ctx)
             ctx.say(f"run directory: {run.dir}" + (f" ({ctx.world_size} processes)"
                                                   if ctx.enabled else ""))

@@ -34,7 +34,7 @@ from pyro import poutine
 from torch.distributions import biject_to
 from tqdm.auto import tqdm
 
-from inference.diagnostics.evaluation import checked_arguments
+from inference.diagnostics.evaluation import checked_arguments, evaluate, mean_and_se
 from inference.diagnostics.surgery import guide_is_a_function_of_x
 from inference.diagnostics.traces import (
     PairLayout,
@@ -88,20 +88,15 @@ class AnnealedEvidence:
         return None if self.elbo is None else self.log_evidence - self.elbo
 
     def summary(self) -> dict:
-        def mean_se(v):
-            v = v.double()
-            se = v.std().item() / math.sqrt(len(v)) if len(v) > 1 else None
-            return {"mean": v.mean().item(), "se": se}
-
         out = {"method": "ais", "unit": self.unit, "num_data": len(self.log_evidence),
                "num_chains": self.num_chains,
                "num_steps": self.num_steps, "start": self.start,
-               "log_evidence": mean_se(self.log_evidence),
+               "log_evidence": mean_and_se(self.log_evidence),
                "log_evidence_mc_se": self.log_evidence_se.double().mean().item(),
-               "acceptance": mean_se(self.acceptance), "step_size": mean_se(self.step_size)}
+               "acceptance": mean_and_se(self.acceptance), "step_size": mean_and_se(self.step_size)}
         if self.elbo is not None:
-            out["elbo"] = mean_se(self.elbo)
-            out["evidence_gap"] = mean_se(self.gap)
+            out["elbo"] = mean_and_se(self.elbo)
+            out["evidence_gap"] = mean_and_se(self.gap)
         return out
 
 
@@ -134,6 +129,14 @@ class _Path:
             # Unvalidated: a leapfrog step may take z numerically out of the support.
             with torch.no_grad(), pyro.validation_enabled(False):
                 self.guide_sites = sample_sites(poutine.trace(self.guide).get_trace(x))
+        # The model's sites as they sit in a chain's state (their shapes in the chains' plate).
+        with torch.no_grad():
+            if start == "prior":
+                trace = poutine.trace(self.model).get_trace(x)
+            else:
+                guide_trace = poutine.trace(self.guide).get_trace(x)
+                trace = poutine.trace(poutine.replay(self.model, trace=guide_trace)).get_trace(x)
+        self.sites = sample_sites(trace)
 
     def reduce(self, values: torch.Tensor, site: dict) -> torch.Tensor:
         out = per_datapoint(values, site, self.layout, self.data_plate)
@@ -241,14 +244,14 @@ def _anneal(path: _Path, u: dict[str, torch.Tensor], betas: torch.Tensor, leapfr
 
     def broadcast(rows, name, value):
         if name not in shapes:
-            site = path.site_of(name)
+            site = path.sites[name]
             shapes[name] = path.rows_shape(value, site)
         return rows.reshape(shapes[name])
 
     def kinetic(p):
         total = 0
         for name, v in p.items():
-            site = path.site_of(name)
+            site = path.sites[name]
             sq = (v * v)
             if site["fn"].event_dim:
                 sq = sq.sum(tuple(range(-site["fn"].event_dim, 0)))
@@ -313,23 +316,14 @@ def annealed_evidence(
     :param batch_size: data points per pass; memory grows with ``num_chains * batch_size``
         (default: as many as keep that at evaluate's rows per chunk, 4096 on a CPU).
     """
-    if batch_size is None:
-        batch_size = max(1, default_rows_per_chunk(x.device) // num_chains)
-    batch_size = checked_arguments(x, num_chains, batch_size, "annealed_evidence")
-    for name, value in (("num_steps", num_steps), ("leapfrog_steps", leapfrog_steps)):
-        if value < 1:
-            raise ConfigError(f"{name} must be a positive integer, got {value}")
-    if not 0 < step_size <= STEP_SIZE_RANGE[1]:
-        raise ConfigError(f"step_size must be in (0, {STEP_SIZE_RANGE[1]}], got {step_size}")
+    batch_size, path = _points_per_pass(model, guide, x, num_chains, start, data_plate,
+                                        batch_size, "annealed_evidence", num_steps,
+                                        leapfrog_steps, step_size)
     betas = sigmoid_schedule(num_steps)
     parts = []
-    path = annealing_path(model, guide, x[:batch_size], num_chains, start, data_plate)
-    if not path.layout.per_datapoint:
-        # Global latents tie every point together: one pass over the whole data set.
-        batch_size = x.shape[0]
     for s in range(0, x.shape[0], batch_size):
         xb = x[s: s + batch_size]
-        if s > 0 or xb.shape[0] != path.x.shape[0]:
+        if s > 0:
             path = annealing_path(model, guide, xb, num_chains, start, data_plate)
         u = initial_state(path, start)
         log_w, acceptance, eps, start_ratio, _ = _anneal(
@@ -355,15 +349,28 @@ def annealing_path(model: Callable, guide: Callable, x: torch.Tensor, chains: in
     """The pair checked for AIS and ready to evaluate log p(x, z), log base(z) and their
     gradients for ``chains`` chains per point of ``x``."""
     layout, supports = _check_pair(model, guide, x, start, data_plate)
-    path = _Path(model, guide, x, layout, chains, start, data_plate, supports)
-    with torch.no_grad():
-        trace = poutine.trace(path.model).get_trace(x) if start == "prior" else None
-        if trace is None:
-            guide_trace = poutine.trace(path.guide).get_trace(x)
-            trace = poutine.trace(poutine.replay(path.model, trace=guide_trace)).get_trace(x)
-    sites = sample_sites(trace)
-    path.site_of = lambda name: sites[name]
-    return path
+    return _Path(model, guide, x, layout, chains, start, data_plate, supports)
+
+
+def _points_per_pass(model: Callable, guide: Callable, x: torch.Tensor, chains: int,
+                     start: str, data_plate: str, batch_size: int | None, caller: str,
+                     num_steps: int, leapfrog_steps: int, step_size: float) -> tuple[int, _Path]:
+    """The settings checked; the points annealed per pass (by default as many as keep chains x
+    points at evaluate's rows per chunk; all of them for global latents, which tie the points
+    together) and the path of the first pass."""
+    for name, value in (("num_steps", num_steps), ("leapfrog_steps", leapfrog_steps)):
+        if value < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {value}")
+    if not 0 < step_size <= STEP_SIZE_RANGE[1]:
+        raise ConfigError(f"step_size must be in (0, {STEP_SIZE_RANGE[1]}], got {step_size}")
+    if batch_size is None:
+        batch_size = max(1, default_rows_per_chunk(x.device) // chains)
+    batch_size = checked_arguments(x, chains, batch_size, caller)
+    first = annealing_path(model, guide, x[:batch_size], chains, start, data_plate)
+    if not first.layout.per_datapoint and batch_size < x.shape[0]:
+        batch_size = x.shape[0]
+        first = annealing_path(model, guide, x, chains, start, data_plate)
+    return batch_size, first
 
 
 @dataclass
@@ -378,11 +385,11 @@ class BidirectionalBounds:
     num_steps: int
 
     def summary(self) -> dict:
-        gap = (self.upper - self.lower).double()
+        bracket = mean_and_se(self.upper - self.lower)
         return {"method": "bdmc", "num_data": len(self.lower), "num_chains": self.num_chains,
                 "num_steps": self.num_steps, "lower": self.lower.double().mean().item(),
-                "upper": self.upper.double().mean().item(), "bracket": gap.mean().item(),
-                "bracket_se": gap.std().item() / math.sqrt(len(gap)) if len(gap) > 1 else None}
+                "upper": self.upper.double().mean().item(), "bracket": bracket["mean"],
+                "bracket_se": bracket["se"]}
 
 
 def simulate(model: Callable, x_like: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -418,12 +425,8 @@ def bdmc(
     and reverse AIS of the same setting (``batch_size`` points simulated and annealed at a
     time, as in ``annealed_evidence``; a pair with global latents simulates its data set whole
     and gets one bracket for log p(x_1..N))."""
-    if batch_size is None:
-        batch_size = max(1, default_rows_per_chunk(x_like.device) // num_chains)
-    batch_size = checked_arguments(x_like, num_chains, batch_size, "bdmc")
-    first = annealing_path(model, guide, x_like[:batch_size], num_chains, start, data_plate)
-    if not first.layout.per_datapoint:
-        batch_size = x_like.shape[0]
+    batch_size, _ = _points_per_pass(model, guide, x_like, num_chains, start, data_plate,
+                                     batch_size, "bdmc", num_steps, leapfrog_steps, step_size)
     xs, lowers, uppers = [], [], []
     for s in range(0, x_like.shape[0], batch_size):
         x, exact = simulate(model, x_like[s: s + batch_size])
@@ -433,7 +436,7 @@ def bdmc(
         u = {}
         for name, value in exact.items():
             # Every chain starts at the latents that generated x: exact posterior draws.
-            target = path.site_of(name)["value"].shape
+            target = path.sites[name]["value"].shape
             padded = value.reshape((1,) * (len(target) - value.dim()) + tuple(value.shape))
             u[name] = path.transforms[name].inv(padded.expand(target)).clone()
         reverse, *_ = _anneal(path, u, sigmoid_schedule(num_steps).flip(0), leapfrog_steps,
@@ -452,8 +455,6 @@ def ais_beside_importance(model: Callable, guide: Callable, x: torch.Tensor, *,
                           data_plate: str = "data", progress: bool = False) -> dict:
     """AIS and importance sampling (K = ``num_samples``) on the same points: both summaries, the
     per-point difference AIS - IS, and per point both estimates with IS's k-hat."""
-    from inference.diagnostics.evaluation import evaluate
-
     importance = evaluate(model, guide, x, num_samples=num_samples, batch_size=batch_size,
                           data_plate=data_plate, progress=progress)
     ais = annealed_evidence(model, guide, x, num_chains=num_chains, num_steps=num_steps,
@@ -461,7 +462,6 @@ def ais_beside_importance(model: Callable, guide: Callable, x: torch.Tensor, *,
                             progress=progress)
     is_evidence = (importance.log_evidence if importance.unit == "data point" else
                    torch.tensor([importance.total.log_evidence], dtype=torch.float64))
-    diff = (ais.log_evidence - is_evidence).double()
     summary = importance.summary()
     if importance.unit != "data point":
         # One estimate of log p(x_1..N): the table reads it as its "mean".
@@ -469,8 +469,7 @@ def ais_beside_importance(model: Callable, guide: Callable, x: torch.Tensor, *,
                                    "se": importance.total.log_evidence_se}
     return {
         "ais": ais.summary(), "importance": summary,
-        "ais_minus_is": {"mean": diff.mean().item(),
-                         "se": diff.std().item() / math.sqrt(len(diff)) if len(diff) > 1 else None},
+        "ais_minus_is": mean_and_se(ais.log_evidence - is_evidence),
         "per_point": {"ais": ais.log_evidence.tolist(), "importance": is_evidence.tolist(),
                       "khat": importance.khat.tolist()},
     }

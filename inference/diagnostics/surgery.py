@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from pyro import poutine
 
-from inference.diagnostics.evaluation import checked_arguments
+from inference.diagnostics.evaluation import checked_arguments, mean_and_se
 from inference.diagnostics.traces import (
     data_frame,
     inspect_pair,
@@ -46,14 +46,9 @@ class ElboSurgery:
         return len(self.mutual_information)
 
     def summary(self) -> dict:
-        def mean_se(v):
-            v = v.double()
-            return {"mean": v.mean().item(),
-                    "se": v.std().item() / math.sqrt(len(v)) if len(v) > 1 else None}
-
-        return {"mutual_information": mean_se(self.mutual_information),
-                "marginal_kl": mean_se(self.marginal_kl),
-                "mean_kl": mean_se(self.mutual_information + self.marginal_kl),
+        return {"mutual_information": mean_and_se(self.mutual_information),
+                "marginal_kl": mean_and_se(self.marginal_kl),
+                "mean_kl": mean_and_se(self.mutual_information + self.marginal_kl),
                 "log_num_data": math.log(self.num_data), "num_samples": self.num_samples,
                 "note": f"I_q(x; z) <= log N = {math.log(self.num_data):.3f} nats for N = "
                         f"{self.num_data} points: an aggregate posterior of N points cannot "

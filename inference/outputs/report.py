@@ -13,7 +13,7 @@ import pyro
 import torch
 
 from inference.data.datasets import subset
-from inference.diagnostics.ais import annealed_evidence, bdmc
+from inference.diagnostics.ais import ais_beside_importance, bdmc
 from inference.diagnostics.amortization import decompose_gap, fit_local_guide, normal_sites
 from inference.diagnostics.evaluation import (
     ACTIVE_UNIT_THRESHOLD,
@@ -277,18 +277,16 @@ class Report:
         options = {"num_chains": s.ais_chains, "num_steps": s.ais_steps,
                    "data_plate": self.plate, "progress": s.progress}
         try:
-            importance = evaluate(run.model, run.guide, xa, num_samples=s.num_samples,
-                                  data_plate=self.plate)
-            ais = annealed_evidence(run.model, run.guide, xa, **options)
+            both = ais_beside_importance(run.model, run.guide, xa, num_samples=s.num_samples,
+                                         **options)
         except ConventionError as e:
             self.notes.append(Note(f"No annealed importance sampling: {e}", warning=True))
             return None
-        diff = (ais.log_evidence - importance.log_evidence).double()
-        a = self.numbers["ais"] = {**ais.summary(), "ais_minus_is": {
-            "mean": diff.mean().item(), "se": diff.std().item() / len(diff) ** 0.5}}
+        a = self.numbers["ais"] = {**both["ais"], "ais_minus_is": both["ais_minus_is"]}
+        per_point = {key: np.asarray(values) for key, values in both["per_point"].items()}
         rows = [("log p(x), AIS", *_fmt(a["log_evidence"])),
                 (f"log p(x), importance sampling K={s.num_samples}",
-                 *_fmt(mean_and_se(importance.log_evidence))),
+                 *_fmt(both["importance"]["log_evidence"])),
                 ("AIS - importance sampling", *_fmt(a["ais_minus_is"])),
                 ("ELBO (the chains' starting draws)", *_fmt(a["elbo"])),
                 ("evidence gap, AIS", *_fmt(a["evidence_gap"]))]
@@ -308,9 +306,9 @@ class Report:
             "Per test point, AIS minus importance sampling against importance sampling's log p(x),"
             " coloured by its Pareto k-hat: points with k-hat > 0.7 are where importance sampling "
             "falls short. BDMC brackets the true log p(x) on data simulated from the model.",
-            figure_png(plot_ais_vs_importance(importance.log_evidence.numpy(),
-                                              ais.log_evidence.numpy(), importance.khat.numpy()))))
-        return ais
+            figure_png(plot_ais_vs_importance(per_point["importance"], per_point["ais"],
+                                              per_point["khat"]))))
+        return torch.as_tensor(per_point["ais"])
 
     def _gap_decomposition(self, ais=None) -> None:
         """Approximation and amortization gaps (Cremer et al. 2018) on a few test points."""
@@ -344,13 +342,15 @@ class Report:
             figure_png(plot_gap_decomposition(gaps.approximation_gap.numpy(),
                                               gaps.amortization_gap.numpy()))))
 
-    def _approximation_gap_with_ais(self, gaps, ais) -> list[tuple[str, str, str]]:
-        """The approximation gap with AIS's log p(x) (Cremer et al. 2018), on the points both
-        cover: subsets of the test set are nested, so AIS's points come first."""
+    def _approximation_gap_with_ais(self, gaps, ais: torch.Tensor | None
+                                    ) -> list[tuple[str, str, str]]:
+        """The approximation gap with AIS's log p(x) per point (``ais``; Cremer et al. 2018),
+        on the points both cover: subsets of the test set are nested, so AIS's points come
+        first."""
         if ais is None:
             return []
-        m = min(len(ais.log_evidence), len(gaps.elbo_local))
-        gap = ais.log_evidence[:m] - gaps.elbo_local[:m]
+        m = min(len(ais), len(gaps.elbo_local))
+        gap = ais[:m] - gaps.elbo_local[:m]
         self.numbers["gap_decomposition"]["approximation_gap_ais"] = summary = mean_and_se(gap)
         return [(f"approximation gap with AIS log p(x) (first {m} points)", *_fmt(summary))]
 

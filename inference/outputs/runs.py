@@ -15,6 +15,7 @@ from pathlib import Path
 import pyro
 import torch
 
+from inference.command_line import check_positive
 from inference.data.datasets import Dataset, load_dataset, subset_indices
 from inference.diagnostics.evaluation import evaluate
 from inference.diagnostics.predictive import posterior_predictive
@@ -153,15 +154,9 @@ def run_config(data: Dataset, settings: dict) -> dict:
         raise ConfigError(f"--flows is for --guide iaf, not --guide {config['guide']}")
     if config["data_dir"] is not None:
         config["data_dir"] = str(Path(config["data_dir"]).resolve())
-    check_positive_settings(config)
+    check_positive(**{name: config[name] for name in
+                      ("num_samples", "test_points", "eval_batch_size")})
     return config
-
-
-def check_positive_settings(config: dict) -> None:
-    for name in ("num_samples", "test_points", "eval_batch_size"):
-        value = config.get(name)
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
 
 
 def check_likelihood(likelihood: str, data: Dataset) -> None:
