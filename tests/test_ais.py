@@ -10,7 +10,7 @@ import pytest
 import torch
 from pyro.infer.autoguide import AutoNormal
 
-from inference import ConventionError, annealed_evidence, bdmc, elbo_surgery, evaluate
+from inference import ConfigError, ConventionError, annealed_evidence, bdmc, elbo_surgery, evaluate
 from inference.diagnostics.ais import sigmoid_schedule
 from models.linear_gaussian import LinearGaussian
 
@@ -172,3 +172,14 @@ def test_ais_of_a_pair_with_global_latents_is_the_data_sets_evidence():
     assert a.unit == "data set" and a.log_evidence.shape == (1,)
     assert abs(a.log_evidence.item() - exact) < 3 * a.log_evidence_se.item() + 0.01
     assert a.gap.item() > 0
+
+
+def test_bdmc_refuses_settings_it_cannot_run_like_annealed_evidence():
+    lg, x = linear_gaussian(n=4)
+    guide = posterior_guide(lg)
+    for kwargs, message in (({"leapfrog_steps": 0}, "leapfrog_steps must be a positive"),
+                            ({"step_size": 0.0}, "step_size must be in"),
+                            ({"num_steps": 0}, "num_steps must be a positive")):
+        for run in (annealed_evidence, bdmc):
+            with pytest.raises(ConfigError, match=message):
+                run(lg.model, guide, x, num_chains=2, **kwargs)
