@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from inference.errors import ConfigError, ElbogapError
 from inference.training.cpu import configure_cpu
-from inference.training.fitting import TrainingInterrupted
+from inference.training.fitting import FitOptions, TrainingInterrupted
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -23,6 +23,43 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
                 or isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction)):
             return text
         return super()._get_help_string(action)
+
+
+def add_training_controls(parser: argparse.ArgumentParser, o: FitOptions) -> None:
+    """The flags of ``FitOptions``' objective (``--elbo`` and its settings, the KL weight of
+    ``inference.training.kl_weight``) and training controls (``inference.training.schedule``,
+    clipping, early stopping), defaults from ``o``."""
+    g = parser.add_argument_group("objective")
+    g.add_argument("--num-particles", type=int, default=o.num_particles, help="ELBO samples per step")
+    g.add_argument("--elbo", choices=("trace", "meanfield", "enum", "tracegraph", "iwae"),
+                   default=o.elbo,
+                   help="Trace_ELBO, TraceMeanField_ELBO (analytic KL in the loss), TraceEnum_ELBO "
+                        "(config_enumerate'd discrete sites), TraceGraph_ELBO (score-function "
+                        "gradients of non-reparameterizable sites with their downstream costs "
+                        "and baselines), or iwae (the importance-weighted bound per data point "
+                        "with --num-particles K; Renyi with --renyi-alpha)")
+    g.add_argument("--renyi-alpha", type=float, default=o.renyi_alpha,
+                   help="order of the Renyi bound of --elbo iwae (0: IWAE)")
+    g.add_argument("--beta", type=float, default=o.beta, help="weight of the KL to the prior in "
+                   "the training objective (beta-VAE); diagnostics are always at weight 1")
+    g.add_argument("--kl-warmup", type=int, default=o.kl_warmup, metavar="EPOCHS",
+                   help="raise the KL weight linearly from 0 to --beta over this many epochs")
+    g = parser.add_argument_group("training controls")
+    g.add_argument("--lr-schedule", choices=("constant", "cosine", "step", "plateau"),
+                   default=o.lr_schedule, help="cosine: down to 0 over --epochs; step: times "
+                   "--lr-factor every --lr-step-epochs; plateau: times --lr-factor after "
+                   "--lr-patience epochs without a better validation ELBO (training objective "
+                   "without --val-fraction)")
+    g.add_argument("--lr-factor", type=float, default=o.lr_factor,
+                   help="the learning rate's multiplier at each step or plateau decay")
+    g.add_argument("--lr-step-epochs", type=int, default=o.lr_step_epochs,
+                   help="epochs between decays of --lr-schedule step")
+    g.add_argument("--lr-patience", type=int, default=o.lr_patience,
+                   help="epochs without progress before a decay of --lr-schedule plateau")
+    g.add_argument("--clip-norm", type=float, help="clip the gradients' global norm to this")
+    g.add_argument("--patience", type=int, help="stop once the validation ELBO has not risen "
+                   "for this many epochs, keeping the best epoch's parameters (needs "
+                   "--val-fraction)")
 
 
 def parse_hidden_dims(text: str) -> tuple[int, ...]:

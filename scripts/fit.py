@@ -11,7 +11,12 @@ from dataclasses import fields
 from pathlib import Path
 
 from inference import FitOptions
-from inference.command_line import HelpFormatter, parse_hidden_dims, run_main
+from inference.command_line import (
+    HelpFormatter,
+    add_training_controls,
+    parse_hidden_dims,
+    run_main,
+)
 from inference.data.datasets import BINARIZATIONS, DATASETS
 from inference.errors import ConfigError
 from inference.outputs.runs import (
@@ -67,13 +72,6 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=o.batch_size,
                    help="data points per SVI step (per process under torchrun)")
     g.add_argument("--lr", type=float, default=o.lr, help="Adam learning rate")
-    g.add_argument("--num-particles", type=int, default=o.num_particles, help="ELBO samples per step")
-    g.add_argument("--elbo", choices=("trace", "meanfield", "enum", "iwae"), default=o.elbo,
-                   help="Trace_ELBO, TraceMeanField_ELBO (analytic KL in the loss), TraceEnum_ELBO "
-                        "(config_enumerate'd discrete sites) or iwae (the importance-weighted "
-                        "bound per data point with --num-particles K; Renyi with --renyi-alpha)")
-    g.add_argument("--renyi-alpha", type=float, default=o.renyi_alpha,
-                   help="order of the Renyi bound of --elbo iwae (0: IWAE)")
     g.add_argument("--seed", type=int, default=o.seed, help="fixes every random number on CPU")
     g.add_argument("--no-jit", dest="jit", action="store_false", help="run the pair's Python on "
                    "every step instead of replaying a checked recording of the loss (README, Performance)")
@@ -81,6 +79,7 @@ def parser() -> argparse.ArgumentParser:
                    help="stop training after the epoch that exceeds this many minutes")
     g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     add_device_flag(g)
+    add_training_controls(p, o)
     g = p.add_argument_group("diagnostics")
     g.add_argument("--num-samples", "-K", type=int, default=1000,
                    help="K, importance samples per test point in the final evaluation")

@@ -183,3 +183,28 @@ def test_bdmc_refuses_settings_it_cannot_run_like_annealed_evidence():
         for run in (annealed_evidence, bdmc):
             with pytest.raises(ConfigError, match=message):
                 run(lg.model, guide, x, num_chains=2, **kwargs)
+
+
+def test_the_report_runs_ais_on_a_run_diagnosed_on_its_training_set(tmp_path):
+    """An autoguide with parameters per training point: AIS runs on the training set, from the
+    prior (the guide's sites are point masses), and agrees with the exact log p(x)."""
+    from inference import Report
+    from inference.outputs.runs import new_run, train
+
+    run, options = new_run({"data": "synthetic", "model": "linear-gaussian", "guide": "auto-normal",
+                            "batch_size": 1000, "epochs": 30, "lr": 0.05, "eval_every": 30,
+                            "eval_samples": 5, "num_samples": 10, "progress": False},
+                           tmp_path / "r")
+    train(run, options)
+    report = Report.build(run, num_samples=100, ais_steps=200, ais_chains=8, bdmc=True,
+                          amortization_points=0, progress=False)
+    a = report.numbers["ais"]
+    assert run.split == "train" and a["start"] == "prior" and a["num_data"] == 1000
+    exact = run.pair.model_object.log_evidence(run.data.train).double().mean().item()
+    # The SE of the mean of 1000 per-point AIS estimates, from their own MC SE.
+    se = a["log_evidence_mc_se"] / math.sqrt(a["num_data"])
+    assert abs(a["log_evidence"]["mean"] - exact) < 4 * se + 1e-3
+    assert a["evidence_gap"]["mean"] > 0
+    b = report.numbers["bdmc"]
+    assert b["lower"] <= b["upper"] + 4 * b["bracket_se"]
+    assert any("AIS starts from the prior" in note.text for note in report.notes)

@@ -467,8 +467,16 @@ def ais_beside_importance(model: Callable, guide: Callable, x: torch.Tensor, *,
         # One estimate of log p(x_1..N): the table reads it as its "mean".
         summary["log_evidence"] = {"mean": importance.total.log_evidence,
                                    "se": importance.total.log_evidence_se}
+    ais_summary = ais.summary()
+    if ais.elbo is None:
+        # Chains started from the prior carry no ELBO; the guide's, from the draws of the
+        # importance sampler on the same points, gives the AIS gap all the same.
+        elbo = (importance.elbo if importance.unit == "data point"
+                else torch.tensor([importance.total.elbo], dtype=torch.float64))
+        ais_summary["elbo"] = mean_and_se(elbo)
+        ais_summary["evidence_gap"] = mean_and_se(ais.log_evidence - elbo)
     return {
-        "ais": ais.summary(), "importance": summary,
+        "ais": ais_summary, "importance": summary,
         "ais_minus_is": mean_and_se(ais.log_evidence - is_evidence),
         "per_point": {"ais": ais.log_evidence.tolist(), "importance": is_evidence.tolist(),
                       "khat": importance.khat.tolist()},

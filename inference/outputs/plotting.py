@@ -83,10 +83,14 @@ def _series(records: Sequence[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
     return mean, se
 
 
-def plot_elbo_curves(history: Sequence[dict]) -> Figure:
+def plot_elbo_curves(history: Sequence[dict], objective: str = "ELBO") -> Figure:
+    """The training objective (``objective`` names it) and the held-out ELBO per epoch."""
     epochs = [r["epoch"] for r in history]
     fig, ax = subplots(figsize=(6, 4))
-    ax.plot(epochs, [r["train_elbo"] for r in history], label="train ELBO")
+    # Runs written before the objective had its own field hold it as train_elbo.
+    trained = [r.get("train_objective", r.get("train_elbo")) for r in history]
+    ax.plot(epochs, trained, label="train ELBO" if objective == "ELBO"
+            else f"train objective: {objective}")
     for split in ("validation", "test"):
         if any(r.get(f"{split}_elbo") is not None for r in history):
             ax.plot(epochs, [r.get(f"{split}_elbo") for r in history], label=f"{split} ELBO")

@@ -199,6 +199,8 @@ class Report:
         self.tables.append(Table(
             f"Summary for the data set the guide was fitted to ({self.diagnostics.num_data} "
             "training points; nats, totals)", ("quantity", "total", "± Monte Carlo SE"), rows))
+        if self.settings.ais_points:
+            self._annealed(held_out=False)
         test = self.run.data.test
         if test.shape[0]:
             p = posterior_predictive(self.run.model, self.run.guide,
@@ -258,7 +260,7 @@ class Report:
                   *_fmt(s["marginal_kl"]))]))
             self.notes.append(Note(s["note"] + "."))
         held_out = self.run.split == "test"
-        ais = self._annealed() if self.settings.ais_points and held_out else None
+        ais = self._annealed(held_out) if self.settings.ais_points else None
         if not held_out:
             self.notes.append(Note("No amortization gap: the guide has parameters per training "
                                    "point (it is not amortized), so it is already the local "
@@ -270,25 +272,38 @@ class Report:
                 self.run.model, self.run.guide,
                 subset(self.run.data.test, self.settings.idata_points), self.settings.idata_draws)
 
-    def _annealed(self):
-        """AIS beside importance sampling on a few test points, and the BDMC bracket."""
+    def _annealed(self, held_out: bool):
+        """AIS beside importance sampling on a few test points (a pair diagnosed on its training
+        set: on that set, the data its guide was fitted to), and the BDMC bracket.  AIS starts
+        from the guide, or from the prior where the guide cannot start it (a point mass)."""
         s, run = self.settings, self.run
-        xa = subset(run.data.test, s.ais_points)
+        xa = subset(run.data.test, s.ais_points) if held_out else run.points()
+        where = "test points" if held_out else "training points (the data the guide was fitted to)"
         options = {"num_chains": s.ais_chains, "num_steps": s.ais_steps,
                    "data_plate": self.plate, "progress": s.progress}
-        try:
-            both = ais_beside_importance(run.model, run.guide, xa, num_samples=s.num_samples,
-                                         **options)
-        except ConventionError as e:
-            self.notes.append(Note(f"No annealed importance sampling: {e}", warning=True))
-            return None
+        if not held_out:
+            # A guide with parameters per training point runs on its whole training set only.
+            options["batch_size"] = len(xa)
+        both = None
+        for start in ("guide", "prior"):
+            try:
+                both = ais_beside_importance(run.model, run.guide, xa, num_samples=s.num_samples,
+                                             start=start, **options)
+                break
+            except ConventionError as e:
+                if start == "prior":
+                    self.notes.append(Note(f"No annealed importance sampling: {e}", warning=True))
+                    return None
+                self.notes.append(Note(f"AIS starts from the prior: from the guide, {e}"))
+        options["start"] = start
         a = self.numbers["ais"] = {**both["ais"], "ais_minus_is": both["ais_minus_is"]}
         per_point = {key: np.asarray(values) for key, values in both["per_point"].items()}
         rows = [("log p(x), AIS", *_fmt(a["log_evidence"])),
                 (f"log p(x), importance sampling K={s.num_samples}",
                  *_fmt(both["importance"]["log_evidence"])),
                 ("AIS - importance sampling", *_fmt(a["ais_minus_is"])),
-                ("ELBO (the chains' starting draws)", *_fmt(a["elbo"])),
+                ("ELBO (the chains' starting draws)" if start == "guide" else
+                 f"ELBO (the importance sampler's K={s.num_samples} draws)", *_fmt(a["elbo"])),
                 ("evidence gap, AIS", *_fmt(a["evidence_gap"]))]
         if s.bdmc:
             b = self.numbers["bdmc"] = bdmc(run.model, run.guide, xa, **options).summary()
@@ -298,12 +313,13 @@ class Report:
                      ("BDMC bracket upper - lower", *_fmt({"mean": b["bracket"],
                                                            "se": b["bracket_se"]}))]
         self.tables.append(Table(
-            f"Annealed importance sampling ({len(xa)} test points, {s.ais_chains} chains x "
-            f"{s.ais_steps} HMC steps from the guide; acceptance {a['acceptance']['mean']:.2f})",
+            f"Annealed importance sampling ({len(xa)} {where}, {s.ais_chains} chains x "
+            f"{s.ais_steps} HMC steps from the {start}; acceptance "
+            f"{a['acceptance']['mean']:.2f})",
             ("quantity", "mean", "± SE over points"), rows))
         self.figures.append(FigureItem(
             "AIS beside importance sampling",
-            "Per test point, AIS minus importance sampling against importance sampling's log p(x),"
+            "Per point, AIS minus importance sampling against importance sampling's log p(x),"
             " coloured by its Pareto k-hat: points with k-hat > 0.7 are where importance sampling "
             "falls short. BDMC brackets the true log p(x) on data simulated from the model.",
             figure_png(plot_ais_vs_importance(per_point["importance"], per_point["ais"],

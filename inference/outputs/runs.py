@@ -315,7 +315,7 @@ def run_figures(run: Run, kl_per_dim: dict) -> dict:
     data reconstructions and prior samples read off the model's observed site."""
     history, data, held_out = run.history, run.data, run.split == "test"
     figures = {
-        "elbo.png": plot_elbo_curves(history),
+        "elbo.png": plot_elbo_curves(history, run.options.objective),
         "reconstruction_kl.png": plot_terms_curves(history),
         "evidence_gap.png": plot_evidence_gap(history),
         "kl_per_dim.png": plot_kl_per_dim(kl_per_dim),

@@ -17,12 +17,14 @@ or on Python-side state, so a recording is trusted only after two checks:
   not idle: Pyro 1.9's ``JitTrace_ELBO.differentiable_loss`` doubles reparameterized gradients.)
 
 The same check runs again at the start of every epoch (``recheck``).  What no check can see is
-Python state that changes from one step to the next inside an epoch (a weight annealed per
-call): such a pair must train with ``jit`` off.
+Python state that changes from one step to the next inside an epoch: a weight that changes per
+step must be an input of the loss, a tensor argument, as ``fit``'s KL weight is
+(``inference.training.kl_weight``); a pair that anneals Python state of its own must train with
+``jit`` off.
 
 Anything else (a warning, a mismatch, a tracer error, a torch without ``torch.jit.trace``)
 makes this object fall back to the eager loss for good, with ``reason`` saying why.  A recording
-is keyed on the minibatch's shape and dtype and on ``key`` (the data-plate scale, which the
+is keyed on the inputs' shapes and dtypes and on ``key`` (the data-plate scale, which the
 recording holds as a constant), so the short last minibatch of an epoch gets its own.
 
 Recordings run with the graph executor's optimizations off: the ops are replayed as recorded
@@ -49,7 +51,8 @@ CHECKS_PER_KEY = 2  # the recording minibatch and the next one
 
 
 class CompiledLoss:
-    """``loss(x, key) -> scalar tensor``: ``eager(x)``, or where that is safe a recording of it.
+    """``loss(*inputs, key=key) -> scalar tensor``: ``eager(*inputs)``, or where that is safe a
+    recording of it.  ``inputs`` are tensors: the minibatch, and any per-step weight.
 
     ``record()`` returns a fresh recording function (a new ``pyro.infer.JitTrace_ELBO``'s loss,
     say) whose first call records; one is made per key.  ``eager`` and the recordings must read
@@ -58,8 +61,8 @@ class CompiledLoss:
 
     def __init__(
         self,
-        eager: Callable[[torch.Tensor], torch.Tensor],
-        record: Callable[[], Callable[[torch.Tensor], torch.Tensor]],
+        eager: Callable[..., torch.Tensor],
+        record: Callable[[], Callable[..., torch.Tensor]],
     ):
         self.eager = eager
         self.record = record
@@ -82,33 +85,33 @@ class CompiledLoss:
         the first step that would have used a stale one."""
         self._checks = {key: min(n, CHECKS_PER_KEY - 1) for key, n in self._checks.items()}
 
-    def __call__(self, x: torch.Tensor, key: Hashable = None) -> torch.Tensor:
+    def __call__(self, *inputs: torch.Tensor, key: Hashable = None) -> torch.Tensor:
         if not self.enabled:
-            return self.eager(x)
-        key = (tuple(x.shape), x.dtype, key)
+            return self.eager(*inputs)
+        key = (tuple((tuple(x.shape), x.dtype) for x in inputs), key)
         names = tuple(pyro.get_param_store().keys())
         if names != self._param_names:
             # A parameter created since the recordings were made is not one of their inputs.
             self._recordings.clear()
             self._checks.clear()
             self._param_names = names
-        if key not in self._recordings and not self._record(x, key):
-            return self.eager(x)
+        if key not in self._recordings and not self._record(inputs, key):
+            return self.eager(*inputs)
         if self._checks.get(key, 0) < CHECKS_PER_KEY:
-            return self._checked(x, key)
-        return self._replay(key, x)
+            return self._checked(inputs, key)
+        return self._replay(key, inputs)
 
-    def _replay(self, key: Hashable, x: torch.Tensor) -> torch.Tensor:
+    def _replay(self, key: Hashable, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         with torch.jit.optimized_execution(False):
-            return self._recordings[key](x)
+            return self._recordings[key](*inputs)
 
-    def _record(self, x: torch.Tensor, key: Hashable) -> bool:
+    def _record(self, inputs: tuple[torch.Tensor, ...], key: Hashable) -> bool:
         recording = self.record()
         with rng_preserved(), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
                 with torch.jit.optimized_execution(False):
-                    recording(x)
+                    recording(*inputs)
             except Exception as e:  # noqa: BLE001 - any tracer failure means: stay eager
                 self.disable(f"the pair could not be recorded: {first_line(e)}")
                 return False
@@ -123,16 +126,16 @@ class CompiledLoss:
         self._recordings[key] = recording
         return True
 
-    def _checked(self, x: torch.Tensor, key: Hashable) -> torch.Tensor:
+    def _checked(self, inputs: tuple[torch.Tensor, ...], key: Hashable) -> torch.Tensor:
         """The recording's loss for this minibatch, once its loss and gradient are found equal
         to the eager ones for the same random draws; else the eager loss, from now on."""
         named = [(n, p) for n, p in pyro.get_param_store().named_parameters() if p.requires_grad]
         params = [p for _, p in named]
         with rng_preserved():
-            loss = self._replay(key, x)
+            loss = self._replay(key, inputs)
             grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
         # The eager loss last, so that the random streams move as in any one step.
-        expected = self.eager(x)
+        expected = self.eager(*inputs)
         expected_grads = torch.autograd.grad(expected, params, retain_graph=True,
                                              allow_unused=True)
         mismatch = _first_mismatch(loss, expected, grads, expected_grads, [n for n, _ in named])

@@ -21,19 +21,40 @@ from collections.abc import Callable
 import pyro
 import pyro.ops.jit
 import torch
-from pyro.infer import JitTrace_ELBO, Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
+from pyro.infer import (
+    JitTrace_ELBO,
+    Trace_ELBO,
+    TraceEnum_ELBO,
+    TraceGraph_ELBO,
+    TraceMeanField_ELBO,
+)
 
 from inference.diagnostics.traces import first_line, trace_pair
 from inference.errors import ConventionError
 from inference.training.checkpoint import rng_preserved
 from inference.training.compiled_loss import CompiledLoss
 from inference.training.distributed import SINGLE, Distributed
+from inference.training.kl_weight import KLWeighted
 from inference.training.minibatch import ScaleDataPlate
 from inference.training.objectives import PerDatapointRenyiELBO
 from inference.training.parameters import pair_parameters
 
+
+class TraceGraphELBO(TraceGraph_ELBO):
+    """Pyro's ``TraceGraph_ELBO`` with the ``differentiable_loss`` of its siblings (Pyro 1.9 gives
+    it only ``loss_and_grads``, which calls ``backward`` itself): the value of minus the ELBO,
+    the gradient of its Rao-Blackwellized surrogate."""
+
+    def differentiable_loss(self, model: Callable, guide: Callable, *args, **kwargs
+                            ) -> torch.Tensor:
+        elbo, surrogate = self._loss_and_surrogate_loss(model, guide, args, kwargs)
+        return -elbo.detach() + (surrogate - surrogate.detach())
+
+
 ELBOS = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO, "enum": TraceEnum_ELBO,
-         "iwae": PerDatapointRenyiELBO}
+         "tracegraph": TraceGraphELBO, "iwae": PerDatapointRenyiELBO}
+# Estimators of the ELBO itself (and its gradient); iwae trains another bound.
+ELBO_ESTIMATORS = ("trace", "meanfield", "enum", "tracegraph")
 
 
 class ElboStep:
@@ -41,6 +62,8 @@ class ElboStep:
 
     Parameters are whatever the pair registers in Pyro's param store (``pyro.param``,
     ``pyro.module``), in unconstrained form; ones that appear later join the optimizer then.
+    With ``kl_weighted`` every call takes the weight of the KL term (``inference.training.
+    kl_weight``); ``clip_norm`` clips the gradients' global norm before Adam's step.
     """
 
     def __init__(
@@ -57,11 +80,19 @@ class ElboStep:
         jit: bool = True,
         max_plate_nesting: int | None = None,
         renyi_alpha: float = 0.0,
+        kl_weighted: bool = False,
+        clip_norm: float | None = None,
     ):
         self.scale = ScaleDataPlate(data_plate, num_data)
         self.user_model, self.user_guide = model, guide
         self.model = self.scale(model)
         self.guide = self.scale(guide)
+        self.kl_weighted = kl_weighted
+        if kl_weighted:
+            self.model, self.guide = KLWeighted(self.model), KLWeighted(self.guide)
+        self.clip_norm = clip_norm
+        self.clipped = 0  # steps whose gradient norm was clipped
+        self.lr_multiplier = 1.0
         self.distributed = distributed
         particles = {"num_particles": num_particles, "vectorize_particles": num_particles > 1}
         if max_plate_nesting is not None:
@@ -80,6 +111,8 @@ class ElboStep:
             self.compiled.disable("TraceEnum_ELBO runs eagerly")
         elif elbo == "iwae":
             self.compiled.disable("the per-datapoint importance-weighted bound runs eagerly")
+        elif elbo == "tracegraph":
+            self.compiled.disable("TraceGraph_ELBO runs eagerly")
         elif pyro.settings.get("module_local_params"):
             # Recordings read their parameters from the param store, which then holds none.
             self.compiled.disable("module-local parameters (module_local_params=True) run eagerly")
@@ -91,10 +124,14 @@ class ElboStep:
         self.skipped = 0  # steps whose loss or gradient was not finite, never applied
         self.consecutive_skipped = 0
 
-    def __call__(self, batch: torch.Tensor, global_batch_size: int | None = None) -> float:
+    def __call__(self, batch: torch.Tensor, global_batch_size: int | None = None,
+                 kl_weight: float = 1.0) -> float:
         """One step on ``batch``; returns the loss.  Under data parallelism ``batch`` is this
         rank's shard (possibly empty) of a global minibatch of ``global_batch_size`` points, and
         the loss returned is the global minibatch's, the same on every rank."""
+        inputs = (batch,)
+        if self.kl_weighted:
+            inputs += (torch.tensor(float(kl_weight), dtype=batch.dtype, device=batch.device),)
         if self.distributed.enabled:
             self._prepare_distributed(batch, global_batch_size)
         # A plate written without a size takes the minibatch's (a constant of a recording,
@@ -110,9 +147,9 @@ class ElboStep:
                     with rng_preserved(), torch.no_grad():
                         # (TraceEnum_ELBO's differentiable_loss refuses to run without a
                         # graph; its loss runs the same checks.)
-                        self.loss.loss(self.model, self.guide, batch)
+                        self.loss.loss(self.model, self.guide, *inputs)
                 # The data-plate scale is a constant of a recording: part of its key.
-                loss = self.compiled(batch, self.scale.batch_size)
+                loss = self.compiled(*inputs, key=self.scale.batch_size)
             except (ValueError, RuntimeError) as e:
                 if not first:
                     raise
@@ -135,18 +172,28 @@ class ElboStep:
             self.consecutive_skipped += 1
             return loss_value
         self.consecutive_skipped = 0
+        if self.clip_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.clip_norm)
+            self.clipped += int(norm > self.clip_norm)
         self.optimizer.step()
         return loss_value
 
-    def _eager_loss(self, batch: torch.Tensor) -> torch.Tensor:
+    def set_lr_multiplier(self, multiplier: float) -> None:
+        """Every parameter's step size is ``lr × multiplier`` from now on (a schedule's)."""
+        self.lr_multiplier = multiplier
+        if self.optimizer is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr * multiplier
+
+    def _eager_loss(self, *inputs: torch.Tensor) -> torch.Tensor:
         with pyro.validation_enabled(False):
-            return self.loss.differentiable_loss(self.model, self.guide, batch)
+            return self.loss.differentiable_loss(self.model, self.guide, *inputs)
 
     def _prepare_distributed(self, batch: torch.Tensor, global_batch_size: int) -> None:
         if self.optimizer is None:
             # Creating the parameters must not move the random stream.
             with rng_preserved(), torch.no_grad():
-                trace_pair(self.model, self.guide, batch[:1])
+                trace_pair(self.user_model, self.user_guide, batch[:1])
             self._register_new_parameters()
             self.distributed.broadcast_parameters(self._parameters())
         self.scale.batch_size = global_batch_size / self.distributed.world_size
@@ -159,14 +206,17 @@ class ElboStep:
         if len(store) == len(self.names):
             return
         new = [name for name in store if name not in set(self.names)]
+        lr = self.lr * self.lr_multiplier
         if self.optimizer is None:
-            self.optimizer = _adam([store[n] for n in new], self.lr)
+            self.optimizer = _adam([store[n] for n in new], lr)
         else:
-            self.optimizer.add_param_group({"params": [store[n] for n in new]})
+            self.optimizer.add_param_group({"params": [store[n] for n in new], "lr": lr})
         self.names += new
         if self._pending_state is not None and self._pending_state["names"] == self.names:
             self.optimizer.load_state_dict(self._pending_state["adam"])
             self._pending_state = None
+            # Adam's saved state holds the step size of the epoch it was saved in.
+            self.set_lr_multiplier(self.lr_multiplier)
 
     def state_dict(self) -> dict | None:
         if self.optimizer is None:
@@ -185,6 +235,7 @@ class ElboStep:
         if self.optimizer is not None and state["names"] == self.names:
             self.optimizer.load_state_dict(state["adam"])
             self._pending_state = None
+            self.set_lr_multiplier(self.lr_multiplier)
 
 
 def _recorded_loss(elbo: str, particles: dict, model: Callable, guide: Callable) -> Callable:
@@ -196,9 +247,9 @@ def _recorded_loss(elbo: str, particles: dict, model: Callable, guide: Callable)
         # passes through Python floats that a recording would freeze.
         meanfield = TraceMeanField_ELBO(**particles)
 
-        def meanfield_loss(batch: torch.Tensor) -> torch.Tensor:
+        def meanfield_loss(*inputs: torch.Tensor) -> torch.Tensor:
             loss = 0.0
-            for model_trace, guide_trace in meanfield._get_traces(model, guide, (batch,), {}):
+            for model_trace, guide_trace in meanfield._get_traces(model, guide, inputs, {}):
                 particle = meanfield._differentiable_loss_particle(model_trace, guide_trace)[1]
                 loss = loss + particle / meanfield.num_particles
             return loss
@@ -206,8 +257,8 @@ def _recorded_loss(elbo: str, particles: dict, model: Callable, guide: Callable)
         return pyro.ops.jit.trace(meanfield_loss)
     recorded = JitTrace_ELBO(**particles)
 
-    def loss(batch: torch.Tensor) -> torch.Tensor:
-        value, surrogate = recorded.loss_and_surrogate_loss(model, guide, batch)
+    def loss(*inputs: torch.Tensor) -> torch.Tensor:
+        value, surrogate = recorded.loss_and_surrogate_loss(model, guide, *inputs)
         # Not JitTrace_ELBO.differentiable_loss: in Pyro 1.9 it leaves ``value`` attached to
         # the graph, so reparameterized gradients come out twice over.
         return value.detach() + (surrogate - surrogate.detach())

@@ -25,8 +25,10 @@ from inference.outputs.atomic import write_text_atomic
 from inference.training.checkpoint import rng_preserved, rng_state, save_checkpoint, set_rng_state
 from inference.training.device import CPU, move_pair, resolve_device
 from inference.training.distributed import SINGLE, Distributed
-from inference.training.elbo_step import ELBOS, ElboStep
+from inference.training.elbo_step import ELBO_ESTIMATORS, ELBOS, ElboStep
+from inference.training.kl_weight import KLSchedule
 from inference.training.parameters import pair_parameters
+from inference.training.schedule import LR_SCHEDULES, LearningRateSchedule, epochs_since_best
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -61,6 +63,14 @@ class FitOptions:
     max_nonfinite_steps: int = 10  # consecutive skipped steps before training stops
     jit: bool = True  # replay a checked recording of the loss (inference.training.compiled_loss)
     device: str = "cpu"  # auto, cpu, cuda or cuda:INDEX (inference.training.device)
+    beta: float = 1.0  # weight of the KL term (inference.training.kl_weight)
+    kl_warmup: int = 0  # epochs over which that weight rises linearly from 0 to beta
+    lr_schedule: str = "constant"  # constant, cosine, step or plateau (inference.training.schedule)
+    lr_factor: float = 0.1  # step and plateau: the learning rate's multiplier at each decay
+    lr_step_epochs: int = 50  # step: epochs between decays
+    lr_patience: int = 10  # plateau: epochs without a rise of the watched ELBO before a decay
+    clip_norm: float | None = None  # clip the gradients' global norm to this
+    patience: int | None = None  # stop after this many epochs without a better validation ELBO
 
     def check(self, num_train: int, world_size: int = 1) -> None:
         for name in ("epochs", "batch_size", "num_particles", "eval_every", "eval_samples",
@@ -79,12 +89,48 @@ class FitOptions:
         if not (self.renyi_alpha >= 0 and self.renyi_alpha != 1):
             raise ConfigError(f"--renyi-alpha must be >= 0 and not 1 (alpha = 1 is the ELBO: "
                               f"--elbo trace), got {self.renyi_alpha}")
+        for name in ("beta", "clip_norm"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, float | int) and math.isfinite(value)
+                                          and value > 0):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive number, "
+                                  f"got {value}")
+        for name, least in (("kl_warmup", 0), ("lr_step_epochs", 1), ("lr_patience", 0),
+                            ("patience", 1)):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < least):
+                raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= {least}, "
+                                  f"got {value}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"--lr-schedule must be one of {list(LR_SCHEDULES)}, "
+                              f"got {self.lr_schedule!r}")
+        if not (isinstance(self.lr_factor, float | int) and 0 < self.lr_factor < 1):
+            raise ConfigError(f"--lr-factor must be between 0 and 1, got {self.lr_factor}")
+        if self.elbo == "iwae" and self.kl_schedule.active:
+            raise ConfigError("--beta and --kl-warmup weight the KL term of the ELBO; the bound "
+                              "of --elbo iwae has no separate KL term: train it at beta 1")
         if self.batch_size * world_size > num_train:
             per = f" x {world_size} processes" if world_size > 1 else ""
             raise ConfigError(
                 f"--batch-size {self.batch_size}{per} is larger than the training set "
                 f"({num_train} points)"
             )
+
+    @property
+    def kl_schedule(self) -> KLSchedule:
+        return KLSchedule(self.beta, self.kl_warmup)
+
+    @property
+    def objective(self) -> str:
+        """What training maximizes, in words (the label of its curve)."""
+        if self.elbo == "iwae":
+            if self.renyi_alpha:
+                return f"Renyi bound, alpha = {self.renyi_alpha:g}, K = {self.num_particles}"
+            return f"IWAE bound, K = {self.num_particles}"
+        if self.kl_schedule.active:
+            warmup = f", warm-up {self.kl_warmup} epochs" if self.kl_warmup else ""
+            return f"ELBO with KL weight {self.beta:g}{warmup}"
+        return "ELBO"
 
 
 def _minibatches(x_epoch: torch.Tensor, order: torch.Tensor, global_batch: int,
@@ -106,7 +152,8 @@ def _train_epoch(
     step: ElboStep, data: Dataset, epoch: int, options: FitOptions, distributed: Distributed,
     own_minibatch: int | None = None, device: torch.device = CPU,
 ) -> float:
-    """One pass over the training set; the mean loss of its steps with a finite loss.
+    """One pass over the training set; the mean loss of its steps with a finite loss.  Each
+    step's KL weight is the schedule's at that step.
 
     The epoch's order (and dynamic binarization) is drawn from the seed and the epoch number
     alone, so that every rank and every resumed run sees the same one.
@@ -119,9 +166,10 @@ def _train_epoch(
     order = torch.randperm(n, generator=epoch_rng)
     step.compiled.recheck()
     total, steps = 0.0, 0
+    steps_per_epoch = math.ceil(n / (own_minibatch or global_batch))
     minibatches = _minibatches(x_epoch, order, global_batch, distributed, own_minibatch)
     for index, (batch, size) in enumerate(minibatches, start=1):
-        loss = step(batch, size)
+        loss = step(batch, size, options.kl_schedule.weight(epoch, index, steps_per_epoch))
         if step.consecutive_skipped >= options.max_nonfinite_steps:
             raise TrainingError(
                 f"{step.consecutive_skipped} steps in a row had a loss or gradient that is not "
@@ -228,6 +276,64 @@ def plan_evaluation(model: Callable, guide: Callable, data: Dataset,
                           "validation" if data.validation is not None else "test")
 
 
+BEST = "best.pt"
+
+
+class _EarlyStopping:
+    """Stop once the watched (validation) ELBO has not risen for ``patience`` epochs, and leave
+    the pair with the parameters of its best epoch.  Those are kept in memory and, with a run
+    directory, in ``best.pt``, from which a resumed run takes them back."""
+
+    def __init__(self, patience: int, run_dir: Path | None, writes: bool = True):
+        self.patience, self.run_dir, self.writes = patience, run_dir, writes
+        self.best: dict[str, torch.Tensor] | None = None
+        self.best_epoch: int | None = None
+
+    @classmethod
+    def check(cls, options: FitOptions, plan: EvaluationPlan, run_dir: Path | None,
+              writes: bool = True) -> _EarlyStopping | None:
+        if options.patience is None:
+            return None
+        if not (plan.held_out and plan.monitored == "validation"):
+            why = ("the pair is diagnosed on its training set" if not plan.held_out
+                   else "the data has no validation split: pass --val-fraction")
+            raise ConfigError(f"--patience stops on the ELBO of a validation split, but {why} "
+                              "(the test set must not choose the model)")
+        return cls(options.patience, run_dir, writes)
+
+    def restore(self, history: list[dict], watched: str,
+                current: dict[str, torch.Tensor]) -> None:
+        if not history:
+            return
+        self.best_epoch = history[len(history) - 1 - epochs_since_best(
+            [r[watched] for r in history])]["epoch"]
+        path = self.run_dir / BEST if self.run_dir is not None else None
+        if self.best_epoch == history[-1]["epoch"]:
+            self.best = {name: p.detach().clone() for name, p in current.items()}
+        elif path is not None and path.is_file():
+            self.best = torch.load(path, map_location="cpu", weights_only=False)["params"]
+        else:
+            raise ConfigError(f"--patience: the run's best epoch was {self.best_epoch}, but its "
+                              f"parameters are not in {path}")
+
+    def after_epoch(self, epoch: int, history: list[dict], watched: str,
+                    current: dict[str, torch.Tensor]) -> bool:
+        """Keep this epoch's parameters if it is the best so far; whether to stop now."""
+        since = epochs_since_best([r[watched] for r in history])
+        if since == 0:
+            self.best_epoch = epoch
+            self.best = {name: p.detach().clone() for name, p in current.items()}
+            if self.run_dir is not None and self.writes:
+                save_checkpoint(self.run_dir / BEST, params=current, epoch=epoch)
+        return since >= self.patience
+
+    def stop(self, current: dict[str, torch.Tensor]) -> dict:
+        with torch.no_grad():
+            for name, p in current.items():
+                p.copy_(self.best[name].to(p.device))
+        return {"best_epoch": self.best_epoch, "patience": self.patience}
+
+
 @dataclass
 class FitResult:
     history: list[dict] = field(default_factory=list)
@@ -275,17 +381,28 @@ def fit(
     # Tracing the pair (plan_evaluation) created its parameters on the CPU; the optimizer
     # below must hold them where they will live.
     move_pair(model, guide, device)
-    run_dir = Path(run_dir) if run_dir is not None and distributed.is_main else None
+    # Every rank reads the run directory (a resumed early stop's best.pt); rank 0 alone writes.
+    run_path = Path(run_dir) if run_dir is not None else None
+    run_dir = run_path if distributed.is_main else None
     step = ElboStep(model, guide, n, lr=options.lr, elbo=options.elbo,
                     num_particles=options.num_particles, data_plate=options.data_plate,
                     distributed=distributed, jit=options.jit,
                     max_plate_nesting=plan.layout.max_plate_nesting,
-                    renyi_alpha=options.renyi_alpha)
+                    renyi_alpha=options.renyi_alpha, kl_weighted=options.kl_schedule.active,
+                    clip_norm=options.clip_norm)
     result = FitResult(step=step, plan=plan)
+    stopping = _EarlyStopping.check(options, plan, run_path, writes=distributed.is_main)
     first_epoch = 1
     if resume is not None:
         step.load_state_dict(resume["optimizer"])
         first_epoch = resume["epoch"] + 1
+        if (stopped := resume.get("stopped_early")) is not None:
+            # Early stopping ended this run; its checkpoint holds the best epoch's parameters.
+            first_epoch = options.epochs + 1
+            if distributed.is_main and options.progress:
+                tqdm.write(f"the run stopped early after epoch {resume['epoch']} (no better "
+                           f"validation ELBO for {stopped['patience']} epochs since epoch "
+                           f"{stopped['best_epoch']}): nothing left to train")
         result.history = [r for r in resume.get("history", []) if r["epoch"] < first_epoch]
         per_rank = resume.get("rng_per_rank")
         set_rng_state(per_rank[distributed.rank] if per_rank and
@@ -295,6 +412,12 @@ def fit(
         torch.manual_seed(options.seed * 1_000_003 + distributed.rank + 1)
     eval_x = plan.eval_x(data, options.eval_points).to(device)
     watched = f"{plan.monitored}_elbo"
+    schedule = LearningRateSchedule(options.lr_schedule, options.epochs, options.lr_factor,
+                                    options.lr_step_epochs, options.lr_patience)
+    # plateau watches held-out data only where that is a validation split, never the test set.
+    plateau_key = watched if plan.held_out and plan.monitored == "validation" else "train_objective"
+    if stopping is not None and resume is not None:
+        stopping.restore(result.history, watched, pair_parameters(model, guide))
     held_out_x = (data.validation if plan.monitored == "validation" else data.test).to(device)
     epochs = tqdm(range(first_epoch, options.epochs + 1), desc="fit", unit="epoch",
                   initial=first_epoch - 1, total=options.epochs,
@@ -306,6 +429,8 @@ def fit(
     try:
         for epoch in epochs:
             start = time.perf_counter()
+            step.set_lr_multiplier(schedule.multiplier(
+                epoch, [r.get(plateau_key, r.get("train_elbo")) for r in result.history]))
             try:
                 train_loss = _train_epoch(step, data, epoch, options, distributed,
                                           plan.layout.subsample, device)
@@ -315,9 +440,13 @@ def fit(
                 # Slower, not wrong: worth one line, not an error.
                 tqdm.write(f"note: training steps run the pair eagerly: {step.compiled.reason}")
                 eager_told = True
+            objective = -train_loss / n
             record = {
                 "epoch": epoch,
-                "train_elbo": -train_loss / n,
+                # What training maximized; the ELBO itself only where that is what it was.
+                "train_objective": objective,
+                "train_elbo": objective if options.elbo in ELBO_ESTIMATORS
+                and options.kl_schedule.is_elbo(epoch) else None,
                 watched: evaluate(model, guide, held_out_x, num_samples=1, batch_size=1000,
                                   data_plate=options.data_plate,
                                   distributed=distributed).elbo.mean().item()
@@ -325,6 +454,14 @@ def fit(
                 "seconds": time.perf_counter() - start,
                 "skipped_steps": step.skipped,
             }
+            if options.kl_schedule.active:
+                record["kl_weight"] = options.kl_schedule.weight(epoch, 1, 1)
+            if options.lr_schedule != "constant":
+                record["lr"] = options.lr * step.lr_multiplier
+            if options.clip_norm is not None:
+                record["clipped_steps"] = step.clipped
+            stop = stopping is not None and stopping.after_epoch(
+                epoch, result.history + [record], watched, pair_parameters(model, guide))
             # Rank 0's clock decides, so that every rank stops after the same epoch.
             out_of_time = distributed.mean(float(
                 distributed.is_main and options.time_budget is not None
@@ -337,10 +474,13 @@ def fit(
                 )
                 record["diagnostics"] = {"split": plan.monitored if plan.held_out else "train",
                                          **diagnostics.summary()}
+            if stop:
+                # The pair ends as it was at its best epoch, and the checkpoint with it.
+                record["early_stop"] = stopping.stop(pair_parameters(model, guide))
             if on_epoch is not None:
                 on_epoch(record)
             result.history.append(record)
-            epochs.set_postfix(train_elbo=f"{record['train_elbo']:.2f}", **(
+            epochs.set_postfix(train_objective=f"{objective:.2f}", **(
                 {watched: f"{record[watched]:.2f}"} if plan.held_out else {}))
             rng_per_rank = distributed.gather(rng_state())
             if run_dir is not None:
@@ -349,8 +489,9 @@ def fit(
                 )
                 save_checkpoint(run_dir / CHECKPOINT, step.state_dict(),
                                 params=pair_parameters(model, guide), epoch=epoch,
-                                rng_per_rank=rng_per_rank)
-            if out_of_time:
+                                rng_per_rank=rng_per_rank,
+                                stopped_early=record.get("early_stop"))
+            if out_of_time or stop:
                 break
     except KeyboardInterrupt:
         where = (f"{run_dir / CHECKPOINT} holds epoch {epoch - 1}; continue with --resume {run_dir}"
