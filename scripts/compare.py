@@ -8,6 +8,7 @@ import sys
 
 from inference import compare
 from inference.command_line import HelpFormatter, check_positive, run_main
+from inference.errors import ConfigError
 
 
 def parser() -> argparse.ArgumentParser:
@@ -19,6 +20,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--points", type=int, default=500,
                    help="test points, the same fixed random subset (seed 0) for every run")
     p.add_argument("--surgery", action="store_true", help="add ELBO surgery's mutual information")
+    p.add_argument("--amortization-points", type=int, default=0,
+                   help="split each run's gap into approximation and amortization gaps on this "
+                        "many of the points (a mean-field q* fitted per point; 0: skip)")
+    p.add_argument("--amortization-steps", type=int, default=500,
+                   help="SVI steps fitting q* for --amortization-points")
     p.add_argument("--seed", type=int, default=0, help="the same draws' seed for every run")
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     return p
@@ -26,9 +32,14 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    check_positive(num_samples=args.num_samples, points=args.points)
+    check_positive(num_samples=args.num_samples, points=args.points,
+                   amortization_steps=args.amortization_steps)
+    if args.amortization_points < 0:
+        raise ConfigError(f"--amortization-points must be 0 or more, got {args.amortization_points}")
     comparison = compare(args.run_dirs, num_samples=args.num_samples, points=args.points,
-                         seed=args.seed, surgery=args.surgery)
+                         seed=args.seed, surgery=args.surgery,
+                         amortization_points=args.amortization_points,
+                         amortization_steps=args.amortization_steps)
     table = comparison.table()
     width = max(len(row[0]) for row in table.rows)
     print(f"{'':<{width}}  " + "  ".join(f"{n:>18}" for n in comparison.names))

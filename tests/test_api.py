@@ -259,15 +259,24 @@ def test_compare_puts_runs_side_by_side_with_paired_differences(run_dir, tmp_pat
     result = script("fit", *FAST, "--guide", "full-rank", "--out", str(other))
     assert result.returncode == 0, result.stderr
     result = script("compare", str(run_dir), str(other), "-K", "40", "--points", "30",
+                    "--amortization-points", "8", "--amortization-steps", "30",
                     "--out", str(tmp_path / "cmp"))
     assert result.returncode == 0, result.stderr
     assert "gap − first run's, paired" in result.stdout
+    # The mean-field run's gap splits in two (they add up to its gap on those points); the
+    # full-rank guide has no mean-field q*, and says so instead of printing a number.
+    assert "amortization gap" in result.stdout and "n/a" in result.stdout
+    assert "other: no approximation/amortization split" in result.stdout
     saved = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert saved["paired"][0] is None and saved["paired"][1]["evidence_gap"]["se"] > 0
     # The paired difference is the difference of the two runs' means on the same points.
     a, b = saved["summaries"]
     assert saved["paired"][1]["elbo"]["mean"] == pytest.approx(
         b["elbo"]["mean"] - a["elbo"]["mean"], abs=1e-6)
+    g = a["gap_decomposition"]
+    assert g["num_data"] == 8 and "gap_decomposition" not in b
+    assert g["approximation_gap"]["mean"] + g["amortization_gap"]["mean"] == pytest.approx(
+        g["log_evidence"]["mean"] - g["elbo_amortized"]["mean"], abs=1e-6)
     page = (tmp_path / "cmp" / "compare.html").read_text()
     assert "Training curves overlaid" in page and "data:image/png;base64," in page
     result = script("compare", str(run_dir))

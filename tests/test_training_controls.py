@@ -227,7 +227,8 @@ def early_stopped_run(tmp_path, epochs, resume=None, out="run"):
     (tmp_path / out).mkdir(exist_ok=True)
     options = FitOptions(epochs=epochs, eval_every=1, eval_samples=5, eval_points=20,
                          progress=False, lr=0.03, patience=2, batch_size=100,
-                         lr_schedule="plateau", lr_patience=0, lr_factor=0.5)
+                         lr_schedule="plateau", lr_patience=0, lr_factor=0.5,
+                         kl_warmup=3, clip_norm=20.0)
     return fit(vae.model, enc.guide, data, options, run_dir=tmp_path / out, resume=resume), vae, enc
 
 
@@ -249,13 +250,15 @@ def test_early_stopping_ends_at_the_best_validation_epoch(tmp_path):
     assert json.loads(lines[-1])["early_stop"]["best_epoch"] == best + 1
 
 
-def test_early_stopping_and_plateau_resume_exactly(tmp_path):
-    """Both are functions of the history, and the best parameters are on disk: a run stopped
+def test_every_control_resumes_exactly(tmp_path):
+    """Early stopping, the plateau schedule and the KL warm-up are functions of the history
+    and the epoch, the best parameters are on disk, the counters in the records: a run stopped
     after 4 epochs and resumed writes what the uninterrupted run wrote."""
     whole, *_ = early_stopped_run(tmp_path, epochs=60, out="whole")
     stopped_at = len(whole.history)
     assert stopped_at > 4
     assert len({r["lr"] for r in whole.history}) > 1, "the plateau schedule should have decayed"
+    assert 0 < whole.history[3]["clipped_steps"] < whole.history[-1]["clipped_steps"]
     early_stopped_run(tmp_path, epochs=4, out="split")
     state = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)
     history = [json.loads(line) for line in
@@ -271,11 +274,13 @@ def test_early_stopping_and_plateau_resume_exactly(tmp_path):
     pyro.set_rng_seed(0)  # unused: the checkpoint's streams are restored
     options = FitOptions(epochs=60, eval_every=1, eval_samples=5, eval_points=20,
                          progress=False, lr=0.03, patience=2, batch_size=100,
-                         lr_schedule="plateau", lr_patience=0, lr_factor=0.5)
+                         lr_schedule="plateau", lr_patience=0, lr_factor=0.5,
+                         kl_warmup=3, clip_norm=20.0)
     resumed = fit(vae.model, enc.guide, data, options, run_dir=tmp_path / "split", resume=resume)
     def numbers(history):
-        return [v for r in history for v in (r["epoch"], r["train_objective"], r["lr"],
-                                             r["validation_elbo"], r["diagnostics"]["elbo"]["mean"])]
+        return [v for r in history for v in (
+            r["epoch"], r["train_objective"], r["lr"], r["kl_weight"], r["clipped_steps"],
+            r["validation_elbo"], r["diagnostics"]["elbo"]["mean"])]
 
     assert len(resumed.history) == stopped_at
     assert numbers(resumed.history) == pytest.approx(numbers(whole.history), rel=1e-6)

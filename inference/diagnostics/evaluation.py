@@ -53,6 +53,7 @@ from inference.diagnostics.traces import (
     trace_pair,
 )
 from inference.errors import ConfigError, ConventionError
+from inference.training.cpu import reuse_freed_memory_once
 from inference.training.device import move_pair, resolve_device
 from inference.training.device import rows_per_chunk as default_rows_per_chunk
 from inference.training.distributed import SINGLE, Distributed
@@ -298,6 +299,8 @@ def evaluate(
         x = x.to(device)
         move_pair(model, guide, device)
     rows_per_chunk = rows_per_chunk or default_rows_per_chunk(x.device)
+    if x.device.type == "cpu":
+        reuse_freed_memory_once()
     with torch.no_grad():
         first, batch_size = first_layout(model, guide, x, batch_size, data_plate)
     d = _evaluate(model, guide, x, first, num_samples, batch_size, data_plate, rows_per_chunk,

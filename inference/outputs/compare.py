@@ -9,8 +9,9 @@ from pathlib import Path
 import pyro
 import torch
 
+from inference.diagnostics.amortization import split_gap
 from inference.diagnostics.evaluation import Diagnostics, evaluate, mean_and_se
-from inference.errors import ConfigError
+from inference.errors import ConfigError, ConventionError
 from inference.outputs.atomic import write_json_atomic, write_text_atomic
 from inference.outputs.html import FigureItem, Note, Table, render_html
 from inference.outputs.plotting import figure_png, plot_runs_overlaid
@@ -46,6 +47,12 @@ class Comparison:
                            ("evidence_gap", "gap")):
             rows.append((f"{label} − first run's, paired",
                          *(cell(p[key]) if p is not None else "" for p in self.paired)))
+        for key, label in (("approximation_gap", "approximation gap log p(x) − ELBO[q*]"),
+                           ("amortization_gap", "amortization gap ELBO[q*] − ELBO")):
+            if any(s.get("gap_decomposition") for s in self.summaries):
+                rows.append((label, *(cell(s["gap_decomposition"][key])
+                                      if s.get("gap_decomposition") else "n/a"
+                                      for s in self.summaries)))
         rows.append(("points with k-hat > 0.7", *(
             f"{100 * s['khat']['share_unreliable']:.1f} %" if s.get("khat") else ""
             for s in self.summaries)))
@@ -91,9 +98,12 @@ def _paired(d: Diagnostics, first: Diagnostics) -> dict:
 
 
 def compare(run_dirs: list[str | Path], *, num_samples: int = 1000, points: int | None = 500,
-            seed: int = 0, surgery: bool = False) -> Comparison:
+            seed: int = 0, surgery: bool = False, amortization_points: int = 0,
+            amortization_steps: int = 500) -> Comparison:
     """Evaluate every run on the same ``points`` test points (a fixed random subset) with the
-    same seed and K, and set them side by side."""
+    same seed and K, and set them side by side; with ``amortization_points`` also each run's
+    approximation and amortization gaps on that many of them (``split_gap``; a run whose guide
+    has no mean-field q* gets a note instead)."""
     if len(run_dirs) < 2:
         raise ConfigError("compare needs at least two run directories")
     runs = [load_run(d) for d in run_dirs]
@@ -115,6 +125,17 @@ def compare(run_dirs: list[str | Path], *, num_samples: int = 1000, points: int 
                               "no per-point numbers to compare")
         diagnostics.append(d)
     summaries = [d.summary() for d in diagnostics]
+    for name, run, summary in zip(names, runs, summaries, strict=True):
+        if amortization_points and run.split == "test":
+            pyro.set_rng_seed(seed)
+            try:
+                gaps = split_gap(run.model, run.guide, run.points(amortization_points),
+                                 steps=amortization_steps, num_samples=num_samples,
+                                 data_plate=run.options.data_plate)
+            except ConventionError as e:
+                notes.append(f"{name}: no approximation/amortization split: {e}")
+                continue
+            summary["gap_decomposition"] = gaps.summary()
     paired = [None] + [_paired(d, diagnostics[0]) if shared else None for d in diagnostics[1:]]
     k = num_samples
     notes.append(f"Every run evaluated afresh on {summaries[0]['num_data']} points with K={k} and "

@@ -14,14 +14,13 @@ import torch
 
 from inference.data.datasets import subset
 from inference.diagnostics.ais import ais_beside_importance, bdmc
-from inference.diagnostics.amortization import decompose_gap, fit_local_guide, normal_sites
+from inference.diagnostics.amortization import split_gap
 from inference.diagnostics.evaluation import (
     ACTIVE_UNIT_THRESHOLD,
     Diagnostics,
     evaluate,
     mean_and_se,
 )
-from inference.diagnostics.local_guide import LocalMeanFieldGuide, LocalSite
 from inference.diagnostics.predictive import posterior_predictive
 from inference.diagnostics.surgery import elbo_surgery
 from inference.errors import ConfigError, ConventionError
@@ -330,15 +329,13 @@ class Report:
         """Approximation and amortization gaps (Cremer et al. 2018) on a few test points."""
         s, run = self.settings, self.run
         xa = subset(run.data.test, s.amortization_points)
+        start = time.perf_counter()
         try:
-            sites = {n: LocalSite(**v) for n, v in normal_sites(run.model, run.guide, xa).items()}
+            gaps = split_gap(run.model, run.guide, xa, steps=s.amortization_steps,
+                             num_samples=s.num_samples)
         except ConventionError as e:
             self.notes.append(Note(f"Amortization gap not computed: {e}", warning=True))
             return
-        local = LocalMeanFieldGuide(sites)
-        start = time.perf_counter()
-        fit_local_guide(run.model, local.guide, local.parameters(), xa, steps=s.amortization_steps)
-        gaps = decompose_gap(run.model, run.guide, local.guide, xa, num_samples=s.num_samples)
         self.numbers["gap_decomposition"] = g = {
             **gaps.summary(), "steps": s.amortization_steps,
             "seconds": time.perf_counter() - start}

@@ -36,6 +36,21 @@ def configure_cpu() -> None:
     reuse_freed_memory()
 
 
+_reusing = False
+
+
+def reuse_freed_memory_once() -> None:
+    """``reuse_freed_memory`` the first time ``evaluate`` (or AIS) runs in a process, so that
+    a notebook, which never calls ``configure_cpu``, evaluates as fast as the scripts.  The
+    buffers that fault are allocated by the user's own decoder, which no library can hand a
+    reused output buffer to; glibc's thresholds are the one lever.  Denormal flushing is left
+    to ``configure_cpu``: set after torch's worker threads exist, it would not reach them."""
+    global _reusing
+    if not _reusing:
+        _reusing = True
+        reuse_freed_memory()
+
+
 def reuse_freed_memory() -> bool:
     """Raise glibc's mmap and trim thresholds; False where this is not glibc on Linux."""
     if not sys.platform.startswith("linux"):

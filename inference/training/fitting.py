@@ -404,6 +404,10 @@ def fit(
                            f"validation ELBO for {stopped['patience']} epochs since epoch "
                            f"{stopped['best_epoch']}): nothing left to train")
         result.history = [r for r in resume.get("history", []) if r["epoch"] < first_epoch]
+        if result.history:
+            # The step counters the records carry go on from where they were.
+            step.skipped = result.history[-1].get("skipped_steps", 0)
+            step.clipped = result.history[-1].get("clipped_steps", 0)
         per_rank = resume.get("rng_per_rank")
         set_rng_state(per_rank[distributed.rank] if per_rank and
                       len(per_rank) == distributed.world_size else resume["rng"])
