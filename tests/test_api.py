@@ -256,7 +256,7 @@ def test_richer_guides_by_name_and_flows_only_for_iaf(tmp_path):
 
 def test_compare_puts_runs_side_by_side_with_paired_differences(run_dir, tmp_path):
     other = tmp_path / "other"
-    result = script("fit", *FAST, "--guide", "full-rank", "--out", str(other))
+    result = script("fit", *FAST, "--guide", "iaf", "--out", str(other))
     assert result.returncode == 0, result.stderr
     result = script("compare", str(run_dir), str(other), "-K", "40", "--points", "30",
                     "--amortization-points", "8", "--amortization-steps", "30",
@@ -264,7 +264,7 @@ def test_compare_puts_runs_side_by_side_with_paired_differences(run_dir, tmp_pat
     assert result.returncode == 0, result.stderr
     assert "gap − first run's, paired" in result.stdout
     # The mean-field run's gap splits in two (they add up to its gap on those points); the
-    # full-rank guide has no mean-field q*, and says so instead of printing a number.
+    # flow guide has no q* of its family, and says so instead of printing a number.
     assert "amortization gap" in result.stdout and "n/a" in result.stdout
     assert "other: no approximation/amortization split" in result.stdout
     saved = json.loads((tmp_path / "cmp" / "compare.json").read_text())

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 from pyro.infer import Trace_ELBO
-from torch.distributions import Independent, Normal
+from torch.distributions import Independent, MultivariateNormal, Normal
 
 from inference.diagnostics.evaluation import Diagnostics, evaluate, mean_and_se
 from inference.diagnostics.local_guide import LocalMeanFieldGuide, LocalSite
@@ -27,10 +27,11 @@ from inference.training.optimize import minimize
 def normal_sites(
     model: Callable, guide: Callable, x: torch.Tensor, data_plate: str = "data"
 ) -> dict[str, dict]:
-    """For each latent site of the guide at ``x``: its Normal's loc and scale and its plates.
+    """For each latent site of the guide at ``x``: its Normal's loc and scale and its plates
+    (and a MultivariateNormal's Cholesky factor, ``scale_tril``, its diagonal the scale).
 
-    The returned dict (keys ``loc``, ``scale``, ``event_ndim``, ``plates``) is what a local
-    mean-field guide needs to start at the encoder's output.
+    The returned dict (keys ``loc``, ``scale``, ``event_ndim``, ``plates``, ``scale_tril``) is
+    what a local guide of the same family needs to start at the encoder's output.
     """
     inspect_pair(model, guide, x, data_plate)  # the conventions, with a clear error if broken
     with torch.no_grad():
@@ -41,15 +42,20 @@ def normal_sites(
         base = fn
         while isinstance(base, Independent):
             base = base.base_dist
-        if not isinstance(base, Normal):
+        if not isinstance(base, Normal | MultivariateNormal):
             raise ConventionError(
-                f"guide site '{name}' is {type(base).__name__}, not Normal: the local guide of "
-                "the amortization gap is a mean-field Normal"
+                f"guide site '{name}' is {type(base).__name__}, not Normal or MultivariateNormal:"
+                " the local guide q* of the amortization gap has no member of its family here"
             )
         shape = fn.batch_shape + fn.event_shape
+        tril = None
+        if isinstance(base, MultivariateNormal):
+            tril = base.scale_tril.expand(shape + shape[-1:]).detach().clone()
         out[name] = {
+            "scale_tril": tril,
             "loc": base.loc.expand(shape).detach().clone(),
-            "scale": base.scale.expand(shape).detach().clone(),
+            "scale": (base.scale.expand(shape) if tril is None
+                      else tril.diagonal(dim1=-2, dim2=-1)).detach().clone(),
             "event_ndim": len(fn.event_shape),
             "plates": tuple(
                 (f.name, f.size, f.dim)
@@ -136,9 +142,9 @@ def decompose_gap(
 def split_gap(model: Callable, guide: Callable, x: torch.Tensor, *, steps: int = 500,
               num_samples: int = 1000, data_plate: str = "data",
               log_evidence: torch.Tensor | None = None) -> GapDecomposition:
-    """``decompose_gap`` with q* built and fitted here: a mean-field Normal per point and
-    latent site, started from the guide's own Normals (``normal_sites``; a guide whose sites are
-    not Normal, a full-rank or flow guide, has no q* of its family here: ConventionError)."""
+    """``decompose_gap`` with q* built and fitted here: per point and latent site a Normal, or a
+    full-covariance Normal where the guide's site is one, started from the guide's own
+    (``normal_sites``; a guide of another family, a flow, has no q* here: ConventionError)."""
     sites = {n: LocalSite(**v) for n, v in normal_sites(model, guide, x, data_plate).items()}
     local = LocalMeanFieldGuide(sites)
     fit_local_guide(model, local.guide, local.parameters(), x, steps=steps)
