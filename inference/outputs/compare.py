@@ -102,8 +102,8 @@ def compare(run_dirs: list[str | Path], *, num_samples: int = 1000, points: int 
             amortization_steps: int = 500) -> Comparison:
     """Evaluate every run on the same ``points`` test points (a fixed random subset) with the
     same seed and K, and set them side by side; with ``amortization_points`` also each run's
-    approximation and amortization gaps on that many of them (``split_gap``; a run whose guide
-    has no mean-field q* gets a note instead)."""
+    approximation and amortization gaps on that many of them (``split_gap``: q* of the guide's
+    own family, or the guide fine-tuned on each point, as the notes say per run)."""
     if len(run_dirs) < 2:
         raise ConfigError("compare needs at least two run directories")
     runs = [load_run(d) for d in run_dirs]
@@ -136,6 +136,7 @@ def compare(run_dirs: list[str | Path], *, num_samples: int = 1000, points: int 
                 notes.append(f"{name}: no approximation/amortization split: {e}")
                 continue
             summary["gap_decomposition"] = gaps.summary()
+            notes.append(f"{name}: q* of the gap's split is {gaps.q_star}.")
     paired = [None] + [_paired(d, diagnostics[0]) if shared else None for d in diagnostics[1:]]
     k = num_samples
     notes.append(f"Every run evaluated afresh on {summaries[0]['num_data']} points with K={k} and "
