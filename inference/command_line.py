@@ -10,7 +10,9 @@ from collections.abc import Callable
 
 from inference.errors import ConfigError, ElbogapError
 from inference.training.cpu import configure_cpu
+from inference.training.elbo_step import ELBOS
 from inference.training.fitting import FitOptions, TrainingInterrupted
+from inference.training.schedule import LR_SCHEDULES
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -31,8 +33,7 @@ def add_training_controls(parser: argparse.ArgumentParser, o: FitOptions) -> Non
     clipping, early stopping), defaults from ``o``."""
     g = parser.add_argument_group("objective")
     g.add_argument("--num-particles", type=int, default=o.num_particles, help="ELBO samples per step")
-    g.add_argument("--elbo", choices=("trace", "meanfield", "enum", "tracegraph", "iwae"),
-                   default=o.elbo,
+    g.add_argument("--elbo", choices=tuple(ELBOS), default=o.elbo,
                    help="Trace_ELBO, TraceMeanField_ELBO (analytic KL in the loss), TraceEnum_ELBO "
                         "(config_enumerate'd discrete sites), TraceGraph_ELBO (score-function "
                         "gradients of non-reparameterizable sites with their downstream costs "
@@ -45,11 +46,10 @@ def add_training_controls(parser: argparse.ArgumentParser, o: FitOptions) -> Non
     g.add_argument("--kl-warmup", type=int, default=o.kl_warmup, metavar="EPOCHS",
                    help="raise the KL weight linearly from 0 to --beta over this many epochs")
     g = parser.add_argument_group("training controls")
-    g.add_argument("--lr-schedule", choices=("constant", "cosine", "step", "plateau"),
-                   default=o.lr_schedule, help="cosine: down to 0 over --epochs; step: times "
-                   "--lr-factor every --lr-step-epochs; plateau: times --lr-factor after "
-                   "--lr-patience epochs without a better validation ELBO (training objective "
-                   "without --val-fraction)")
+    g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=o.lr_schedule,
+                   help="cosine: down to 0 over --epochs; step: times --lr-factor every "
+                   "--lr-step-epochs; plateau: times --lr-factor after --lr-patience epochs "
+                   "without a better validation ELBO (training objective without --val-fraction)")
     g.add_argument("--lr-factor", type=float, default=o.lr_factor,
                    help="the learning rate's multiplier at each step or plateau decay")
     g.add_argument("--lr-step-epochs", type=int, default=o.lr_step_epochs,

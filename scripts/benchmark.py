@@ -146,7 +146,7 @@ def hand_written_step(lr: float, fused: bool):
 
 
 def hand_written_log_evidence(vae: VAE, enc: MeanFieldGuide, x: torch.Tensor, k: int,
-                              rows_per_chunk: int = 32768, contraction: bool = False
+                              rows_per_chunk: int, contraction: bool = False
                               ) -> torch.Tensor:
     """Batched importance sampling written directly in PyTorch, chunked over particles; with
     ``contraction`` the Bernoulli log-likelihood as sum x*l - sum softplus(l) (the fastest

@@ -23,17 +23,25 @@ def truth() -> LinearGaussian:
     return LinearGaussian.from_parameters(t.weight, t.bias, t.psi).requires_grad_(False)
 
 
+def at_posterior_means(guide, lg: LinearGaussian, x: torch.Tensor) -> torch.Tensor:
+    """Set a linear encoder (no hidden layer) to output the exact posterior mean E[z | x] =
+    gain (x - b) as its loc and 0 for the rest of its head; return the posterior covariance."""
+    _, cov = lg.posterior(x[:1])
+    gain = cov @ lg.weight.T / lg.psi
+    with torch.no_grad():
+        guide.head.weight.zero_()
+        guide.head.bias.zero_()
+        guide.head.weight[:3] = gain
+        guide.head.bias[:3] = -gain @ lg.bias
+    return cov
+
+
 def test_full_rank_family_holds_the_linear_gaussian_posterior_exactly():
     """Weights set to the closed-form posterior: the evidence gap is 0 and the weights constant."""
     lg, x = truth(), load_dataset("synthetic").test
-    _, cov = lg.posterior(x[:1])
-    gain = cov @ lg.weight.T / lg.psi  # E[z | x] = gain (x - b)
-    chol = torch.linalg.cholesky(cov)
     guide = FullRankGuide(10, 3, ())
+    chol = torch.linalg.cholesky(at_posterior_means(guide, lg, x))
     with torch.no_grad():
-        guide.head.weight.zero_()
-        guide.head.weight[:3] = gain
-        guide.head.bias[:3] = -gain @ lg.bias
         entries = chol[guide.rows, guide.cols].clone()
         diagonal = guide.rows == guide.cols
         raw = entries[diagonal] - MIN_SCALE
@@ -108,14 +116,8 @@ def test_the_gap_of_a_full_rank_guide_splits_against_a_full_rank_q_star():
 
     pyro.set_rng_seed(0)
     lg, x = truth(), load_dataset("synthetic").test[:10]
-    _, cov = lg.posterior(x[:1])
-    gain = cov @ lg.weight.T / lg.psi
     guide = FullRankGuide(10, 3, ())
-    with torch.no_grad():
-        guide.head.weight.zero_()
-        guide.head.bias.zero_()
-        guide.head.weight[:3] = gain
-        guide.head.bias[:3] = -gain @ lg.bias
+    at_posterior_means(guide, lg, x)
     gaps = split_gap(lg.model, guide.guide, x, steps=600, num_samples=2000)
     exact = lg.log_evidence(x).double()
     floor = lg.kl_to_posterior(x, *lg.optimal_mean_field(x)).double()
@@ -136,14 +138,8 @@ def test_a_guide_fine_tuned_per_point_is_a_q_star_for_any_family():
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
     lg, x = truth(), load_dataset("synthetic").test[:6]
-    _, cov = lg.posterior(x[:1])
-    gain = cov @ lg.weight.T / lg.psi
     guide = MeanFieldGuide(10, 3, ())
-    with torch.no_grad():
-        guide.head.weight.zero_()
-        guide.head.bias.zero_()
-        guide.head.weight[:3] = gain
-        guide.head.bias[:3] = -gain @ lg.bias
+    at_posterior_means(guide, lg, x)
     before = {k: v.clone() for k, v in guide.state_dict().items()}
     gaps = finetuned_gap(lg.model, guide.guide, x, steps=300, num_samples=2000, lr=0.01)
     exact = lg.log_evidence(x).double()

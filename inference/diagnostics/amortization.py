@@ -25,6 +25,11 @@ from inference.errors import ConventionError
 from inference.training.optimize import minimize
 
 
+class NoLocalFamily(ConventionError):
+    """The guide's site is of a family with no per-point q* here (not Normal, not
+    MultivariateNormal): ``split_gap`` fine-tunes the guide itself instead."""
+
+
 def normal_sites(
     model: Callable, guide: Callable, x: torch.Tensor, data_plate: str = "data"
 ) -> dict[str, dict]:
@@ -44,7 +49,7 @@ def normal_sites(
         while isinstance(base, Independent):
             base = base.base_dist
         if not isinstance(base, Normal | MultivariateNormal):
-            raise ConventionError(
+            raise NoLocalFamily(
                 f"guide site '{name}' is {type(base).__name__}, not Normal or MultivariateNormal:"
                 " the local guide q* of the amortization gap has no member of its family here"
             )
@@ -98,6 +103,15 @@ class GapDecomposition:
     local: Diagnostics | None  # None where q* was fitted and evaluated point by point
     q_star: str = "the guide's family fitted to each point"
 
+    @classmethod
+    def of(cls, amortized: Diagnostics, elbo_local: torch.Tensor, log_evidence: torch.Tensor,
+           local: Diagnostics | None = None, **kwargs) -> GapDecomposition:
+        """The two gaps from the encoder's evaluation, q*'s ELBO and log p(x), per point."""
+        return cls(log_evidence=log_evidence, elbo_amortized=amortized.elbo,
+                   elbo_local=elbo_local, approximation_gap=log_evidence - elbo_local,
+                   amortization_gap=elbo_local - amortized.elbo, amortized=amortized,
+                   local=local, **kwargs)
+
     def summary(self) -> dict:
         return {
             "num_data": int(self.log_evidence.shape[0]),
@@ -131,15 +145,7 @@ def decompose_gap(
     local = evaluate(model, local_guide, x, num_samples=num_samples, data_plate=data_plate)
     if log_evidence is None:
         log_evidence = local.log_evidence
-    return GapDecomposition(
-        log_evidence=log_evidence,
-        elbo_amortized=amortized.elbo,
-        elbo_local=local.elbo,
-        approximation_gap=log_evidence - local.elbo,
-        amortization_gap=local.elbo - amortized.elbo,
-        amortized=amortized,
-        local=local,
-    )
+    return GapDecomposition.of(amortized, local.elbo, log_evidence, local)
 
 
 def split_gap(model: Callable, guide: Callable, x: torch.Tensor, *, steps: int = 500,
@@ -150,9 +156,7 @@ def split_gap(model: Callable, guide: Callable, x: torch.Tensor, *, steps: int =
     (``normal_sites``).  A guide of another family (a flow) gets ``finetuned_gap`` instead."""
     try:
         sites = {n: LocalSite(**v) for n, v in normal_sites(model, guide, x, data_plate).items()}
-    except ConventionError as e:
-        if "has no member of its family" not in str(e):
-            raise
+    except NoLocalFamily:
         return finetuned_gap(model, guide, x, steps=steps, num_samples=num_samples,
                              data_plate=data_plate, log_evidence=log_evidence)
     local = LocalMeanFieldGuide(sites)
@@ -190,8 +194,6 @@ def finetuned_gap(model: Callable, guide: Callable, x: torch.Tensor, *, steps: i
     elbo_local = torch.cat(elbo_local)
     if log_evidence is None:
         log_evidence = torch.cat(local_evidence)
-    return GapDecomposition(
-        log_evidence=log_evidence, elbo_amortized=amortized.elbo, elbo_local=elbo_local,
-        approximation_gap=log_evidence - elbo_local, amortization_gap=elbo_local - amortized.elbo,
-        amortized=amortized, local=None,
+    return GapDecomposition.of(
+        amortized, elbo_local, log_evidence,
         q_star="the guide with all its parameters fine-tuned on each point")

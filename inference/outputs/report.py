@@ -283,7 +283,6 @@ class Report:
         if not held_out:
             # A guide with parameters per training point runs on its whole training set only.
             options["batch_size"] = len(xa)
-        both = None
         for start in ("guide", "prior"):
             try:
                 both = ais_beside_importance(run.model, run.guide, xa, num_samples=s.num_samples,

@@ -40,7 +40,7 @@ _reusing = False
 
 
 def reuse_freed_memory_once() -> None:
-    """``reuse_freed_memory`` the first time ``evaluate`` (or AIS) runs in a process, so that
+    """``reuse_freed_memory`` the first time ``evaluate`` runs in a process, so that
     a notebook, which never calls ``configure_cpu``, evaluates as fast as the scripts.  The
     buffers that fault are allocated by the user's own decoder, which no library can hand a
     reused output buffer to; glibc's thresholds are the one lever.  Denormal flushing is left
