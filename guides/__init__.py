@@ -4,10 +4,10 @@
 have a ``guide(x)`` method, built from ``data_dim``, ``latent_dim`` and ``hidden_dims``.
 """
 
-from guides.full_rank import FullRankGuide
-from guides.iaf import IAFGuide
-from guides.linear import LinearEncoderGuide, OptimalMeanFieldGuide
-from guides.mean_field import MeanFieldGuide
+from .full_rank import FullRankGuide
+from .iaf import IAFGuide
+from .linear import LinearEncoderGuide, OptimalMeanFieldGuide
+from .mean_field import MeanFieldGuide
 
 GUIDES = {
     "mean-field": MeanFieldGuide,

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from guides.mean_field import MIN_SCALE, mlp_body
+from .mean_field import MIN_SCALE, mlp_body
 
 
 class FullRankGuide(nn.Module):

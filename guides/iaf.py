@@ -20,7 +20,7 @@ from pyro.distributions.transforms import ConditionalAffineAutoregressive
 from pyro.nn import ConditionalAutoRegressiveNN
 from torch import nn
 
-from guides.mean_field import MIN_SCALE, mlp_body
+from .mean_field import MIN_SCALE, mlp_body
 
 
 class IAFGuide(nn.Module):

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from guides.mean_field import MIN_SCALE
-from models.linear_gaussian import LinearGaussian
+from ..models.linear_gaussian import LinearGaussian
+from .mean_field import MIN_SCALE
 
 
 class LinearEncoderGuide(nn.Module):

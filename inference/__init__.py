@@ -1,57 +1,75 @@
-"""Fitting and diagnostics for any Pyro model/guide pair that follows elbogap's conventions.
+"""elbogap: variational inference on Pyro that reports how far the guide is from the posterior.
 
 Nothing here knows a particular model: every quantity is read off Pyro traces.  What the
 command-line scripts do is a call from Python::
 
-    from inference import evaluate, fit, FitOptions, load_dataset, load_run, Report
+    from elbogap import evaluate, fit, FitOptions, load_dataset, load_run, Report
     run = load_run("runs/digits-vae-...")       # config, data, model, guide, parameters
     d = evaluate(run.model, run.guide, run.data.test, num_samples=1000)
     d                                            # a table (an HTML table in Jupyter)
-    d.plot_kl_per_dim(); d.plot_khat()
+    d.plot_kl_per_dim()                          # a figure (shown when a cell returns it)
+
+The package is layered, each layer importing only those below it (``lint-imports`` checks it):
+``foundations`` (errors, traces, the pair's layout, PSIS and statistics, devices, processes,
+files) -> ``data`` -> ``presentation`` (tables, figures, HTML) -> ``diagnostics`` (the
+estimators and their results) -> ``training`` -> ``runs`` (run directories, diagnosing a run,
+reports, comparisons) -> ``cli`` (the commands).  ``elbogap.models`` and ``elbogap.guides`` hold
+this project's own pairs, which no layer imports.
 """
 
-from inference.data.datasets import Dataset, load_dataset, subset
-from inference.diagnostics.ais import AnnealedEvidence, BidirectionalBounds, annealed_evidence, bdmc
-from inference.diagnostics.amortization import GapDecomposition, decompose_gap
-from inference.diagnostics.evaluation import DataSetTotals, Diagnostics, evaluate
-from inference.diagnostics.predictive import PosteriorPredictive, posterior_predictive
-from inference.diagnostics.surgery import ElboSurgery, elbo_surgery
-from inference.errors import ConfigError, ConventionError, DataError, ElbogapError
-from inference.outputs.compare import Comparison, compare
-from inference.outputs.report import Report, ReportSettings
-from inference.outputs.runs import Run, load_run, new_run, resumed_run, train
-from inference.pairs import AUTOGUIDES, Pair, build_pair
-from inference.training.device import move_pair, resolve_device
-from inference.training.fitting import FitOptions, FitResult, fit
+from .data.catalog import load_dataset
+from .data.dataset import Dataset, subset
+from .diagnostics.ais import AnnealedEvidence, annealed_evidence
+from .diagnostics.amortization import GapDecomposition, decompose_gap
+from .diagnostics.bdmc import BidirectionalBounds, bdmc
+from .diagnostics.evaluation import evaluate
+from .diagnostics.predictive import PosteriorPredictive, posterior_predictive
+from .diagnostics.results import DataSetTotals, Diagnostics
+from .diagnostics.surgery import ElboSurgery, elbo_surgery
+from .foundations.cpu import configure_cpu
+from .foundations.device import move_pair, resolve_device
+from .foundations.errors import ConfigError, ConventionError, DataError, ElbogapError, OptionError
+from .runs.compare import Comparison, compare
+from .runs.diagnose import Diagnosis, diagnose, final_summary
+from .runs.pairs import AUTOGUIDES, Pair, build_pair
+from .runs.report import Report, ReportSettings
+from .runs.run_directory import Run, load_run, new_run, resumed_run, train
+from .training.fitting import FitResult, fit
+from .training.options import FitOptions
 
 __all__ = [
     "AUTOGUIDES",
     "AnnealedEvidence",
     "BidirectionalBounds",
     "Comparison",
-    "ElboSurgery",
-    "annealed_evidence",
-    "bdmc",
-    "elbo_surgery",
     "ConfigError",
     "ConventionError",
     "DataError",
     "DataSetTotals",
     "Dataset",
+    "Diagnosis",
     "Diagnostics",
+    "ElboSurgery",
     "ElbogapError",
     "FitOptions",
     "FitResult",
     "GapDecomposition",
+    "OptionError",
     "Pair",
     "PosteriorPredictive",
     "Report",
     "ReportSettings",
     "Run",
+    "annealed_evidence",
+    "bdmc",
     "build_pair",
     "compare",
+    "configure_cpu",
     "decompose_gap",
+    "diagnose",
+    "elbo_surgery",
     "evaluate",
+    "final_summary",
     "fit",
     "load_dataset",
     "load_run",

@@ -5,8 +5,8 @@
 ``hidden_dims`` and ``likelihood``.
 """
 
-from models.linear_gaussian import LinearGaussian
-from models.vae import VAE
+from .linear_gaussian import LinearGaussian
+from .vae import VAE
 
 MODELS = {"vae": VAE, "linear-gaussian": LinearGaussian}
 

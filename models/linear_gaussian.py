@@ -129,7 +129,7 @@ class LinearGaussian(nn.Module):
     def exact_diagnostics(
         self, x: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        """Every quantity ``inference.evaluate`` estimates, in closed form, per data point."""
+        """Every quantity ``elbogap.evaluate`` estimates, in closed form, per data point."""
         reconstruction = self.expected_log_likelihood(x, loc, scale)
         kl_prior = self.kl_to_prior(loc, scale)
         return {

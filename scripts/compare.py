@@ -6,9 +6,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from inference import compare
-from inference.command_line import HelpFormatter, check_positive, run_main
-from inference.errors import ConfigError
+from elbogap import compare
+from elbogap.cli.command_line import HelpFormatter, add_common_flags, run_main
+from elbogap.foundations.errors import ConfigError, check_positive
 
 
 def parser() -> argparse.ArgumentParser:
@@ -26,7 +26,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--amortization-steps", type=int, default=500,
                    help="SVI steps fitting q* for --amortization-points")
     p.add_argument("--seed", type=int, default=0, help="the same draws' seed for every run")
-    p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    add_common_flags(p, progress=False)
     return p
 
 
@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def command() -> int:
-    return run_main(main)
+def command(argv: list[str] | None = None) -> int:
+    return run_main(main, argv, parser=parser)
 
 
 if __name__ == "__main__":

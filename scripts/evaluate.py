@@ -10,20 +10,19 @@ import sys
 
 import pyro
 
-from inference import ConfigError, evaluate, load_run, posterior_predictive, subset
-from inference.command_line import HelpFormatter, check_positive, run_main
-from inference.diagnostics.ais import ais_beside_importance, bdmc
-from inference.outputs.atomic import write_json_atomic
-from inference.outputs.table import (
+from elbogap import bdmc, diagnose, load_run, subset
+from elbogap.cli.command_line import HelpFormatter, add_common_flags, add_device_flag, run_main
+from elbogap.diagnostics.ais import ais_beside_importance
+from elbogap.foundations.atomic import write_json_atomic
+from elbogap.foundations.distributed import Distributed
+from elbogap.foundations.errors import check_positive
+from elbogap.presentation.table import (
     format_annealed,
     format_bdmc,
-    format_exact_comparison,
     format_predictive,
-    format_summary,
+    format_run_summary,
 )
-from inference.pairs import exact_comparison, exact_means
-from inference.training.device import add_device_flag
-from inference.training.distributed import Distributed
+from elbogap.runs.diagnose import predicts, split_points
 
 
 def parser() -> argparse.ArgumentParser:
@@ -52,8 +51,7 @@ def parser() -> argparse.ArgumentParser:
                    help="where the chains start (prior: for guides without a density)")
     a.add_argument("--points", type=int, default=100,
                    help="points for --method ais and --bdmc (a fixed random subset, seed 0)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    add_common_flags(p)
     return p
 
 
@@ -69,48 +67,26 @@ def main(argv: list[str] | None = None) -> int:
         pyro.set_rng_seed(args.seed + ctx.rank)
         k = args.num_samples or run.config["num_samples"]
         split = args.split or run.split
-        if split == "validation" and run.data.validation is None:
-            raise ConfigError(f"--split validation: run {run.dir} has no validation split "
-                              "(it was trained without --val-fraction)")
-        # Only the training split is drawn (a dynamic binarization): no other draw moves.
-        x = run.data.train_epoch() if split == "train" else getattr(run.data, split)
-        x = subset(x, args.max_points).to(ctx.device)
+        x = split_points(run, split, args.max_points).to(ctx.device)
         plate = args.data_plate or run.options.data_plate
-        if split != "train" and run.split == "train":
-            # The guide was fitted to the training set: held-out points get the posterior
-            # predictive density, never an evidence gap of data the guide did not see.
-            predictive = posterior_predictive(run.model, run.guide, x, num_samples=k,
-                                              batch_size=args.batch_size, data_plate=plate)
-            summary = {"data": run.config["data"], "split": split, **predictive.summary()}
-            out = run.dir / f"predictive-{split}-K{k}.json"
-            write_json_atomic(out, summary)
-            print(format_predictive(summary))
-            print(f"wrote {out}")
-            return 0
-        if args.method == "ais" or args.bdmc:
-            return annealed(args, run, x, k, plate, ctx)
-        d = evaluate(run.model, run.guide, x, num_samples=k, batch_size=args.batch_size,
-                     data_plate=plate, progress=not args.no_progress and ctx.is_main,
-                     distributed=ctx, device=ctx.device)
+        if (args.method == "ais" or args.bdmc) and not predicts(run, split):
+            return annealed(args, run, x, k, plate)
+        diagnosis = diagnose(run, x, split, num_samples=k, batch_size=args.batch_size,
+                             data_plate=plate, progress=not args.no_progress and ctx.is_main,
+                             distributed=ctx, device=ctx.device)
     finally:
         ctx.shutdown()
     if not ctx.is_main:
         return 0
-    summary = {"data": run.config["data"], "split": split, **d.summary()}
-    exact = run.pair.exact(x)
-    if exact is not None:
-        summary["exact"] = exact_means(exact)
-        summary["exact_comparison"] = exact_comparison(d, {k: v.cpu() for k, v in exact.items()})
-    out = run.dir / f"evaluation-{split}-K{k}.json"
+    summary = diagnosis.summary()
+    out = run.dir / diagnosis.file_name
     write_json_atomic(out, summary)
-    print(format_summary(summary))
-    if exact is not None:
-        print(format_exact_comparison(summary["exact_comparison"]))
+    print(format_predictive(summary) if diagnosis.predictive else format_run_summary(summary))
     print(f"wrote {out}")
     return 0
 
 
-def annealed(args: argparse.Namespace, run, x, k: int, plate: str, ctx) -> int:
+def annealed(args: argparse.Namespace, run, x, k: int, plate: str) -> int:
     """--method ais and --bdmc: AIS beside importance sampling, and the BDMC bracket."""
     x = subset(x, args.points)
     settings = {"num_chains": args.chains, "num_steps": args.ais_steps, "start": args.ais_start,
@@ -132,8 +108,12 @@ def annealed(args: argparse.Namespace, run, x, k: int, plate: str, ctx) -> int:
     return 0
 
 
-def command() -> int:
-    return run_main(main)
+# Settings the library names otherwise than their flags.
+ALIASES = {"num_steps": "--ais-steps", "num_chains": "--chains", "start": "--ais-start"}
+
+
+def command(argv: list[str] | None = None) -> int:
+    return run_main(main, argv, parser=parser, aliases=ALIASES)
 
 
 if __name__ == "__main__":

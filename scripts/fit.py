@@ -1,35 +1,29 @@
 """Train a model/guide pair with SVI and report its ELBO, KL, evidence and evidence gap.
 
-With no arguments: the VAE on scikit-learn's bundled 8x8 digits (no download).
-"""
+With no arguments: the VAE on scikit-learn's bundled 8x8 digits (no download)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import fields
 from pathlib import Path
 
-from inference import FitOptions
-from inference.command_line import (
+from elbogap import FitOptions, final_summary, new_run, resumed_run, train
+from elbogap.cli.command_line import (
     HelpFormatter,
+    add_common_flags,
+    add_device_flag,
     add_training_controls,
     parse_hidden_dims,
     run_main,
 )
-from inference.data.datasets import BINARIZATIONS, DATASETS
-from inference.errors import ConfigError
-from inference.outputs.runs import (
-    CHECKPOINT,
-    RUN_DEFAULTS,
-    final_summary,
-    new_run,
-    resumed_run,
-    train,
-)
-from inference.outputs.table import format_exact_comparison, format_predictive, format_summary
-from inference.training.device import add_device_flag
-from inference.training.distributed import Distributed
+from elbogap.data.catalog import DATASETS
+from elbogap.data.readers import BINARIZATIONS
+from elbogap.foundations.distributed import Distributed
+from elbogap.foundations.errors import ConfigError
+from elbogap.presentation.table import format_run_summary
+from elbogap.runs.run_directory import run_settings
+from elbogap.training.fitting import CHECKPOINT
 
 
 def parser() -> argparse.ArgumentParser:
@@ -99,8 +93,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its "
                    "checkpoint with its own settings; with --out RUN_DIR too, start it there if "
                    "it has none yet (safe under torchrun restarts)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    add_common_flags(p)
     return p
 
 
@@ -111,6 +104,8 @@ RESUME_FLAGS = {"resume", "out", "epochs", "no_progress", "debug", "threads",
 
 def check_flags(args: argparse.Namespace) -> None:
     """Refuse flags that would be silently ignored."""
+    if args.time_budget_minutes is not None and not args.time_budget_minutes > 0:
+        raise ConfigError(f"--time-budget must be positive, got {args.time_budget_minutes}")
     if not args.resume:
         if args.data_dir is not None and args.data in ("digits", "synthetic"):
             raise ConfigError(f"--data-dir is for data read from files (--data mnist, "
@@ -146,9 +141,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.resume:
                 ctx.say(f"no checkpoint in {args.resume} yet: starting the run there")
                 args.out, args.overwrite = args.resume, True
-            known = {f.name for f in fields(FitOptions)} | set(RUN_DEFAULTS)
-            settings = {k: v for k, v in vars(args).items() if k in known}
-            run, options = new_run({**settings, "time_budget": budget}, args.out, args.overwrite, ctx)
+            settings = {**run_settings(vars(args)), "time_budget": budget}
+            run, options = new_run(settings, args.out, args.overwrite, ctx)
             ctx.say(f"run directory: {run.dir}" + (f" ({ctx.world_size} processes)"
                                                   if ctx.enabled else ""))
         options.progress, options.device = not args.no_progress and ctx.is_main, str(ctx.device)
@@ -158,20 +152,14 @@ def main(argv: list[str] | None = None) -> int:
         ctx.shutdown()
     if summary is None:
         return 0
-    print(format_summary(summary))
-    if "held_out_predictive" in summary:
-        print(format_predictive(summary["held_out_predictive"]))
-    if "exact_comparison" in summary:
-        print(format_exact_comparison(summary["exact_comparison"]))
-    if "data_generating_log_evidence" in summary and summary["unit"] == "data point":
-        print("log p(x) under the model that generated the data: "
-              f"{summary['data_generating_log_evidence']:.4f}")
+    print(format_run_summary(summary))
     print(f"wrote {run.dir}/: config.json metrics.jsonl checkpoint.pt diagnostics.json *.png")
     return 0
 
 
-def command() -> int:
-    return run_main(main)
+def command(argv: list[str] | None = None) -> int:
+    # load_dataset names the data's path what the command line calls --data-dir.
+    return run_main(main, argv, parser=parser, aliases={"path": "--data-dir"})
 
 
 if __name__ == "__main__":

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pyro
 
-from inference.command_line import HelpFormatter, run_main
-from inference.diagnostics.kl_directions import fit_both_directions, gradient_variances, make_target
-from inference.errors import ConfigError
-from inference.outputs.atomic import write_json_atomic
-from inference.outputs.plotting import plot_kl_directions, save_figure
+from elbogap.cli.command_line import HelpFormatter, add_common_flags, run_main
+from elbogap.diagnostics.kl_directions import fit_both_directions, gradient_variances, make_target
+from elbogap.foundations.atomic import write_json_atomic
+from elbogap.foundations.errors import ConfigError
+from elbogap.presentation.figures import plot_kl_directions, save_figure
 
 
 def parser() -> argparse.ArgumentParser:
@@ -42,7 +42,7 @@ def parser() -> argparse.ArgumentParser:
                    help="gradient estimates drawn to measure each estimator's variance")
     p.add_argument("--seed", type=int, default=0, help="fixes every draw")
     p.add_argument("--out", help="directory for kl_directions.png and kl_directions.json")
-    p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    add_common_flags(p, progress=False)
     return p
 
 
@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def command() -> int:
-    return run_main(main)
+def command(argv: list[str] | None = None) -> int:
+    return run_main(main, argv, parser=parser)
 
 
 if __name__ == "__main__":

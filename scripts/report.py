@@ -10,9 +10,8 @@ import argparse
 import sys
 from dataclasses import fields
 
-from inference import Report, ReportSettings, load_run, move_pair
-from inference.command_line import HelpFormatter, run_main
-from inference.training.device import add_device_flag, resolve_device
+from elbogap import Report, ReportSettings, load_run, move_pair, resolve_device
+from elbogap.cli.command_line import HelpFormatter, add_common_flags, add_device_flag, run_main
 
 
 def parser() -> argparse.ArgumentParser:
@@ -43,8 +42,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=s.seed,
                    help="fixes every draw (the report's numbers are a fresh estimate)")
     add_device_flag(p)
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    add_common_flags(p)
     return p
 
 
@@ -63,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def command() -> int:
-    return run_main(main)
+def command(argv: list[str] | None = None) -> int:
+    return run_main(main, argv, parser=parser)
 
 
 if __name__ == "__main__":

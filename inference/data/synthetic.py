@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from inference.data.datasets import DATA_SEED, Dataset
+from .dataset import DATA_SEED, Dataset
 
 SYNTHETIC_DIM, SYNTHETIC_LATENT, SYNTHETIC_TRAIN, SYNTHETIC_TEST = 10, 3, 1000, 200
 

@@ -16,10 +16,8 @@ chain's state is the whole data set's z, and the estimate is of log p(x_1..N).  
 per chain and data point towards an acceptance rate of 0.65 (as ``lxuechen/BDMC``: x1.02 above,
 x0.98 below, clamped to [1e-4, 0.5]).
 
-BDMC (Grosse, Ghahramani & Adams 2015) runs AIS on data simulated from the model: forward from the
-base gives a stochastic lower bound; reverse, started at the latents that generated the data (exact
-posterior samples), a stochastic upper bound.  The bracket says how far this AIS setting is from
-the true log p(x) on data like the user's.
+``bdmc`` certifies an AIS setting on data simulated from the model; ``ais_beside_importance`` sets
+AIS beside importance sampling on the same points.
 """
 
 from __future__ import annotations
@@ -34,21 +32,21 @@ from pyro import poutine
 from torch.distributions import biject_to
 from tqdm.auto import tqdm
 
-from inference.diagnostics.evaluation import checked_arguments, evaluate, mean_and_se
-from inference.diagnostics.surgery import guide_is_a_function_of_x
-from inference.diagnostics.traces import (
-    PairLayout,
+from ..foundations.device import rows_per_chunk as default_rows_per_chunk
+from ..foundations.errors import ConventionError, OptionError
+from ..foundations.pair_layout import PairLayout, inspect_pair, per_datapoint
+from ..foundations.statistics import log_mean_exp_with_se, mean_and_se
+from ..foundations.traces import (
     apply_mask,
     data_frame,
+    guide_is_a_function_of_x,
     in_particles,
-    inspect_pair,
     is_point_mass,
-    per_datapoint,
     sample_sites,
     site_log_prob,
 )
-from inference.errors import ConfigError, ConventionError
-from inference.training.device import rows_per_chunk as default_rows_per_chunk
+from .evaluation import evaluate
+from .passes import checked_arguments
 
 STARTS = ("guide", "prior")
 TARGET_ACCEPTANCE = 0.65
@@ -59,7 +57,7 @@ def sigmoid_schedule(num_steps: int, rad: float = 4.0) -> torch.Tensor:
     """beta_0..beta_T: a sigmoid over [-rad, rad], rescaled to run from exactly 0 to exactly 1
     (Wu et al. 2017's schedule: small steps near both ends, where the path bends most)."""
     if num_steps < 1:
-        raise ConfigError(f"num_steps must be a positive integer, got {num_steps}")
+        raise OptionError("num_steps", f"must be a positive integer, got {num_steps}")
     s = torch.sigmoid(torch.linspace(-rad, rad, num_steps + 1, dtype=torch.float64))
     return (s - s[0]) / (s[-1] - s[0])
 
@@ -100,16 +98,7 @@ class AnnealedEvidence:
         return out
 
 
-def log_mean_exp_with_se(log_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """log of the mean over dim 0 of exp(log_w), and its delta-method standard error."""
-    c = log_w.shape[0]
-    log_mean = torch.logsumexp(log_w, 0) - math.log(c)
-    w = (log_w - log_mean).exp()  # weights relative to their mean
-    se = w.std(0) / math.sqrt(c) if c > 1 else torch.full_like(log_mean, float("nan"))
-    return log_mean, se
-
-
-class _Path:
+class AnnealingPath:
     """log p(x, z), log base(z) and the Jacobian for every chain and point, read off traces of
     the pair conditioned on z (all chains in a particle plate)."""
 
@@ -181,7 +170,7 @@ class _Path:
 def _check_pair(model: Callable, guide: Callable, x: torch.Tensor, start: str,
                 data_plate: str) -> tuple[PairLayout, dict]:
     if start not in STARTS:
-        raise ConfigError(f"start must be one of {STARTS}, got {start!r}")
+        raise OptionError("start", f"must be one of {STARTS}, got {start!r}")
     layout = inspect_pair(model, guide, x, data_plate)
     if layout.subsample is not None:
         raise ConventionError(f"plate '{data_plate}' picks its own minibatch of x: AIS needs the "
@@ -207,7 +196,7 @@ def _check_pair(model: Callable, guide: Callable, x: torch.Tensor, start: str,
     return layout, supports
 
 
-def initial_state(path: _Path, start: str) -> dict[str, torch.Tensor]:
+def initial_state(path: AnnealingPath, start: str) -> dict[str, torch.Tensor]:
     """z_0 ~ base for every chain and point, in unconstrained space."""
     with torch.no_grad():
         if start == "guide":
@@ -219,7 +208,7 @@ def initial_state(path: _Path, start: str) -> dict[str, torch.Tensor]:
             for name in path.transforms}
 
 
-def _anneal(path: _Path, u: dict[str, torch.Tensor], betas: torch.Tensor, leapfrog_steps: int,
+def anneal(path: AnnealingPath, u: dict[str, torch.Tensor], betas: torch.Tensor, leapfrog_steps: int,
             step_size: float, progress: bool, desc: str):
     """Run the chains from state ``u`` along ``betas``; return log-weights [chains, N], mean
     acceptance and final step sizes per chain and point, and the starting (joint - base)."""
@@ -316,7 +305,7 @@ def annealed_evidence(
     :param batch_size: data points per pass; memory grows with ``num_chains * batch_size``
         (default: as many as keep that at evaluate's rows per chunk, 4096 on a CPU).
     """
-    batch_size, path = _points_per_pass(model, guide, x, num_chains, start, data_plate,
+    batch_size, path = points_per_pass(model, guide, x, num_chains, start, data_plate,
                                         batch_size, "annealed_evidence", num_steps,
                                         leapfrog_steps, step_size)
     betas = sigmoid_schedule(num_steps)
@@ -326,7 +315,7 @@ def annealed_evidence(
         if s > 0:
             path = annealing_path(model, guide, xb, num_chains, start, data_plate)
         u = initial_state(path, start)
-        log_w, acceptance, eps, start_ratio, _ = _anneal(
+        log_w, acceptance, eps, start_ratio, _ = anneal(
             path, u, betas, leapfrog_steps, step_size, progress, f"AIS {s}-{s + xb.shape[0]}")
         parts.append((log_w, acceptance.mean(0), eps.mean(0), start_ratio.double()))
     log_w = torch.cat([p[0] for p in parts], 1).cpu()
@@ -345,24 +334,24 @@ def annealed_evidence(
 
 
 def annealing_path(model: Callable, guide: Callable, x: torch.Tensor, chains: int, start: str,
-                   data_plate: str) -> _Path:
+                   data_plate: str) -> AnnealingPath:
     """The pair checked for AIS and ready to evaluate log p(x, z), log base(z) and their
     gradients for ``chains`` chains per point of ``x``."""
     layout, supports = _check_pair(model, guide, x, start, data_plate)
-    return _Path(model, guide, x, layout, chains, start, data_plate, supports)
+    return AnnealingPath(model, guide, x, layout, chains, start, data_plate, supports)
 
 
-def _points_per_pass(model: Callable, guide: Callable, x: torch.Tensor, chains: int,
+def points_per_pass(model: Callable, guide: Callable, x: torch.Tensor, chains: int,
                      start: str, data_plate: str, batch_size: int | None, caller: str,
-                     num_steps: int, leapfrog_steps: int, step_size: float) -> tuple[int, _Path]:
+                     num_steps: int, leapfrog_steps: int, step_size: float) -> tuple[int, AnnealingPath]:
     """The settings checked; the points annealed per pass (by default as many as keep chains x
     points at evaluate's rows per chunk; all of them for global latents, which tie the points
     together) and the path of the first pass."""
     for name, value in (("num_steps", num_steps), ("leapfrog_steps", leapfrog_steps)):
         if value < 1:
-            raise ConfigError(f"{name} must be a positive integer, got {value}")
+            raise OptionError(name, f"must be a positive integer, got {value}")
     if not 0 < step_size <= STEP_SIZE_RANGE[1]:
-        raise ConfigError(f"step_size must be in (0, {STEP_SIZE_RANGE[1]}], got {step_size}")
+        raise OptionError("step_size", f"must be in (0, {STEP_SIZE_RANGE[1]}], got {step_size}")
     if batch_size is None:
         batch_size = max(1, default_rows_per_chunk(x.device) // chains)
     batch_size = checked_arguments(x, chains, batch_size, caller)
@@ -371,82 +360,6 @@ def _points_per_pass(model: Callable, guide: Callable, x: torch.Tensor, chains: 
         batch_size = x.shape[0]
         first = annealing_path(model, guide, x, chains, start, data_plate)
     return batch_size, first
-
-
-@dataclass
-class BidirectionalBounds:
-    """BDMC on simulated data: per point, a stochastic lower bound (forward AIS) and upper bound
-    (reverse AIS from the simulating latents) of log p(x)."""
-
-    x: torch.Tensor
-    lower: torch.Tensor
-    upper: torch.Tensor
-    num_chains: int
-    num_steps: int
-
-    def summary(self) -> dict:
-        bracket = mean_and_se(self.upper - self.lower)
-        return {"method": "bdmc", "num_data": len(self.lower), "num_chains": self.num_chains,
-                "num_steps": self.num_steps, "lower": self.lower.double().mean().item(),
-                "upper": self.upper.double().mean().item(), "bracket": bracket["mean"],
-                "bracket_se": bracket["se"]}
-
-
-def simulate(model: Callable, x_like: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Data drawn from the generative program (its observations uncondition-ed), shaped like
-    ``x_like``, and the latents that generated them."""
-    with torch.no_grad():
-        conditioned = sample_sites(poutine.trace(model).get_trace(x_like))
-        sites = sample_sites(poutine.trace(poutine.uncondition(model)).get_trace(x_like))
-    observed = [name for name, s in conditioned.items() if s["is_observed"]]
-    if len(observed) != 1 or sites[observed[0]]["value"].shape != x_like.shape:
-        raise ConventionError(
-            f"BDMC simulates x from the model: it needs one observed site holding x itself (shape "
-            f"{tuple(x_like.shape)}); the model observes {observed}")
-    latents = {name: s["value"] for name, s in sites.items() if name not in observed}
-    return sites[observed[0]]["value"], latents
-
-
-def bdmc(
-    model: Callable,
-    guide: Callable,
-    x_like: torch.Tensor,
-    *,
-    num_chains: int = 16,
-    num_steps: int = 500,
-    leapfrog_steps: int = 10,
-    start: str = "guide",
-    step_size: float = 0.01,
-    batch_size: int | None = None,
-    data_plate: str = "data",
-    progress: bool = False,
-) -> BidirectionalBounds:
-    """Simulate ``len(x_like)`` points from the model and bracket their log p(x) with forward
-    and reverse AIS of the same setting (``batch_size`` points simulated and annealed at a
-    time, as in ``annealed_evidence``; a pair with global latents simulates its data set whole
-    and gets one bracket for log p(x_1..N))."""
-    batch_size, _ = _points_per_pass(model, guide, x_like, num_chains, start, data_plate,
-                                     batch_size, "bdmc", num_steps, leapfrog_steps, step_size)
-    xs, lowers, uppers = [], [], []
-    for s in range(0, x_like.shape[0], batch_size):
-        x, exact = simulate(model, x_like[s: s + batch_size])
-        path = annealing_path(model, guide, x, num_chains, start, data_plate)
-        forward, *_ = _anneal(path, initial_state(path, start), sigmoid_schedule(num_steps),
-                              leapfrog_steps, step_size, progress, "forward AIS")
-        u = {}
-        for name, value in exact.items():
-            # Every chain starts at the latents that generated x: exact posterior draws.
-            target = path.sites[name]["value"].shape
-            padded = value.reshape((1,) * (len(target) - value.dim()) + tuple(value.shape))
-            u[name] = path.transforms[name].inv(padded.expand(target)).clone()
-        reverse, *_ = _anneal(path, u, sigmoid_schedule(num_steps).flip(0), leapfrog_steps,
-                              step_size, progress, "reverse AIS")
-        xs.append(x)
-        lowers.append(log_mean_exp_with_se(forward.cpu())[0])
-        # Reverse weights estimate 1 / p(x): minus their log-mean-exp bounds log p(x) above.
-        uppers.append(-log_mean_exp_with_se(reverse.cpu())[0])
-    return BidirectionalBounds(x=torch.cat(xs), lower=torch.cat(lowers), upper=torch.cat(uppers),
-                               num_chains=num_chains, num_steps=num_steps)
 
 
 def ais_beside_importance(model: Callable, guide: Callable, x: torch.Tensor, *,

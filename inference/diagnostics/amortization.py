@@ -18,11 +18,14 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO
 from torch.distributions import Independent, MultivariateNormal, Normal
 
-from inference.diagnostics.evaluation import Diagnostics, evaluate, mean_and_se
-from inference.diagnostics.local_guide import LocalMeanFieldGuide, LocalSite
-from inference.diagnostics.traces import inspect_pair, sample_sites, trace_pair
-from inference.errors import ConventionError
-from inference.training.optimize import minimize
+from ..foundations.errors import ConventionError
+from ..foundations.minimize import minimize
+from ..foundations.pair_layout import inspect_pair
+from ..foundations.statistics import mean_and_se
+from ..foundations.traces import sample_sites, trace_pair
+from .evaluation import evaluate
+from .local_guide import LocalMeanFieldGuide, LocalSite
+from .results import Diagnostics
 
 
 class NoLocalFamily(ConventionError):

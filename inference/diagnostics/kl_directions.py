@@ -27,8 +27,8 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from inference.errors import ConfigError
-from inference.training.optimize import minimize
+from ..foundations.errors import ConfigError
+from ..foundations.minimize import minimize
 
 ESTIMATORS = ("score-function", "pathwise")
 DIRECTIONS = ("reverse", "forward")

@@ -21,17 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
-from inference.diagnostics.evaluation import (
-    MIN_SAMPLES_KHAT,
-    checked_arguments,
-    first_layout,
-    importance_stats,
-    joint_chunks,
-    khat_where_defined,
-    mean_and_se,
-)
-from inference.diagnostics.psis import importance_ess, khat_summary
-from inference.training.device import rows_per_chunk as default_rows_per_chunk
+from ..foundations.device import rows_per_chunk as default_rows_per_chunk
+from ..foundations.psis import MIN_SAMPLES_KHAT, importance_ess, khat_summary, khat_where_defined
+from ..foundations.statistics import importance_stats, mean_and_se
+from .passes import checked_arguments, first_layout, joint_chunks
 
 
 @dataclass
@@ -79,7 +72,7 @@ def posterior_predictive(
         chunks = []
         for _, batches in joint_chunks(model, guide, x_new, first, batch_size, num_samples,
                                        data_plate, rows_per_chunk, progress=False):
-            chunks.append(torch.cat([terms["local_w"] for *_, terms in batches], dim=1))
+            chunks.append(torch.cat([terms.log_weight for *_, terms in batches], dim=1))
     log_w = torch.cat(chunks).cpu()
     stats = importance_stats(log_w, log_w)
     return PosteriorPredictive(

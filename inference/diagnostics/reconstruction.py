@@ -12,8 +12,8 @@ from collections.abc import Callable
 import torch
 from pyro import poutine
 
-from inference.diagnostics.traces import sample_sites, trace_pair
-from inference.errors import ConventionError
+from ..foundations.errors import ConventionError
+from ..foundations.traces import sample_sites, trace_pair
 
 
 def _observed_site(trace, name: str | None) -> dict:

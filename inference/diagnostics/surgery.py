@@ -18,16 +18,17 @@ from dataclasses import dataclass
 import torch
 from pyro import poutine
 
-from inference.diagnostics.evaluation import checked_arguments, mean_and_se
-from inference.diagnostics.traces import (
+from ..foundations.errors import ConventionError
+from ..foundations.pair_layout import inspect_pair, per_datapoint
+from ..foundations.statistics import mean_and_se
+from ..foundations.traces import (
     data_frame,
-    inspect_pair,
-    per_datapoint,
+    guide_is_a_function_of_x,
     sample_sites,
     site_log_prob,
     trace_pair,
 )
-from inference.errors import ConventionError
+from .passes import checked_arguments
 
 DEFAULT_CHUNK_ELEMENTS = 2**24
 
@@ -53,21 +54,6 @@ class ElboSurgery:
                 "note": f"I_q(x; z) <= log N = {math.log(self.num_data):.3f} nats for N = "
                         f"{self.num_data} points: an aggregate posterior of N points cannot "
                         "carry more"}
-
-
-def guide_is_a_function_of_x(guide: Callable, x: torch.Tensor, latent: tuple[str, ...]) -> str | None:
-    """None when every guide site's distribution depends on x only, not on other draws (two
-    traces give each site the same density at the same value); else the first site that does
-    not (a hierarchical guide q(z2 | z1, x))."""
-    with torch.no_grad():
-        first = poutine.trace(guide).get_trace(x)
-        second = poutine.trace(guide).get_trace(x)
-    for name in latent:
-        a, b = first.nodes[name], second.nodes[name]
-        value = a["value"]
-        if not torch.allclose(a["fn"].log_prob(value), b["fn"].log_prob(value), atol=1e-5):
-            return name
-    return None
 
 
 def _log_q_all(site_fn, values: torch.Tensor, site: dict, layout, data_plate: str,

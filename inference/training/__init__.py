@@ -1,2 +1,2 @@
-"""Fitting a pair with SVI: the step and its checked recordings, minibatch scaling, checkpoints,
-processes and devices."""
+"""Fitting a pair with SVI: its options, the step and its checked recordings, minibatch scaling,
+objectives and controls, early stopping, checkpoints."""

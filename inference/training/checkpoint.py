@@ -9,50 +9,17 @@ modules and bare ``pyro.param`` sites alike.
 from __future__ import annotations
 
 import io
-import random
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pyro
 import torch
 
-from inference.diagnostics.traces import trace_pair
-from inference.errors import ConfigError
-from inference.outputs.atomic import write_atomic
-from inference.training.parameters import pair_parameters
-
-
-def rng_state() -> dict:
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        # Draws on a GPU come from its own generators.
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    cuda = state.get("cuda")
-    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-
-
-@contextmanager
-def rng_preserved() -> Iterator[None]:
-    """Run a block (a trace that creates parameters, say) without moving any random stream."""
-    saved = rng_state()
-    try:
-        yield
-    finally:
-        set_rng_state(saved)
+from ..foundations.atomic import write_atomic
+from ..foundations.errors import ConfigError
+from ..foundations.rng import rng_preserved, rng_state
+from ..foundations.traces import trace_pair
+from .parameters import pair_parameters
 
 
 def save_checkpoint(path: str | Path, optimizer_state: dict | None = None,

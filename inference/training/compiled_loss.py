@@ -3,7 +3,7 @@
 Running a Pyro pair costs far more Python than the tensors need: every ``pyro.module``,
 ``pyro.param`` and ``pyro.sample`` goes through the handler stack, every site builds
 distribution objects, and ``Trace_ELBO`` walks both traces.  On the 784-400-50 VAE that is
-~2.4 ms of a 4 ms step at batch 32 (``scripts/benchmark.py``).  ``torch.jit.trace`` records
+~2.4 ms of a 4 ms step at batch 32 (``benchmarks/benchmark.py``).  ``torch.jit.trace`` records
 the tensor operations of one call, and later calls replay them without any of that Python;
 the sampling ops are recorded as ops, so every replay draws fresh noise.
 
@@ -19,7 +19,7 @@ or on Python-side state, so a recording is trusted only after two checks:
 The same check runs again at the start of every epoch (``recheck``).  What no check can see is
 Python state that changes from one step to the next inside an epoch: a weight that changes per
 step must be an input of the loss, a tensor argument, as ``fit``'s KL weight is
-(``inference.training.kl_weight``); a pair that anneals Python state of its own must train with
+(``elbogap.training.kl_weight``); a pair that anneals Python state of its own must train with
 ``jit`` off.
 
 Anything else (a warning, a mismatch, a tracer error, a torch without ``torch.jit.trace``)
@@ -41,8 +41,8 @@ from pathlib import Path
 import pyro
 import torch
 
-from inference.diagnostics.traces import first_line
-from inference.training.checkpoint import rng_preserved
+from ..foundations.rng import rng_preserved
+from ..foundations.traces import first_line
 
 # The recording runs the eager loss's operations; only the summation order of its value
 # (float32 tensors against Pyro's float64 Python sum) may differ, by about 1e-7.

@@ -2,14 +2,14 @@
 
 This is SVI with ``Trace_ELBO`` (or ``TraceMeanField_ELBO``), the loss and its gradient exactly
 as Pyro computes them, with two costs of ``pyro.infer.SVI`` taken out of the hot loop (measured
-in ``scripts/benchmark.py``):
+in ``benchmarks/benchmark.py``):
 
 * ``pyro.optim.Adam`` keeps one torch optimizer per parameter tensor and runs a parameter-capture
   trace every step; a single ``torch.optim.Adam`` over all parameters does the same update.
 * Distribution argument and support checks (Pyro's validation) run on the first step only: a
   pair that passes them once has the same shapes and supports on every later minibatch.
 * With ``jit`` (the default) later steps replay a recording of the loss's tensor operations
-  instead of running the pair's Python (``inference.training.compiled_loss``: verified against the eager
+  instead of running the pair's Python (``elbogap.training.compiled_loss``: verified against the eager
   loss first, eager for good if the pair cannot be recorded faithfully).
 """
 
@@ -29,15 +29,15 @@ from pyro.infer import (
     TraceMeanField_ELBO,
 )
 
-from inference.diagnostics.traces import first_line, trace_pair
-from inference.errors import ConventionError
-from inference.training.checkpoint import rng_preserved
-from inference.training.compiled_loss import CompiledLoss
-from inference.training.distributed import SINGLE, Distributed
-from inference.training.kl_weight import KLWeighted
-from inference.training.minibatch import ScaleDataPlate
-from inference.training.objectives import PerDatapointRenyiELBO
-from inference.training.parameters import pair_parameters
+from ..foundations.distributed import SINGLE, Distributed
+from ..foundations.errors import ConventionError
+from ..foundations.rng import rng_preserved
+from ..foundations.traces import first_line, trace_pair
+from .compiled_loss import CompiledLoss
+from .kl_weight import KLWeighted
+from .minibatch import ScaleDataPlate
+from .objectives import PerDatapointRenyiELBO
+from .parameters import pair_parameters
 
 
 class TraceGraphELBO(TraceGraph_ELBO):
@@ -62,7 +62,7 @@ class ElboStep:
 
     Parameters are whatever the pair registers in Pyro's param store (``pyro.param``,
     ``pyro.module``), in unconstrained form; ones that appear later join the optimizer then.
-    With ``kl_weighted`` every call takes the weight of the KL term (``inference.training.
+    With ``kl_weighted`` every call takes the weight of the KL term (``elbogap.training.
     kl_weight``); ``clip_norm`` clips the gradients' global norm before Adam's step.
     """
 

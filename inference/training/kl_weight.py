@@ -10,7 +10,7 @@ own examples anneal (``examples/dmm.py`` scales its latent sites with ``poutine.
 user's pair needs no change.
 
 The weight is a tensor *argument* of the weighted pair, not Python state: a recording of the loss
-(``inference.training.compiled_loss``) then takes it as an input and replays correctly while it
+(``elbogap.training.compiled_loss``) then takes it as an input and replays correctly while it
 changes from step to step.
 """
 

@@ -9,7 +9,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from pyro.util import ignore_jit_warnings
 
-from inference.diagnostics.traces import data_frame
+from ..foundations.traces import data_frame
 
 
 class ScaleDataPlate(Messenger):
@@ -61,7 +61,7 @@ class ScaleDataPlate(Messenger):
 def _as_int(size) -> int:
     if torch.is_tensor(size):
         # Under torch.jit.trace a plate's size is a traced shape.  Recordings are keyed on the
-        # minibatch's shape (inference.training.compiled_loss), so holding it fixed is exact.
+        # minibatch's shape (elbogap.training.compiled_loss), so holding it fixed is exact.
         with ignore_jit_warnings():
             return int(size)
     return size

@@ -7,7 +7,7 @@ The importance-weighted bound (Burda et al. 2016) and its Rényi generalization 
 summed over the data points of a minibatch (and scaled to the data set like every data-plate
 site).  alpha = 0 is IWAE; K = 1 (any alpha) is the ELBO.  Pyro 1.9's ``RenyiELBO`` keeps the
 plates common to every site, so where every site is in the data plate it is per point as well
-(tests/test_objectives.py checks the two agree); where a site sits outside the plate it sums
+(tests/training/test_objectives.py checks the two agree); where a site sits outside the plate it sums
 over the plate first and bounds the minibatch jointly (pyro-ppl/pyro#3104).  A per-point bound
 does not exist there, and this objective refuses such a pair with the site's name instead.
 """
@@ -19,16 +19,9 @@ from collections.abc import Callable
 
 import torch
 
-from inference.diagnostics.traces import (
-    PairLayout,
-    data_frame,
-    inspect_pair,
-    per_datapoint,
-    sample_sites,
-    site_log_prob,
-    trace_pair,
-)
-from inference.errors import ConfigError, ConventionError
+from ..foundations.errors import ConventionError, OptionError
+from ..foundations.pair_layout import PairLayout, inspect_pair, per_datapoint
+from ..foundations.traces import data_frame, sample_sites, site_log_prob, trace_pair
 
 
 class PerDatapointRenyiELBO:
@@ -36,10 +29,10 @@ class PerDatapointRenyiELBO:
 
     def __init__(self, num_particles: int = 5, alpha: float = 0.0, data_plate: str = "data"):
         if num_particles < 1:
-            raise ConfigError(f"--num-particles must be a positive integer, got {num_particles}")
+            raise OptionError("num_particles", f"must be a positive integer, got {num_particles}")
         if not (alpha >= 0 and alpha != 1):
-            raise ConfigError(f"--renyi-alpha must be >= 0 and not 1 (alpha = 1 is the ELBO: "
-                              f"--elbo trace), got {alpha}")
+            raise OptionError("renyi_alpha", f"must be >= 0 and not 1 (alpha = 1 is the ELBO: "
+                                             f"elbo='trace'), got {alpha}")
         self.num_particles, self.alpha, self.data_plate = num_particles, alpha, data_plate
         self._layout: PairLayout | None = None
 
@@ -51,11 +44,13 @@ class PerDatapointRenyiELBO:
                 self._layout = inspect_pair(model, guide, x, self.data_plate)
             if not self._layout.per_datapoint:
                 raise ConventionError(
-                    f"--elbo iwae bounds each data point's evidence: sites "
+                    f"the importance-weighted bound (elbo='iwae', --elbo iwae) bounds each data "
+                    f"point's evidence: sites "
                     f"{list(self._layout.global_sites)} are outside plate '{self.data_plate}'")
             if not self._layout.vectorized:
-                raise ConventionError("--elbo iwae draws its particles in one plate: the pair "
-                                      "must broadcast over a leading particle dimension")
+                raise ConventionError("the importance-weighted bound (elbo='iwae', --elbo iwae) "
+                                      "draws its particles in one plate: the pair must broadcast "
+                                      "over a leading particle dimension")
         layout, k = self._layout, self.num_particles
         guide_trace, model_trace = trace_pair(model, guide, x, k, layout.particle_dim)
         log_w, scale = 0.0, 1.0

@@ -3,7 +3,8 @@
 Each epoch's learning rate is ``lr × multiplier(epoch, watched)``, with ``watched`` the held-out
 ELBO of every earlier epoch.  Computing it from the run's history, rather than keeping a torch
 scheduler's state, is what makes ``--resume`` exact for free: the history is in ``metrics.jsonl``.
-The multipliers are those of torch's schedulers, epoch by epoch (``tests/test_schedule.py``):
+The multipliers are those of torch's schedulers, epoch by epoch
+(``tests/training/test_training_controls.py``):
 
 * ``cosine``: ``CosineAnnealingLR(T_max=epochs)``, from lr down towards 0 at the last epoch;
 * ``step``: ``StepLR(step_size, gamma=factor)``;

@@ -1,0 +1,72 @@
+"""A data set as elbogap holds it: float tensors of shape ``[N, D]`` for its splits, and the
+fixed random subsets that every run and report draws from them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from ..foundations.errors import DataOptionError
+
+# Fixed seed for everything that makes a data set (splits, fixed binarizations): the data a
+# run sees must not depend on the training seed.
+DATA_SEED = 0
+
+
+def subset_indices(total: int, n: int | None, seed: int = DATA_SEED) -> torch.Tensor:
+    """Indices of ``n`` of ``total`` rows in a fixed random order (all of them, in order, when
+    ``n`` is None or not smaller).  Never the first n: files such as Larochelle's binarized MNIST
+    test set are sorted by class, and their first rows are all zeros."""
+    if n is None or n >= total:
+        return torch.arange(total)
+    return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n]
+
+
+def subset(x: torch.Tensor, n: int | None, seed: int = DATA_SEED) -> torch.Tensor:
+    """``n`` rows of ``x`` chosen by ``subset_indices``: a smaller n gives a subset of a larger."""
+    return x[subset_indices(x.shape[0], n, seed)]
+
+
+@dataclass
+class Dataset:
+    """Train and test splits; ``likelihood`` says which observation model fits the values.
+
+    With ``dynamic_binarization`` the train split holds grey levels in [0, 1] and every epoch
+    draws a fresh Bernoulli binarization of it (``train_epoch``); the test split is binarized once.
+    """
+
+    name: str
+    train: torch.Tensor
+    test: torch.Tensor
+    image_shape: tuple[int, int] | None
+    likelihood: str
+    dynamic_binarization: bool = False
+    # Rows held out of the training set to watch during training instead of the test set.
+    validation: torch.Tensor | None = None
+
+    @property
+    def data_dim(self) -> int:
+        return int(self.train.shape[1])
+
+    def with_validation(self, fraction: float, seed: int = DATA_SEED) -> Dataset:
+        """This data set with ``fraction`` of its training rows (a fixed random subset) moved
+        to a validation split; dynamically binarized rows are binarized once, like the test set."""
+        if not 0 < fraction < 1:
+            raise DataOptionError("val_fraction", f"must be between 0 and 1 (exclusive), got {fraction}")
+        n = self.train.shape[0]
+        held = int(round(fraction * n))
+        if not 0 < held < n:
+            raise DataOptionError("val_fraction", f"{{option}} {fraction} of {n} training points "
+                                  "leaves no validation or no training point")
+        g = torch.Generator().manual_seed(seed)
+        order = torch.randperm(n, generator=g)
+        validation = self.train[order[:held]]
+        if self.dynamic_binarization:
+            validation = torch.bernoulli(validation, generator=g)
+        return replace(self, train=self.train[order[held:]], validation=validation)
+
+    def train_epoch(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        if self.dynamic_binarization:
+            return torch.bernoulli(self.train, generator=generator)
+        return self.train

@@ -1,0 +1,42 @@
+"""Draws of the guide with their importance log-weights, as an ArviZ ``InferenceData``, so that
+users can go on in ArviZ."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from ..foundations.pair_layout import datapoint_rows, inspect_pair, per_datapoint
+from ..foundations.psis import import_arviz
+from ..foundations.traces import sample_sites, site_log_prob, trace_pair
+
+
+def guide_inference_data(
+    model: Callable, guide: Callable, x: torch.Tensor, num_draws: int = 1000,
+    data_plate: str = "data",
+):
+    """q(z | x_n) draws for each row of ``x``: group ``posterior`` holds one variable per latent
+    site, dims (chain, draw, point, <site>_dim); ``sample_stats`` the importance log-weights
+    log p(x_n, z) - log q(z | x_n) of those draws; ``observed_data`` the points themselves."""
+    layout = inspect_pair(model, guide, x, data_plate)
+    with torch.no_grad():
+        guide_trace, model_trace = trace_pair(model, guide, x, num_draws, layout.particle_dim)
+    posterior, dims = {}, {}
+    log_w = torch.zeros(num_draws, x.shape[0], dtype=torch.float64)
+    for name, site in sample_sites(guide_trace).items():
+        rows = datapoint_rows(site["value"], site, layout, data_plate, len(site["fn"].event_shape))
+        rows = rows.expand(num_draws, x.shape[0], rows.shape[-1])
+        posterior[name] = rows.double().numpy()[None]
+        dims[name] = ["point", f"{name}_dim"]
+        log_w -= per_datapoint(site_log_prob(site), site, layout, data_plate).double()
+    for site in sample_sites(model_trace).values():
+        log_w += per_datapoint(site_log_prob(site), site, layout, data_plate).double()
+    return import_arviz().from_dict(
+        posterior=posterior,
+        sample_stats={"log_importance_weight": log_w.numpy()[None]},
+        observed_data={"x": x.detach().double().numpy()},
+        dims={**dims, "log_importance_weight": ["point"], "x": ["point", "x_dim"]},
+        coords={"point": np.arange(x.shape[0])},
+    )

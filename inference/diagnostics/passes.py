@@ -1,0 +1,137 @@
+"""Passes of a pair over data: the arguments checked, the batches of x a pass covers, the layout
+of each batch, and the traces of k particles (one vectorized pass in a particle plate, or one
+pass per particle for a pair that does not broadcast over it).
+
+Every estimator of this layer walks data the same way: ``evaluate`` per data point (each
+batch's K draws its own), and the joint estimators of a data set (``joint_chunks``: every batch
+of a chunk of particles shares the same draws of the global sites).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import pyro
+import torch
+from tqdm.auto import tqdm
+
+from ..foundations.errors import ConfigError, ConventionError, OptionError
+from ..foundations.pair_layout import PairLayout, global_part, inspect_pair
+from ..foundations.traces import FixedSubsample, trace_pair
+from .terms import ParticleTerms, particle_terms
+
+
+def checked_arguments(x: torch.Tensor, num_samples: int, batch_size: int | None,
+                      caller: str) -> int:
+    """The batch size to use, after refusing arguments that cannot work."""
+    if num_samples < 1:
+        raise OptionError("num_samples", f"(K) must be a positive integer, got {num_samples}")
+    if x.shape[0] == 0:
+        raise ConfigError(f"{caller} got an empty data set (x has 0 rows)")
+    batch_size = x.shape[0] if batch_size is None else batch_size
+    if batch_size < 1:
+        raise OptionError("batch_size", f"must be a positive integer, got {batch_size}")
+    return batch_size
+
+
+def first_layout(model: Callable, guide: Callable, x: torch.Tensor, batch_size: int,
+                 data_plate: str) -> tuple[PairLayout, int]:
+    """The first batch's layout, and the batch size to use.  A guide with parameters per data
+    point (an autoguide on local latents) runs only on the whole data set it was built for."""
+    try:
+        return inspect_pair(model, guide, x[:batch_size], data_plate), batch_size
+    except ConventionError:
+        if batch_size >= x.shape[0]:
+            raise
+    # If the whole data set fails too, its error is the one that explains.
+    return inspect_pair(model, guide, x, data_plate), x.shape[0]
+
+
+@dataclass
+class Batch:
+    """One pass's data: the pair (possibly with fixed subsample indices), what it is called
+    with, and how many of the pass's rows are points not seen before (``keep``)."""
+
+    start: int
+    x: torch.Tensor
+    model: Callable
+    guide: Callable
+    keep: int
+
+
+def batches(model: Callable, guide: Callable, x: torch.Tensor, batch_size: int,
+            layout: PairLayout, data_plate: str) -> Iterator[Batch]:
+    """Slices of x; or, for a pair whose plate picks its own minibatch of x
+    (``pyro.plate("data", len(x), subsample_size=B)``), the whole x with the plate handed
+    indices s..s+B-1 in turn (wrapping at the end, the repeats then dropped)."""
+    n = x.shape[0]
+    if layout.subsample is None:
+        for s in range(0, n, batch_size):
+            xb = x[s : s + batch_size]
+            yield Batch(s, xb, model, guide, xb.shape[0])
+        return
+    m = layout.subsample
+    for s in range(0, n, m):
+        indices = torch.arange(s, s + m, device=x.device) % n
+        yield Batch(s, x, FixedSubsample(data_plate, indices)(model),
+                    FixedSubsample(data_plate, indices)(guide), min(m, n - s))
+
+
+def vectorization_notes(layout: PairLayout) -> list[str]:
+    if layout.vectorized:
+        return []
+    return ["the pair does not broadcast over a leading particle dimension: evaluated one "
+            "particle at a time (slower; see README, Conventions)"]
+
+
+def traced_particles(model: Callable, guide: Callable, x: torch.Tensor, layout: PairLayout,
+                     k: int, replay=None) -> list:
+    """``(guide_trace, model_trace)`` covering ``k`` particles: one vectorized pass, or ``k``
+    passes for a pair that does not broadcast.  ``replay`` fixes global guide sites (a trace
+    with the particle dimension, or a list of ``k`` traces)."""
+    # Pyro's argument and support checks ran in inspect_pair; on every chunk they would cost
+    # about a tenth of the time (measured with cProfile) and find nothing new.
+    with pyro.validation_enabled(False):
+        if layout.vectorized:
+            return [trace_pair(model, guide, x, k, layout.particle_dim, replay)]
+        return [trace_pair(model, guide, x, replay_guide=None if replay is None else replay[j])
+                for j in range(k)]
+
+
+def particles_of(model: Callable, guide: Callable, x: torch.Tensor, layout: PairLayout, k: int,
+                 data_plate: str, replay=None) -> tuple[ParticleTerms, list]:
+    """The terms of ``k`` particles on ``x``, and the guide traces (to replay global sites)."""
+    passes = traced_particles(model, guide, x, layout, k, replay)
+    per = [particle_terms(g, m, layout, data_plate, k if layout.vectorized else 1, layout.rows(x))
+           for g, m in passes]
+    return ParticleTerms.cat(per), passes
+
+
+def joint_chunks(model, guide, x, first: PairLayout, batch_size: int, num_samples: int,
+                 data_plate: str, rows_per_chunk: int, progress: bool):
+    """For each chunk of ``k`` particles: ``(k, batches)``, where ``batches`` yields
+    ``(start row, layout, ParticleTerms)`` for every batch of x, the global guide sites drawn on
+    the first batch and replayed on the others (so every batch sees the same k draws)."""
+    n = x.shape[0]
+    particles_per_chunk = max(1, rows_per_chunk // min(first.subsample or batch_size, n))
+    layouts: dict[int, PairLayout] = {0: first}
+    chunks = range(0, num_samples, particles_per_chunk)
+    if progress:
+        chunks = tqdm(chunks, desc="evaluate", unit="chunk")
+
+    def chunk(k):
+        replay = None
+        for b in batches(model, guide, x, batch_size, first, data_plate):
+            if b.start not in layouts:
+                layouts[b.start] = inspect_pair(b.model, b.guide, b.x, data_plate)
+            layout = layouts[b.start]
+            terms, passes = particles_of(b.model, b.guide, b.x, layout, k, data_plate, replay)
+            if replay is None:
+                replay = [global_part(g, layout) for g, _ in passes]
+                replay = replay[0] if layout.vectorized else replay
+            yield b.start, layout, terms.first_points(b.keep)
+
+    for done in chunks:
+        k = min(particles_per_chunk, num_samples - done)
+        yield k, chunk(k)

@@ -1,0 +1,129 @@
+"""Can the importance-sampled evidence be believed?  Pareto k-hat and the effective sample size.
+
+k-hat is the shape of a generalized Pareto distribution fitted to the largest importance
+weights (PSIS; Vehtari, Simpson, Gelman, Yao & Gabry 2024).  Yao, Vehtari, Simpson & Gelman
+(2018) read it as: k < 0.5 good, 0.5 <= k <= 0.7 usable (slow convergence), k > 0.7 unreliable
+(the estimate of log p(x), and so the gap, may be far off however large K is).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import torch
+
+KHAT_GOOD = 0.5
+KHAT_UNRELIABLE = 0.7
+# Log-weights spread less than this (nats) are constant to rounding (see pareto_khat).
+CONSTANT_SPREAD = 1e-4
+# PSIS fits the largest ceil(min(K/5, 3 sqrt(K))) weights and needs at least 5 of them (ArviZ
+# returns +inf below that): from K = 25 on there is a tail to fit.
+MIN_SAMPLES_KHAT = 25
+
+
+def import_arviz():
+    """ArviZ 0.x announces its coming refactor with a FutureWarning on import; users get the
+    message from ArviZ's own documentation, not on every elbogap run."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        import arviz
+
+    return arviz
+
+
+def _psis_backend():
+    """``f(log_weights (N, K)) -> k-hat (N,)`` from whichever ArviZ line is installed.
+
+    ArviZ 0.x (Python 3.11) has ``arviz.psislw`` taking the log-weights as they are.  ArviZ 1.x
+    moved it to ``arviz_stats.base.array_stats.psislw``, which follows the LOO convention of
+    taking log-likelihoods and negates them itself: it must be handed -log_weights.  Both use
+    the last axis, and r_eff = 1 because importance draws are independent.
+    """
+    arviz = import_arviz()
+    if hasattr(arviz, "psislw"):
+        return lambda lw: np.asarray(arviz.psislw(lw, reff=1.0)[1])
+    from arviz_stats.base import array_stats
+
+    return lambda lw: np.asarray(array_stats.psislw(-lw, r_eff=1, axis=-1)[1])
+
+
+def pareto_khat(log_weights: torch.Tensor) -> torch.Tensor:
+    """k-hat of the importance weights of each data point; ``log_weights`` is ``[K, N]``.
+
+    Constant weights (a guide equal to the posterior) have no tail to fit, and ArviZ rejects
+    them: their k-hat is -inf, the limit of bounded weights.  Weights equal up to the rounding
+    of float32 log-densities (a spread below ``CONSTANT_SPREAD`` nats, more for log-weights of
+    large magnitude, whose rounding is larger) are constant too: a Pareto tail fitted to
+    rounding is fitted to noise.
+    """
+    lw = log_weights.detach().double().T.cpu().numpy()
+    spread = lw.max(1) - lw.min(1)
+    constant = spread <= CONSTANT_SPREAD * (1.0 + 1e-2 * np.abs(lw).max(1))
+    khat = np.full(lw.shape[0], -math.inf)
+    if (~constant).any():
+        with warnings.catch_warnings():
+            # ArviZ warns per point when k-hat is large; the summary reports that once.
+            warnings.simplefilter("ignore")
+            khat[~constant] = _psis_backend()(lw[~constant])
+    return torch.from_numpy(khat)
+
+
+def khat_where_defined(log_weights: torch.Tensor) -> torch.Tensor:
+    """``pareto_khat`` from ``MIN_SAMPLES_KHAT`` draws on; NaN for each point below that."""
+    if log_weights.shape[0] >= MIN_SAMPLES_KHAT:
+        return pareto_khat(log_weights)
+    return torch.full((log_weights.shape[1],), float("nan"), dtype=torch.float64)
+
+
+def importance_ess(log_weights: torch.Tensor) -> torch.Tensor:
+    """Effective sample size (sum w)^2 / sum w^2 of each data point's K weights, ``[N]``."""
+    lw = log_weights.double()
+    return torch.exp(2 * torch.logsumexp(lw, 0) - torch.logsumexp(2 * lw, 0))
+
+
+def khat_summary(khat: torch.Tensor, unit: str = "data point") -> dict:
+    """Shares of points in each reliability band, and a plain verdict."""
+    n = khat.numel()
+    if unit != "data point":
+        return _joint_khat_summary(float(khat[0]))
+    bad = int((khat > KHAT_UNRELIABLE).sum())
+    ok = int(((khat >= KHAT_GOOD) & (khat <= KHAT_UNRELIABLE)).sum())
+    finite = khat[torch.isfinite(khat)]
+    if bad:
+        verdict = (
+            f"{bad} of {n} points ({100 * bad / n:.1f} %) have k-hat > {KHAT_UNRELIABLE}: their "
+            "log p(x) and evidence gap are NOT reliable (the guide's tails are too light for "
+            "importance sampling); treat those numbers as lower bounds"
+        )
+    elif ok:
+        verdict = (
+            f"all points have k-hat <= {KHAT_UNRELIABLE}; {ok} in [{KHAT_GOOD}, "
+            f"{KHAT_UNRELIABLE}] converge slowly: use a large K"
+        )
+    else:
+        verdict = f"all points have k-hat < {KHAT_GOOD}: the evidence estimates are reliable"
+    return {
+        "median": float(finite.median()) if finite.numel() else None,
+        "max": float(finite.max()) if finite.numel() else None,
+        "share_good": float((khat < KHAT_GOOD).double().mean()),
+        "share_ok": ok / n,
+        "share_unreliable": bad / n,
+        "verdict": verdict,
+    }
+
+
+def _joint_khat_summary(k: float) -> dict:
+    """The verdict on the one k-hat of the joint weights of a data set (global latents)."""
+    if k > KHAT_UNRELIABLE:
+        verdict = (f"k-hat of the joint weights {k:.2f} > {KHAT_UNRELIABLE}: log p(x_1..N) and "
+                   "the evidence gap are NOT reliable; treat them as lower bounds")
+    elif k >= KHAT_GOOD:
+        verdict = f"k-hat of the joint weights {k:.2f} in [{KHAT_GOOD}, {KHAT_UNRELIABLE}]: use a large K"
+    else:
+        verdict = f"k-hat of the joint weights {k:.2f} < {KHAT_GOOD}: the evidence estimate is reliable"
+    finite = math.isfinite(k)
+    return {"median": k if finite else None, "max": k if finite else None,
+            "share_good": float(k < KHAT_GOOD), "share_ok": float(KHAT_GOOD <= k <= KHAT_UNRELIABLE),
+            "share_unreliable": float(k > KHAT_UNRELIABLE), "verdict": verdict}

@@ -1,0 +1,43 @@
+"""Every random stream a run draws from (torch's, a GPU's, Python's, NumPy's), saved and put
+back: a checkpoint carries them, and work that must not move them runs inside
+``rng_preserved``."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+
+def rng_state() -> dict:
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        # Draws on a GPU come from its own generators.
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+@contextmanager
+def rng_preserved() -> Iterator[None]:
+    """Run a block (a trace that creates parameters, say) without moving any random stream."""
+    saved = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(saved)

@@ -1,0 +1,158 @@
+"""Tracing a model/guide pair and reading its sites.
+
+The guide is traced on the data and the model replayed on the guide's latent values, as Pyro's
+ELBOs do; the K particles of an estimate are a plate left of every plate the pair declares, as
+``Trace_ELBO(vectorize_particles=True)`` places it.  What the pair's sites mean for the
+diagnostics (which are latent, which plate indexes data points) is ``pair_layout``'s business.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from pathlib import Path
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.distributions import Delta, MaskedDistribution
+from pyro.distributions.torch_distribution import ExpandedDistribution
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.trace_struct import Trace
+from pyro.poutine.util import site_is_subsample
+from torch.distributions import Independent
+
+from .log_density import log_density
+
+PARTICLE_PLATE = "_elbogap_particles"
+
+
+def sample_sites(trace: Trace) -> dict[str, dict]:
+    """Sample sites that carry probability: no deterministic or subsample bookkeeping sites."""
+    return {
+        name: site
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample"
+        and not site_is_subsample(site)
+        and not site["infer"].get("_deterministic", False)
+    }
+
+
+def data_frame(site: dict, data_plate: str):
+    """The ``CondIndepStackFrame`` of the data plate around ``site``, or None."""
+    for frame in site["cond_indep_stack"]:
+        if frame.name == data_plate:
+            return frame
+    return None
+
+
+def base_distribution(fn):
+    """The distribution under Independent, mask and expand wrappers."""
+    while isinstance(fn, Independent | MaskedDistribution | ExpandedDistribution):
+        fn = fn.base_dist
+    return fn
+
+
+def is_point_mass(fn) -> bool:
+    return isinstance(base_distribution(fn), Delta)
+
+
+def is_auxiliary(site: dict) -> bool:
+    return bool(site["infer"].get("is_auxiliary", False))
+
+
+def in_particles(fn: Callable, num_particles: int | None, particle_dim: int | None) -> Callable:
+    """``fn`` run inside the particle plate, as Pyro's ``vectorize_particles`` wraps it: the
+    plate sits inside ``poutine.replay``, so the model's distributions get the particle
+    dimension too (torch's KL functions that index with masks need it)."""
+    if num_particles is None:
+        return fn
+    return pyro.plate(PARTICLE_PLATE, num_particles, dim=particle_dim)(fn)
+
+
+def trace_pair(
+    model: Callable, guide: Callable, x: torch.Tensor, num_particles: int | None = None,
+    particle_dim: int | None = None, replay_guide: Trace | None = None,
+) -> tuple[Trace, Trace]:
+    """Trace the guide on ``x`` and replay the model on the guide's latent values.
+
+    With ``num_particles`` both run inside a plate of that size at ``particle_dim``, so every
+    sample site gets a leading particle dimension.  ``replay_guide`` fixes the guide sites it
+    holds (the global ones, shared by every batch of a data set).
+    """
+    guide = in_particles(guide, num_particles, particle_dim)
+    model = in_particles(model, num_particles, particle_dim)
+    if replay_guide is not None:
+        guide = poutine.replay(guide, trace=replay_guide)
+    guide_trace = poutine.trace(guide).get_trace(x)
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
+    return guide_trace, model_trace
+
+
+class FixedSubsample(Messenger):
+    """Hands the data plate's subsample site the given indices: evaluation covers every point
+    of a pair that picks its own minibatch, chunk by chunk."""
+
+    def __init__(self, data_plate: str, indices: torch.Tensor):
+        super().__init__()
+        self.data_plate = data_plate
+        self.indices = indices
+
+    def _process_message(self, msg: dict) -> None:
+        if msg["type"] == "sample" and msg["name"] == self.data_plate and site_is_subsample(msg):
+            msg["value"] = self.indices
+            msg["done"] = True
+
+
+def user_frame(e: BaseException) -> str:
+    """`` at file:line`` of the innermost frame of the user's own code in ``e``'s traceback
+    (not Python's, torch's, Pyro's or elbogap's), or ''."""
+    tb, found = e.__traceback__, None
+    while tb is not None:
+        filename = tb.tb_frame.f_code.co_filename
+        if not filename.startswith(_NOT_USER_CODE) and not filename.startswith("<"):
+            found = f" at {filename}:{tb.tb_lineno}"
+        tb = tb.tb_next
+    return found or ""
+
+
+def first_line(e: Exception) -> str:
+    """The first line of an exception's message: Pyro appends whole trace tables below it."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def apply_mask(values: torch.Tensor, site: dict, event_ndim: int = 0) -> torch.Tensor:
+    """``values`` (the site's batch shape, then ``event_ndim`` dims) where the site's mask
+    (``poutine.mask``: padded steps of a sequence, say) is on, 0 elsewhere."""
+    mask = site["mask"]
+    if mask is None or mask is True:
+        return values
+    mask = torch.as_tensor(mask)
+    return torch.where(mask.reshape(mask.shape + (1,) * event_ndim), values, values.new_zeros(()))
+
+
+def site_log_prob(site: dict) -> torch.Tensor:
+    """Unscaled log-density of a site's value, with the site's mask applied."""
+    return apply_mask(log_density(site["fn"], site["value"]), site)
+
+
+def guide_is_a_function_of_x(guide: Callable, x: torch.Tensor, latent: tuple[str, ...]) -> str | None:
+    """None when every guide site's distribution depends on x only, not on other draws (two
+    traces give each site the same density at the same value); else the first site that does
+    not (a hierarchical guide q(z2 | z1, x))."""
+    with torch.no_grad():
+        first = poutine.trace(guide).get_trace(x)
+        second = poutine.trace(guide).get_trace(x)
+    for name in latent:
+        a, b = first.nodes[name], second.nodes[name]
+        value = a["value"]
+        if not torch.allclose(a["fn"].log_prob(value), b["fn"].log_prob(value), atol=1e-5):
+            return name
+    return None
+
+
+# Where frames are not the user's: torch, Pyro, Python's standard library and elbogap itself.
+_NOT_USER_CODE = tuple(
+    str(Path(m.__file__).resolve().parent) for m in (torch, pyro, contextlib)
+) + (str(Path(__file__).resolve().parents[1]),)

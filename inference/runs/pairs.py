@@ -1,0 +1,185 @@
+"""Building the model/guide pair a run's config names: registered names, a user's file, an
+importable ``package.module:name``, and Pyro's autoguides around any model.
+
+Names are looked up in the ``elbogap.models`` and ``elbogap.guides`` entry-point groups: each
+entry is a mapping of names to factories (this project's pyproject.toml registers
+``elbogap.models:MODELS`` and ``elbogap.guides:GUIDES``; a user's package registers its own the
+same way), so that no layer of elbogap imports a particular model.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import cache
+from importlib.metadata import entry_points
+
+import torch
+from pyro.infer import autoguide
+
+from ..foundations.errors import ConfigError, OptionError
+from .user_code import is_file_spec, load_object
+
+MODEL_GROUP, GUIDE_GROUP = "elbogap.models", "elbogap.guides"
+
+# Pyro's autoguides with a density, by the names --guide takes: built around any model.
+AUTOGUIDES = {
+    "auto-normal": autoguide.AutoNormal,
+    "auto-diagonal-normal": autoguide.AutoDiagonalNormal,
+    "auto-multivariate-normal": autoguide.AutoMultivariateNormal,
+    "auto-lowrank-multivariate-normal": autoguide.AutoLowRankMultivariateNormal,
+}
+
+
+@cache
+def registered(group: str) -> Mapping[str, Callable]:
+    """Every factory registered under ``group``, by name."""
+    found: dict[str, Callable] = {}
+    for entry in entry_points(group=group):
+        mapping = entry.load()
+        if not isinstance(mapping, Mapping):
+            raise ConfigError(f"entry point {entry.name} = {entry.value} in group {group}: "
+                              f"expected a mapping of names to factories, got {type(mapping).__name__}")
+        found.update(mapping)
+    return found
+
+
+def registered_models() -> Mapping[str, Callable]:
+    return registered(MODEL_GROUP)
+
+
+def registered_guides() -> Mapping[str, Callable]:
+    return registered(GUIDE_GROUP)
+
+
+@dataclass
+class Pair:
+    """The model and guide callables, and for registered ones the objects that own them."""
+
+    model: Callable
+    guide: Callable
+    model_object: object = None
+    guide_object: object = None
+
+    def exact(self, x: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """Closed-form diagnostics, when the model has them and the guide exposes q's loc/scale."""
+        if not (hasattr(self.model_object, "exact_diagnostics")
+                and hasattr(self.guide_object, "encode")):
+            return None
+        with torch.no_grad():
+            return self.model_object.exact_diagnostics(x, *self.guide_object.encode(x))
+
+
+def exact_means(exact: dict[str, torch.Tensor] | None) -> dict[str, float] | None:
+    """Means over data points of ``Pair.exact``'s closed forms (None stays None)."""
+    return None if exact is None else {k: v.double().mean().item() for k, v in exact.items()}
+
+
+EXACT_ROWS = ("elbo", "reconstruction", "kl_prior", "log_evidence", "evidence_gap")
+
+
+def exact_comparison(d, exact: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """Per quantity of a Diagnostics ``d``: its mean estimate, the closed form's, their mean
+    difference and z = difference / its standard error over points."""
+    out = {}
+    for name in EXACT_ROWS:
+        estimate, truth = getattr(d, name).double(), exact[name].double()
+        diff = estimate - truth
+        se = diff.std().item() / len(diff) ** 0.5 if len(diff) > 1 else float("nan")
+        out[name] = {"estimated": estimate.mean().item(), "exact": truth.mean().item(),
+                     "difference": diff.mean().item(),
+                     "z": diff.mean().item() / se if se > 0 else None}
+    return out
+
+
+def default_guide(model_spec: str) -> str:
+    return getattr(registered_models().get(model_spec), "default_guide", "mean-field")
+
+
+def _call_with_accepted(factory: Callable, **kwargs):
+    """Call ``factory`` with the keyword arguments its signature accepts."""
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return factory(**kwargs)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return factory(**kwargs)
+    return factory(**{k: v for k, v in kwargs.items() if k in params})
+
+
+def _is_module_spec(spec: str) -> bool:
+    module, sep, name = spec.partition(":")
+    return bool(sep) and all(part.isidentifier() for part in module.split(".")) and name.isidentifier()
+
+
+def _load_factory(spec: str) -> Callable:
+    if is_file_spec(spec):
+        factory = load_object(spec)
+    else:
+        module, _, name = spec.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as e:
+            raise OptionError("model", f"{{option}} {spec}: cannot import it ({e})") from None
+    if not callable(factory):
+        raise OptionError("model", f"{{option}} {spec}: '{spec.rpartition(':')[2]}' is not "
+                                   "callable")
+    return factory
+
+
+def _user_pair(spec: str, guide: str | None, kwargs: dict) -> Pair:
+    pair = _call_with_accepted(_load_factory(spec), **kwargs)
+    if callable(pair) and not isinstance(pair, tuple):
+        # A factory may return the model alone: the guide is then an autoguide.
+        guide = guide or "auto-normal"
+        if guide not in AUTOGUIDES:
+            raise OptionError("guide", f"model {spec} returns a model alone: {{option}} must be "
+                                       f"one of {sorted(AUTOGUIDES)}, got {guide!r}")
+        return Pair(pair, AUTOGUIDES[guide](pair))
+    if not isinstance(pair, tuple) or len(pair) != 2 or not all(callable(f) for f in pair):
+        raise OptionError("model", f"{{option}} {spec}: must return a model, or a (model, "
+                                   f"guide) pair of callables, got {type(pair).__name__}")
+    if guide in AUTOGUIDES:
+        return Pair(pair[0], AUTOGUIDES[guide](pair[0]))
+    return Pair(*pair)
+
+
+def build_pair(config: dict, data_dim: int) -> Pair:
+    """The model and guide ``config`` names (``model``, ``guide``, ``latent_dim``,
+    ``hidden_dims``, ``likelihood``, ``likelihood_scale``, ``flows``), sized for data of
+    ``data_dim``; factories get the keyword arguments their signatures accept."""
+    kwargs = {
+        "data_dim": data_dim,
+        "latent_dim": config["latent_dim"],
+        "hidden_dims": tuple(config["hidden_dims"]),
+        "likelihood": config["likelihood"],
+        "likelihood_scale": config.get("likelihood_scale"),
+    }
+    if config.get("flows") is not None:
+        kwargs["flows"] = config["flows"]
+    if kwargs["likelihood_scale"] is not None and not kwargs["likelihood_scale"] > 0:
+        raise OptionError("likelihood_scale",
+                          f"must be positive, got {kwargs['likelihood_scale']}")
+    if config["latent_dim"] < 1:
+        raise OptionError("latent_dim", f"must be a positive integer, got {config['latent_dim']}")
+    spec, guide_name = config["model"], config.get("guide")
+    if is_file_spec(spec) or _is_module_spec(spec):
+        return _user_pair(spec, guide_name, kwargs)
+    models, guides = registered_models(), registered_guides()
+    if spec not in models:
+        raise OptionError("model", f"{{option}} {spec!r}: unknown; expected one of "
+                                   f"{sorted(models)}, path/to/file.py:name or "
+                                   "package.module:name")
+    if guide_name not in guides and guide_name not in AUTOGUIDES:
+        raise OptionError("guide", f"{{option}} {guide_name!r}: unknown; expected one of "
+                                   f"{sorted(guides) + sorted(AUTOGUIDES)}")
+    try:
+        model = _call_with_accepted(models[spec], **kwargs)
+        if guide_name in AUTOGUIDES:
+            return Pair(model.model, AUTOGUIDES[guide_name](model.model), model)
+        guide = _call_with_accepted(guides[guide_name], **kwargs, model=model)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model {spec!r} with guide {guide_name!r}: {e}") from None
+    return Pair(model.model, guide.guide, model, guide)

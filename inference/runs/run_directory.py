@@ -1,0 +1,245 @@
+"""Run directories: what ``scripts/fit.py`` writes, and everything needed to pick a run up again
+from Python (``load_run``) with its data, its pair and its fitted parameters.  Diagnosing a run
+is ``elbogap.runs.diagnose``'s.
+
+A run directory holds ``config.json`` (how to rebuild data and pair), ``checkpoint.pt``,
+``metrics.jsonl`` (one record per epoch), ``diagnostics.json`` and the figures.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import pyro
+import torch
+
+from ..data.catalog import load_dataset
+from ..data.dataset import Dataset
+from ..foundations.atomic import write_json_atomic
+from ..foundations.distributed import SINGLE, Distributed
+from ..foundations.errors import ConfigError, OptionError, check_positive
+from ..training.checkpoint import load_checkpoint
+from ..training.fitting import CHECKPOINT, METRICS, FitResult, fit
+from ..training.options import FitOptions
+from ..training.plan import diagnosed_points, plan_evaluation
+from .pairs import Pair, build_pair, default_guide, exact_means
+
+CONFIG = "config.json"
+# Settings of a run besides FitOptions: data, pair and the final evaluation.
+RUN_DEFAULTS = {"data": "digits", "data_dir": None, "binarize": "dynamic", "model": "vae",
+                "guide": None, "likelihood": "auto", "likelihood_scale": None,
+                "latent_dim": None, "hidden_dims": None, "num_samples": 1000,
+                "test_points": None, "eval_batch_size": 100, "val_fraction": None,
+                "flows": None}
+
+
+@dataclass
+class Run:
+    """A run directory's config, data, pair (parameters restored) and checkpoint state."""
+
+    dir: Path
+    config: dict
+    data: Dataset
+    pair: Pair
+    state: dict | None = None
+
+    @property
+    def model(self):
+        return self.pair.model
+
+    @property
+    def guide(self):
+        return self.pair.guide
+
+    @property
+    def options(self) -> FitOptions:
+        return FitOptions(**self.config["fit_options"])
+
+    @property
+    def split(self) -> str:
+        """Where the pair is diagnosed: "test", or "train" for a guide with parameters per
+        training point or with global latents (see ``elbogap.training.EvaluationPlan``)."""
+        return self.config.get("evaluated_on", "test")
+
+    def points(self, n: int | None = None) -> torch.Tensor:
+        """The points the pair is diagnosed on (a fixed random subset of ``n`` of them)."""
+        return diagnosed_points(self.data, self.split, n)
+
+    @property
+    def history(self) -> list[dict]:
+        """The records of ``metrics.jsonl``, one per epoch."""
+        path = self.dir / METRICS
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_config(run_dir: Path) -> dict:
+    path = Path(run_dir) / CONFIG
+    if not path.is_file():
+        raise ConfigError(f"{run_dir}: no {CONFIG}; is it a run directory of scripts/fit.py?")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+
+
+def load_run(run_dir: str | Path) -> Run:
+    """The run in ``run_dir``: its config, data, model and guide with the checkpoint's
+    parameters, and the checkpoint's state (optimizer, epoch, random streams)."""
+    run_dir = Path(run_dir)
+    config = read_config(run_dir)
+    pyro.clear_param_store()
+    data = run_data(config)
+    pair = build_pair(config, data.data_dim)
+    run = Run(run_dir, config, data, pair)
+    # A guide with parameters per training point is rebuilt on the training set.
+    run.state = load_checkpoint(run_dir / CHECKPOINT, pair.model, pair.guide, run.points(2))
+    return run
+
+
+def run_data(config: dict) -> Dataset:
+    """The data set a config names, with its validation split when it has one."""
+    data = load_dataset(config.get("data") or "digits", config.get("data_dir"),
+                        config.get("binarize") or "dynamic")
+    if config.get("val_fraction"):
+        data = data.with_validation(config["val_fraction"])
+    return data
+
+
+def run_settings(values: Mapping[str, object]) -> dict:
+    """The entries of ``values`` that are settings of a run (keys of ``RUN_DEFAULTS`` and
+    fields of ``FitOptions``): what ``new_run`` takes of a namespace of parsed flags."""
+    known = set(RUN_DEFAULTS) | {f.name for f in fields(FitOptions)}
+    return {name: value for name, value in values.items() if name in known}
+
+
+def run_config(data: Dataset, settings: dict) -> dict:
+    """A new run's config: ``settings`` (keys of ``RUN_DEFAULTS`` and ``FitOptions``, None
+    meaning "the default") completed with defaults that depend on the data: latent_dim 50
+    (10 for data of < 400 values, 3 for synthetic), hidden_dims (400,) ((200,) for small data),
+    the likelihood the data set suits, the model's own guide."""
+    config = {**RUN_DEFAULTS, **{f.name: f.default for f in fields(FitOptions)}}
+    config.update({k: v for k, v in settings.items() if v is not None})
+    unknown = set(config) - set(RUN_DEFAULTS) - {f.name for f in fields(FitOptions)}
+    if unknown:
+        raise ConfigError(f"unknown run settings {sorted(unknown)}")
+    small = data.data_dim < 400
+    if config["likelihood"] == "auto":
+        config["likelihood"] = data.likelihood
+    if config["hidden_dims"] is None:
+        config["hidden_dims"] = [200] if small else [400]
+    config["hidden_dims"] = list(config["hidden_dims"])
+    if config["latent_dim"] is None:
+        config["latent_dim"] = 3 if data.name == "synthetic" else 10 if small else 50
+    model = config["model"]
+    if ":" in model and model.rsplit(":", 1)[0].endswith(".py"):
+        path, _, name = model.rpartition(":")
+        config["model"] = f"{Path(path).resolve()}:{name}"
+    config["guide"] = config["guide"] or default_guide(model)
+    if config["flows"] is not None and config["guide"] != "iaf":
+        raise OptionError("flows", f"{{option}} is for the iaf guide, not {config['guide']!r}")
+    if config["data_dir"] is not None:
+        config["data_dir"] = str(Path(config["data_dir"]).resolve())
+    check_positive(**{name: config[name] for name in
+                      ("num_samples", "test_points", "eval_batch_size")})
+    return config
+
+
+def check_likelihood(likelihood: str, data: Dataset) -> None:
+    if likelihood != "bernoulli":
+        return
+    # Dynamically binarized training data holds grey levels, drawn to 0/1 every epoch.
+    for split in (data.test,) if data.dynamic_binarization else (data.train, data.test):
+        if not ((split == 0) | (split == 1)).all():
+            low, high = split.min().item(), split.max().item()
+            raise OptionError(
+                "likelihood",
+                f"{{option}} bernoulli needs data of 0s and 1s, but data set '{data.name}' has "
+                f"values from {low:g} to {high:g}: binarize it (for mnist: --binarize), or use "
+                "{option} gaussian")
+
+
+def prepare_run_dir(run_dir: Path, overwrite: bool = False) -> Path:
+    """Make ``run_dir`` ready for a new run: refuse one that holds a run (unless
+    ``overwrite``), or that cannot be written."""
+    if run_dir.is_file():
+        raise OptionError("out", f"{{option}} {run_dir}: is a file, not a directory")
+    held = {p.name for p in run_dir.iterdir()} if run_dir.is_dir() else set()
+    if held == {CONFIG}:
+        # A run that failed before its first epoch (its config is all it wrote): nothing to keep.
+        print(f"note: {run_dir} holds only the config of a run that never completed an epoch; "
+              "starting anew there")
+    elif held and not overwrite:
+        raise OptionError(
+            "out", f"{{option}} {run_dir}: already holds a run; pass overwrite=True (--overwrite) "
+            "to replace it, or another {option}")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise OptionError("out", f"{{option}} {run_dir}: cannot write there ({e.strerror})") from None
+    return run_dir
+
+
+def default_run_dir(config: dict) -> Path:
+    return Path("runs") / (f"{config['data']}-{Path(config['model']).stem}-"
+                           f"{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def new_run(settings: dict, out: str | Path | None = None, overwrite: bool = False,
+            distributed: Distributed = SINGLE) -> tuple[Run, FitOptions]:
+    """A run not yet trained: data loaded, pair built (seeded by ``settings["seed"]``), every
+    rule checked, and only then its directory made and ``config.json`` written."""
+    # The same seed on every rank: the same initial parameters (fit varies the draws per rank).
+    pyro.set_rng_seed(settings.get("seed") or 0)
+    pyro.clear_param_store()
+    data = run_data(settings)
+    config = run_config(data, settings)
+    check_likelihood(config["likelihood"], data)
+    pair = build_pair(config, data.data_dim)
+    options = FitOptions(**{f.name: config[f.name] for f in fields(FitOptions)})
+    options.check(data.train.shape[0], distributed.world_size)
+    # Where the fitted pair can be diagnosed (a clear error now if the pair breaks a rule).
+    config["evaluated_on"] = plan_evaluation(pair.model, pair.guide, data, options).split
+    run_dir = Path(out) if out is not None else default_run_dir(config)
+    run_dir = distributed.on_main(lambda: prepare_run_dir(run_dir, overwrite))
+    config.update(fit_options=asdict(options), processes=distributed.world_size)
+    if distributed.is_main:
+        write_json_atomic(run_dir / CONFIG, config)
+    return Run(run_dir, config, data, pair), options
+
+
+def resumed_run(run_dir: str | Path, epochs: int | None = None,
+                time_budget: float | None = None,
+                distributed: Distributed = SINGLE) -> tuple[Run, FitOptions]:
+    """The run in ``run_dir``, ready to continue from its checkpoint with its own settings
+    (``epochs`` may raise the total, ``time_budget`` in seconds bounds this session)."""
+    run = load_run(run_dir)
+    options = run.options
+    if epochs is not None:
+        options.epochs = epochs
+    if time_budget is not None:
+        options.time_budget = time_budget
+    options.check(run.data.train.shape[0], distributed.world_size)
+    run.state["history"] = run.history
+    return run, options
+
+
+def train(run: Run, options: FitOptions, distributed: Distributed = SINGLE) -> FitResult:
+    """``fit`` the run's pair, checkpointing into its directory; the closed forms of a model
+    that has them are recorded beside every epoch's diagnostics."""
+    eval_x = run.points(options.eval_points)
+
+    def add_exact(record: dict) -> None:
+        if "diagnostics" in record and (exact := exact_means(run.pair.exact(eval_x))) is not None:
+            record["exact"] = exact
+
+    return fit(run.model, run.guide, run.data, options, run.dir, on_epoch=add_exact,
+               distributed=distributed, resume=run.state)

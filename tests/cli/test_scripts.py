@@ -1,0 +1,245 @@
+"""The command-line scripts end to end, as a user runs them."""
+
+import importlib
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+from elbogap.runs import diagnose
+
+ROOT = Path(__file__).resolve().parents[2]
+FAST = ["--epochs", "3", "--num-samples", "50", "--eval-samples", "10", "--eval-points", "50",
+        "--no-progress"]
+
+USER_PAIR = '''
+import pyro
+import pyro.distributions as dist
+import torch
+from torch import nn
+
+
+def make_pair(data_dim, latent_dim):
+    """A linear-Gaussian-style pair written by a user, not registered anywhere."""
+    decoder = nn.Linear(latent_dim, data_dim)
+    encoder = nn.Linear(data_dim, 2 * latent_dim)
+
+    def model(x):
+        pyro.module("decoder", decoder)
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(latent_dim), 1.0).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=decoder(z)).to_event(1), obs=x)
+
+    def guide(x):
+        pyro.module("encoder", encoder)
+        with pyro.plate("data", x.shape[0]):
+            loc, raw = encoder(x).chunk(2, -1)
+            pyro.sample("z", dist.Normal(loc, nn.functional.softplus(raw) + 1e-3).to_event(1))
+
+    return model, guide
+
+
+not_a_pair = 3
+'''
+
+
+def load_script(name):
+    """A command as a module, to call it in this process (no interpreter start-up): the
+    installed ``elbogap.cli`` modules, and the benchmark beside the package."""
+    if name == "benchmark":
+        return importlib.import_module("benchmarks.benchmark")
+    return importlib.import_module(f"elbogap.cli.{name}")
+
+
+def run(script, *args, cwd=None):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / script), *args],
+        capture_output=True, text=True, cwd=cwd, timeout=300,
+    )
+
+
+@pytest.fixture(scope="module")
+def fitted_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "digits"
+    result = run("fit.py", *FAST, "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    return out, result
+
+
+def test_fit_writes_a_complete_run_directory(fitted_run):
+    out, result = fitted_run
+    for name in ("config.json", "metrics.jsonl", "checkpoint.pt", "diagnostics.json", "elbo.png",
+                 "reconstruction_kl.png", "evidence_gap.png", "kl_per_dim.png",
+                 "reconstructions.png", "prior_samples.png"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "diagnostics.json").read_text())
+    assert summary["num_samples"] == 50 and summary["num_data"] == 297
+    assert summary["data"] == "digits"
+    for key in ("elbo", "reconstruction", "kl_prior", "log_evidence", "evidence_gap"):
+        assert set(summary[key]) == {"mean", "se"}
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+    assert "evidence gap" in result.stdout and str(out) in result.stdout
+
+
+def test_evaluate_reloads_the_checkpoint(fitted_run):
+    out, _ = fitted_run
+    result = run("evaluate.py", str(out), "-K", "20", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    again = json.loads((out / "evaluation-test-K20.json").read_text())
+    original = json.loads((out / "diagnostics.json").read_text())
+    # The analytic KL depends only on the encoder: equal iff the parameters came back.
+    assert again["kl_prior"]["mean"] == pytest.approx(original["kl_prior"]["mean"], rel=1e-6)
+    assert again["num_samples"] == 20
+
+
+def test_report_is_self_contained_and_exports_arviz_data(fitted_run):
+    out, _ = fitted_run
+    result = run("report.py", str(out), "-K", "100", "--max-points", "60",
+                 "--amortization-points", "10", "--amortization-steps", "20",
+                 "--idata-points", "3", "--idata-draws", "50", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    page = (out / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') >= 9
+    assert "src=\"http" not in page and "<script" not in page
+    for heading in ("Reliability of the evidence estimate", "Active units", "Gap decomposition",
+                    "Latent space", "Where the gap comes from"):
+        assert heading in page
+    report = json.loads((out / "report.json").read_text())
+    assert report["num_data"] == 60 and report["gap_decomposition"]["num_data"] == 10
+    assert 0 <= report["khat"]["share_unreliable"] <= 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        import arviz
+    idata = arviz.from_netcdf(str(out / "inference_data.nc"))
+    assert idata.posterior["z"].shape == (1, 50, 3, 10)
+    assert idata.sample_stats["log_importance_weight"].shape == (1, 50, 3)
+
+
+def test_existing_run_directory_is_not_overwritten(fitted_run):
+    out, _ = fitted_run
+    before = (out / "checkpoint.pt").read_bytes()
+    result = run("fit.py", *FAST, "--out", str(out))
+    assert result.returncode == 2
+    assert "already holds a run" in result.stderr and "Traceback" not in result.stderr
+    assert (out / "checkpoint.pt").read_bytes() == before
+
+
+def test_a_users_own_pair_from_a_file(tmp_path):
+    (tmp_path / "my_pair.py").write_text(USER_PAIR)
+    result = run("fit.py", *FAST, "--latent-dim", "3", "--model",
+                 f"{tmp_path / 'my_pair.py'}:make_pair", "--out", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "run" / "diagnostics.json").read_text())
+    assert len(summary["kl_per_dim"]["z"]) == 3
+    result = run("evaluate.py", str(tmp_path / "run"), "-K", "5", "--no-progress")
+    assert result.returncode == 0, result.stderr
+
+
+def test_linear_gaussian_prints_estimates_beside_closed_forms(tmp_path):
+    out = tmp_path / "lg"
+    result = run("fit.py", "--model", "linear-gaussian", "--data", "synthetic", "--epochs", "5",
+                 "--lr", "0.02", "--num-samples", "2000", "--eval-samples", "50",
+                 "--no-progress", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "closed form vs estimate" in result.stdout
+    summary = json.loads((out / "diagnostics.json").read_text())
+    exact = summary["exact"]
+    gap_se = summary["evidence_gap_mc_se"]
+    assert abs(summary["evidence_gap"]["mean"] - exact["evidence_gap"]) < 4 * gap_se + 1e-6
+    assert summary["kl_prior"]["mean"] == pytest.approx(exact["kl_prior"], rel=1e-5)
+    assert summary["data_generating_log_evidence"] < 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all("exact" in r for r in records if "diagnostics" in r)
+    assert (out / "evidence_gap.png").is_file() and not (out / "reconstructions.png").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [(["--model", "missing.py:f"], "missing.py does not exist"),
+     (["--model", "{pair}:nothing"], "defines no 'nothing'"),
+     (["--model", "{pair}:not_a_pair"], "is not callable"),
+     (["--model", "transformer"], "--model 'transformer': unknown"),
+     (["--epochs", "0"], "epochs must be a positive integer"),
+     (["--lr", "-0.1"], "lr must be a positive number"),
+     (["--latent-dim", "0"], "--latent-dim must be a positive integer"),
+     (["--num-samples", "0"], "--num-samples must be a positive integer"),
+     (["--batch-size", "5000"], "larger than the training set"),
+     (["--data", "mnist"], "pass their directory"),
+     (["--data", "mnist", "--data-dir", "/nonexistent"], "/nonexistent: no such directory"),
+     (["--hidden-dims", "a,b"], "expected comma-separated integers"),
+     (["--guide", "optimal-mean-field"], "known in closed form only for the linear-Gaussian"),
+     (["--data", "array", "--data-dir", "nothing.npy"], "nothing.npy: no such file"),
+     (["--data-dir", "somewhere"], "--data-dir is for data read from files"),
+     (["--resume", "runs/mistyped"], "--resume runs/mistyped: no such run directory")],
+)
+def test_bad_command_lines_get_one_clear_line(tmp_path, monkeypatch, capsys, args, message):
+    (tmp_path / "pair.py").write_text(USER_PAIR)
+    monkeypatch.chdir(tmp_path)
+    args = [a.replace("{pair}", str(tmp_path / "pair.py")) for a in args]
+    fit_script = load_script("fit")
+    out = [] if "--resume" in args else ["--out", str(tmp_path / "run")]
+    code = fit_script.command([*FAST, *args, *out])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert message in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_unwritable_out_is_refused_before_training(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = run("fit.py", *FAST, "--out", str(blocker / "run"))
+    assert result.returncode == 2 and "cannot write there" in result.stderr
+
+
+def test_resume_refuses_flags_it_would_ignore_and_abbreviations(tmp_path, capsys):
+    fit_script = load_script("fit")
+    run_dir = str(tmp_path / "run")
+    assert fit_script.command([*FAST, "--out", run_dir]) == 0
+    capsys.readouterr()
+    code = fit_script.command(["--resume", run_dir, "--lr", "0.5",
+                                                 "--batch-size", "10", "--epochs", "4"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--batch-size, --lr would be ignored" in err
+    result = run("fit.py", "--epoch", "3", "--out", str(tmp_path / "other"))
+    assert result.returncode == 2 and "unrecognized arguments: --epoch 3" in result.stderr
+
+
+def test_a_run_that_never_completed_an_epoch_does_not_block_the_rerun(tmp_path, capsys):
+    fit_script = load_script("fit")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text("{}")  # what a run failing in its first step leaves
+    assert fit_script.command([*FAST, "--out", str(run_dir)]) == 0
+    assert "never completed an epoch" in capsys.readouterr().out
+    assert (run_dir / "checkpoint.pt").is_file()
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert fit_script.command([*FAST, "--out", str(blocker)]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", ["fit", "evaluate", "report", "kl_directions", "benchmark"])
+def test_help_states_every_flag_and_each_default_once(script):
+    parser = load_script(script).parser()
+    undocumented = [a.option_strings for a in parser._actions if a.option_strings and not a.help]
+    assert not undocumented
+    text = parser.format_help()
+    assert "(default: True)" not in text and "(default: False)" not in text
+    assert not [line for line in text.splitlines() if line.count("default") > 1]
+
+
+def test_final_evaluation_says_what_it_costs_and_test_points_bound_it(tmp_path, capsys,
+                                                                     monkeypatch):
+    fit_script = load_script("fit")
+    monkeypatch.setattr(diagnose, "ANNOUNCE_AFTER_SECONDS", 0)  # every estimate is "long"
+    args = [*FAST, "--test-points", "40", "--out", str(tmp_path / "run")]
+    assert fit_script.command(args) == 0
+    out = capsys.readouterr().out
+    assert "final evaluation: 40 test points x K=50, about" in out
+    summary = json.loads((tmp_path / "run" / "diagnostics.json").read_text())
+    assert summary["num_data"] == 40
