@@ -1,0 +1,190 @@
+"""Diagnosing a run: the one place that decides what a run's points get.
+
+A guide fitted to its training set (global latents, or parameters per training point) has an
+evidence gap only on those points: held-out points get the log posterior predictive density
+under it instead, never a gap.  Everything that diagnoses a run asks ``diagnose``: the final
+evaluation after training (``final_summary``), ``scripts/evaluate.py`` and the report.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..data.dataset import subset, subset_indices
+from ..data.synthetic import synthetic_truth
+from ..diagnostics.evaluation import evaluate
+from ..diagnostics.predictive import PosteriorPredictive, posterior_predictive
+from ..diagnostics.reconstruction import reconstruct, sample_prior_means
+from ..diagnostics.results import DATA_SET, Diagnostics
+from ..foundations.atomic import write_json_atomic
+from ..foundations.distributed import SINGLE, Distributed
+from ..foundations.errors import ElbogapError, OptionError
+from ..foundations.rng import rng_preserved
+from ..presentation.figures import (
+    plot_elbo_curves,
+    plot_evidence_gap,
+    plot_image_grid,
+    plot_kl_per_dim,
+    plot_reconstructions,
+    plot_terms_curves,
+    save_figure,
+)
+from .pairs import exact_comparison, exact_means
+from .run_directory import Run
+
+SPLITS = ("test", "train", "validation")
+ANNOUNCE_AFTER_SECONDS = 30
+
+
+@dataclass
+class Diagnosis:
+    """A run's pair on the points ``x`` of ``split``: ``evaluate``'s diagnostics, or for held-out
+    points of a guide fitted to the training set its posterior predictive density."""
+
+    run: Run
+    split: str
+    x: torch.Tensor
+    estimate: Diagnostics | PosteriorPredictive
+
+    @property
+    def predictive(self) -> bool:
+        return isinstance(self.estimate, PosteriorPredictive)
+
+    @property
+    def file_name(self) -> str:
+        """Where ``scripts/evaluate.py`` saves it in the run directory."""
+        kind = "predictive" if self.predictive else "evaluation"
+        return f"{kind}-{self.split}-K{self.estimate.num_samples}.json"
+
+    def summary(self) -> dict:
+        """The numbers as the run directory's JSON files hold them, with the closed forms of a
+        model that has them set beside the estimates."""
+        out = {"data": self.run.config["data"], "split": self.split, **self.estimate.summary()}
+        if not self.predictive and (exact := self.run.pair.exact(self.x)) is not None:
+            out["exact"] = exact_means(exact)
+            out["exact_comparison"] = exact_comparison(
+                self.estimate, {k: v.cpu() for k, v in exact.items()})
+        return out
+
+
+def predicts(run: Run, split: str) -> bool:
+    """Whether points of ``split`` get the posterior predictive density rather than an
+    evidence gap: they do where the run's guide was fitted to the training set and they are
+    not that set."""
+    return split != "train" and run.split == "train"
+
+
+def split_points(run: Run, split: str, points: int | None = None) -> torch.Tensor:
+    """``points`` of a run's ``split`` (a fixed random subset, seed 0; all by default).  The
+    training split is drawn as training sees it (a dynamic binarization: one draw)."""
+    if split not in SPLITS:
+        raise OptionError("split", f"must be one of {SPLITS}, got {split!r}")
+    if split == "validation" and run.data.validation is None:
+        raise OptionError("split", f"{{option}} validation: run {run.dir} has no validation "
+                          "split (it was trained without a validation fraction, --val-fraction)")
+    x = run.data.train_epoch() if split == "train" else getattr(run.data, split)
+    return subset(x, points)
+
+
+def diagnose(run: Run, x: torch.Tensor, split: str, *, num_samples: int,
+             batch_size: int | None = 100, data_plate: str | None = None,
+             progress: bool = False, distributed: Distributed = SINGLE,
+             device: str | torch.device | None = None) -> Diagnosis:
+    """The run's pair on the points ``x`` of ``split``, with ``num_samples`` draws per point."""
+    plate = data_plate or run.options.data_plate
+    if predicts(run, split):
+        with torch.no_grad():
+            estimate = posterior_predictive(run.model, run.guide, x, num_samples=num_samples,
+                                            batch_size=batch_size, data_plate=plate)
+    else:
+        estimate = evaluate(run.model, run.guide, x, num_samples=num_samples,
+                            batch_size=batch_size, data_plate=plate, progress=progress,
+                            distributed=distributed, device=device)
+    return Diagnosis(run, split, x, estimate)
+
+
+def held_out_summary(run: Run, d: Diagnostics, x: torch.Tensor, *, num_samples: int,
+                     batch_size: int | None = 100, data_plate: str | None = None) -> dict | None:
+    """Beside the diagnostics ``d`` of a pair whose unit is the data set (global latents), what
+    can be said of held-out points ``x``: their posterior predictive density.  None for other
+    pairs, or without held-out points."""
+    if d.unit != DATA_SET or not x.shape[0]:
+        return None
+    return diagnose(run, x, "test", num_samples=num_samples, batch_size=batch_size,
+                    data_plate=data_plate).estimate.summary()
+
+
+def final_evaluation_seconds(run: Run, x: torch.Tensor, processes: int = 1) -> float | None:
+    """What the final evaluation of ``x`` will take here, timed on a few points at a small K
+    without moving any random stream (None: the pair runs only on its whole data set)."""
+    k, probe_k = run.config["num_samples"], min(run.config["num_samples"], 50)
+    probe = x[: min(x.shape[0], 20)]
+    start = time.perf_counter()
+    try:
+        with rng_preserved():
+            evaluate(run.model, run.guide, probe, num_samples=probe_k,
+                     data_plate=run.options.data_plate)
+    except ElbogapError:
+        return None
+    return (time.perf_counter() - start) * x.shape[0] * k / (probe.shape[0] * probe_k * processes)
+
+
+def final_summary(run: Run, progress: bool = True,
+                  distributed: Distributed = SINGLE) -> dict | None:
+    """Diagnose the trained pair (``num_samples`` draws, ``test_points`` points) and write
+    ``diagnostics.json`` and the figures; the summary (None on ranks other than the first)."""
+    config = run.config
+    x = run.points(config.get("test_points"))
+    if distributed.is_main:
+        seconds = final_evaluation_seconds(run, x, distributed.world_size)
+        if seconds is not None and seconds > ANNOUNCE_AFTER_SECONDS:
+            print(f"final evaluation: {x.shape[0]} {run.split} points x K={config['num_samples']}, "
+                  f"about {seconds / 60:.1f} min here (--num-samples and --test-points bound it)")
+    diagnosis = diagnose(run, x, run.split, num_samples=config["num_samples"],
+                         batch_size=config["eval_batch_size"], progress=progress,
+                         distributed=distributed)
+    if not distributed.is_main:
+        return None
+    summary = diagnosis.summary()
+    if config["data"] == "synthetic":
+        summary["data_generating_log_evidence"] = (
+            synthetic_truth().log_evidence(run.data.test).double().mean().item())
+    held_out = held_out_summary(run, diagnosis.estimate, run.data.test,
+                                num_samples=config["num_samples"],
+                                batch_size=config["eval_batch_size"])
+    if held_out is not None:
+        summary["held_out_predictive"] = held_out
+    write_json_atomic(run.dir / "diagnostics.json", summary)
+    for name, fig in run_figures(run, summary["kl_per_dim"]).items():
+        save_figure(fig, run.dir / name)
+    return summary
+
+
+def run_figures(run: Run, kl_per_dim: dict) -> dict:
+    """The figures of a run by file name: curves over training, KL per dimension, and for image
+    data reconstructions and prior samples read off the model's observed site."""
+    history, data, held_out = run.history, run.data, run.split == "test"
+    figures = {
+        "elbo.png": plot_elbo_curves(history, run.options.objective),
+        "reconstruction_kl.png": plot_terms_curves(history),
+        "evidence_gap.png": plot_evidence_gap(history),
+        "kl_per_dim.png": plot_kl_per_dim(kl_per_dim),
+    }
+    if data.image_shape is not None:
+        # A guide with parameters per training point reconstructs only the training set.
+        x = data.test if held_out else data.train
+        shown = subset_indices(x.shape[0], 32)
+        if held_out:
+            x, shown = x[shown], torch.arange(len(shown))
+        figures["reconstructions.png"] = plot_reconstructions(
+            x[shown].numpy(), reconstruct(run.model, run.guide, x)[shown].numpy(),
+            data.image_shape,
+        )
+        figures["prior_samples.png"] = plot_image_grid(
+            sample_prior_means(run.model, data.test[:64]).numpy(), data.image_shape,
+            "prior samples: E[x|z], z ~ p(z)",
+        )
+    return figures
