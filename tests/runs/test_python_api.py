@@ -4,7 +4,6 @@ a table, its plots, the report, registries, devices, validation splits, conditio
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,9 +12,6 @@ import matplotlib
 import pyro
 import pytest
 import torch
-from elbogap.data.dataset import Dataset
-from elbogap.runs.pairs import registered_guides, registered_models
-from elbogap.foundations.device import modules_of, rows_per_chunk
 from matplotlib.figure import Figure
 
 import elbogap
@@ -31,6 +27,9 @@ from elbogap import (
     move_pair,
     resolve_device,
 )
+from elbogap.data.dataset import Dataset
+from elbogap.foundations.device import modules_of, rows_per_chunk
+from elbogap.runs.pairs import registered_guides, registered_models
 from tests.real_programs import cvae
 
 matplotlib.use("Agg")
