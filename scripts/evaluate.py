@@ -38,6 +38,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=100, help="data points per pass")
     p.add_argument("--data-plate", help="the plate over data points (default: the run's)")
     p.add_argument("--seed", type=int, default=0, help="fixes the guide's draws")
+    p.add_argument("--defensive", type=float, default=0.0, metavar="A", help="share of the "
+                   "proposal of log p(x) drawn from the prior p(z) (defensive importance "
+                   "sampling: a second opinion where the guide may miss a mode)")
+    p.add_argument("--train-mode", action="store_true", help="keep the pair's modules in "
+                   "training mode (Dropout, BatchNorm) instead of evaluation mode")
     add_device_flag(p)
     a = p.add_argument_group("annealed importance sampling (AIS)")
     a.add_argument("--method", choices=("is", "ais"), default="is",
@@ -73,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
             return annealed(args, run, x, k, plate)
         diagnosis = diagnose(run, x, split, num_samples=k, batch_size=args.batch_size,
                              data_plate=plate, progress=not args.no_progress and ctx.is_main,
-                             distributed=ctx, device=ctx.device)
+                             distributed=ctx, device=ctx.device, defensive=args.defensive,
+                             train_mode=args.train_mode)
     finally:
         ctx.shutdown()
     if not ctx.is_main:

@@ -11,7 +11,9 @@ estimates p(x) without bias, so its log is a stochastic lower bound that tighten
 steps grows.  Where importance sampling with q fails (Pareto k-hat > 0.7), AIS still converges.
 
 Latent sites are moved in the unconstrained space of their support (``biject_to``, with the
-Jacobian), all chains x data points in one tensor pass per leapfrog step.  With global latents a
+Jacobian), all chains x data points in one tensor pass per leapfrog step; a pair that does not
+broadcast over a particle dimension (``PairLayout.vectorized``) is evaluated chain by chain
+instead, so that every pair has this second opinion.  With global latents a
 chain's state is the whole data set's z, and the estimate is of log p(x_1..N).  Step sizes are adapted
 per chain and data point towards an acceptance rate of 0.65 (as ``lxuechen/BDMC``: x1.02 above,
 x0.98 below, clamped to [1e-4, 0.5]).
@@ -32,9 +34,11 @@ from pyro import poutine
 from torch.distributions import biject_to
 from tqdm.auto import tqdm
 
+from ..foundations.conventions import inspect_pair
 from ..foundations.device import rows_per_chunk as default_rows_per_chunk
 from ..foundations.errors import ConventionError, OptionError
-from ..foundations.pair_layout import PairLayout, inspect_pair, per_datapoint
+from ..foundations.module_mode import evaluation_mode
+from ..foundations.pair_layout import PairLayout, per_datapoint
 from ..foundations.statistics import log_mean_exp_with_se, mean_and_se
 from ..foundations.traces import (
     apply_mask,
@@ -135,24 +139,27 @@ class AnnealingPath:
 
     def terms(self, u: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(log p(x, z), log base(z), log |det dz/du|), each [chains, N]."""
+        return self._terms_with(u, self.reduce)
+
+    def _terms_with(self, u: dict[str, torch.Tensor], reduce: Callable):
+        """The three terms at state ``u``, each site's values reduced by ``reduce``."""
         z = {name: self.transforms[name](v) for name, v in u.items()}
         model_trace = poutine.trace(poutine.condition(self.model, data=z)).get_trace(self.x)
         sites = sample_sites(model_trace)
-        joint = sum(self.reduce(site_log_prob(site), site) for site in sites.values())
+        joint = sum(reduce(site_log_prob(site), site) for site in sites.values())
         jacobian = sum(
-            self.reduce(self.transforms[name].log_abs_det_jacobian(u[name], z[name]), sites[name])
+            reduce(self.transforms[name].log_abs_det_jacobian(u[name], z[name]), sites[name])
             for name in u)
         if self.start == "prior":
-            base = sum(self.reduce(site_log_prob(sites[name]), sites[name]) for name in u)
+            base = sum(reduce(site_log_prob(sites[name]), sites[name]) for name in u)
         elif self.guide_sites is not None:
-            base = sum(self.reduce(apply_mask(self.guide_sites[name]["fn"].log_prob(z[name]),
-                                              self.guide_sites[name]), self.guide_sites[name])
+            base = sum(reduce(apply_mask(self.guide_sites[name]["fn"].log_prob(z[name]),
+                                         self.guide_sites[name]), self.guide_sites[name])
                        for name in u)
         else:
             guide_trace = poutine.trace(poutine.condition(self.guide, data=z)).get_trace(self.x)
             guide_sites = sample_sites(guide_trace)
-            base = sum(self.reduce(site_log_prob(guide_sites[name]), guide_sites[name])
-                       for name in u)
+            base = sum(reduce(site_log_prob(guide_sites[name]), guide_sites[name]) for name in u)
         return joint, base, jacobian
 
     def rows_shape(self, site_value: torch.Tensor, site: dict) -> tuple[int, ...]:
@@ -166,6 +173,93 @@ class AnnealingPath:
             shape[offset + width + frame.dim] = self.x.shape[0]
         return tuple(shape)
 
+    def initial_state(self) -> dict[str, torch.Tensor]:
+        """z_0 ~ base for every chain and point, in unconstrained space."""
+        trace = _base_draw(self.model, self.guide, self.x, self.start)
+        return {name: self.transforms[name].inv(trace.nodes[name]["value"]).detach()
+                for name in self.transforms}
+
+    def state_at(self, latents: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every chain at the same latent values (BDMC's reverse chains start at the latents
+        that generated the data), in unconstrained space."""
+        u = {}
+        for name, value in latents.items():
+            target = self.sites[name]["value"].shape
+            padded = value.reshape((1,) * (len(target) - value.dim()) + tuple(value.shape))
+            u[name] = self.transforms[name].inv(padded.expand(target)).clone()
+        return u
+
+
+class ChainByChainPath(AnnealingPath):
+    """The same path for a pair that does not broadcast over a particle dimension: each chain's
+    terms come from traces of the pair of its own, the chains' states stacked on a leading
+    dimension (``[chains, *site shape]``).  Slower by the number of chains; correct for any
+    pair that ``evaluate`` takes particle by particle."""
+
+    def __init__(self, model: Callable, guide: Callable, x: torch.Tensor, layout: PairLayout,
+                 chains: int, start: str, data_plate: str, supports: dict):
+        self.x, self.layout, self.start, self.data_plate = x, layout, start, data_plate
+        self.model, self.guide = model, guide
+        self.transforms = {name: biject_to(s) for name, s in supports.items()}
+        self.chains = chains
+        self.rows = x.shape[0] if layout.per_datapoint else 1
+        self.guide_sites = None
+        if start == "guide" and guide_is_a_function_of_x(guide, x, tuple(supports)) is None:
+            with torch.no_grad(), pyro.validation_enabled(False):
+                self.guide_sites = sample_sites(poutine.trace(guide).get_trace(x))
+        with torch.no_grad():
+            self.sites = sample_sites(_base_draw(model, guide, x, start, model_trace=True))
+
+    def _reduce_one(self, values: torch.Tensor, site: dict) -> torch.Tensor:
+        out = per_datapoint(values, site, self.layout, self.data_plate)[0]
+        return (out if self.layout.per_datapoint else out.sum(0, keepdim=True)).expand(self.rows)
+
+    def reduce(self, values: torch.Tensor, site: dict) -> torch.Tensor:
+        return torch.stack([self._reduce_one(values[c], site) for c in range(self.chains)])
+
+    def terms(self, u: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        per_chain = [self._terms_with({name: v[c] for name, v in u.items()}, self._reduce_one)
+                     for c in range(self.chains)]
+        return tuple(torch.stack(part) for part in zip(*per_chain, strict=True))
+
+    def rows_shape(self, site_value: torch.Tensor, site: dict) -> tuple[int, ...]:
+        shape = [1] * site_value.dim()
+        shape[0] = self.chains
+        frame = data_frame(site, self.data_plate)
+        if self.layout.per_datapoint and frame is not None:
+            batch = site_value.dim() - 1 - site["fn"].event_dim
+            shape[1 + batch + frame.dim] = self.x.shape[0]
+        return tuple(shape)
+
+    def initial_state(self) -> dict[str, torch.Tensor]:
+        draws = [_base_draw(self.model, self.guide, self.x, self.start)
+                 for _ in range(self.chains)]
+        return {name: torch.stack([self.transforms[name].inv(t.nodes[name]["value"]).detach()
+                                   for t in draws]) for name in self.transforms}
+
+    def state_at(self, latents: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        u = {}
+        for name, value in latents.items():
+            target = self.sites[name]["value"].shape
+            u[name] = self.transforms[name].inv(value.reshape(target)).expand(
+                (self.chains,) + tuple(target)).clone()
+        return u
+
+
+def _base_draw(model: Callable, guide: Callable, x: torch.Tensor, start: str,
+               model_trace: bool = False):
+    """One draw of z from the base (the guide, or the prior: the model with its observations
+    uncondition-ed), traced; with ``model_trace`` the model's trace at it."""
+    with torch.no_grad():
+        if start == "guide":
+            trace = poutine.trace(guide).get_trace(x)
+            if model_trace:
+                trace = poutine.trace(poutine.replay(model, trace=trace)).get_trace(x)
+        else:
+            trace = poutine.trace(poutine.uncondition(model) if not model_trace
+                                  else model).get_trace(x)
+    return trace
+
 
 def _check_pair(model: Callable, guide: Callable, x: torch.Tensor, start: str,
                 data_plate: str) -> tuple[PairLayout, dict]:
@@ -175,9 +269,6 @@ def _check_pair(model: Callable, guide: Callable, x: torch.Tensor, start: str,
     if layout.subsample is not None:
         raise ConventionError(f"plate '{data_plate}' picks its own minibatch of x: AIS needs the "
                               "pair to cover every point of x in one pass")
-    if not layout.vectorized:
-        raise ConventionError("AIS runs all chains in one particle plate: the pair must broadcast "
-                              "over a leading particle dimension (see README, Conventions)")
     with torch.no_grad():
         guide_trace = poutine.trace(guide).get_trace(x)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
@@ -198,14 +289,7 @@ def _check_pair(model: Callable, guide: Callable, x: torch.Tensor, start: str,
 
 def initial_state(path: AnnealingPath, start: str) -> dict[str, torch.Tensor]:
     """z_0 ~ base for every chain and point, in unconstrained space."""
-    with torch.no_grad():
-        if start == "guide":
-            trace = poutine.trace(path.guide).get_trace(path.x)
-        else:
-            # The model run with its observations uncondition-ed draws z from the prior.
-            trace = poutine.trace(poutine.uncondition(path.model)).get_trace(path.x)
-    return {name: path.transforms[name].inv(trace.nodes[name]["value"]).detach()
-            for name in path.transforms}
+    return path.initial_state()
 
 
 def anneal(path: AnnealingPath, u: dict[str, torch.Tensor], betas: torch.Tensor, leapfrog_steps: int,
@@ -292,6 +376,7 @@ def annealed_evidence(
     batch_size: int | None = None,
     data_plate: str = "data",
     progress: bool = False,
+    train_mode: bool = False,
 ) -> AnnealedEvidence:
     """AIS estimate of log p(x) for every data point of a pair of local latents; for a pair with
     global latents, of log p(x_1..N) of the whole data set (``unit == "data set"``, one value).
@@ -304,20 +389,22 @@ def annealed_evidence(
         ``"prior"`` (from p(z): for guides without a density, such as autoguides).
     :param batch_size: data points per pass; memory grows with ``num_chains * batch_size``
         (default: as many as keep that at evaluate's rows per chunk, 4096 on a CPU).
+    :param train_mode: keep the pair's modules in training mode (else evaluation mode).
     """
-    batch_size, path = points_per_pass(model, guide, x, num_chains, start, data_plate,
-                                        batch_size, "annealed_evidence", num_steps,
-                                        leapfrog_steps, step_size)
-    betas = sigmoid_schedule(num_steps)
-    parts = []
-    for s in range(0, x.shape[0], batch_size):
-        xb = x[s: s + batch_size]
-        if s > 0:
-            path = annealing_path(model, guide, xb, num_chains, start, data_plate)
-        u = initial_state(path, start)
-        log_w, acceptance, eps, start_ratio, _ = anneal(
-            path, u, betas, leapfrog_steps, step_size, progress, f"AIS {s}-{s + xb.shape[0]}")
-        parts.append((log_w, acceptance.mean(0), eps.mean(0), start_ratio.double()))
+    with evaluation_mode(model, guide, train_mode):
+        batch_size, path = points_per_pass(model, guide, x, num_chains, start, data_plate,
+                                           batch_size, "annealed_evidence", num_steps,
+                                           leapfrog_steps, step_size)
+        betas = sigmoid_schedule(num_steps)
+        parts = []
+        for s in range(0, x.shape[0], batch_size):
+            xb = x[s: s + batch_size]
+            if s > 0:
+                path = annealing_path(model, guide, xb, num_chains, start, data_plate)
+            log_w, acceptance, eps, start_ratio, _ = anneal(
+                path, path.initial_state(), betas, leapfrog_steps, step_size, progress,
+                f"AIS {s}-{s + xb.shape[0]}")
+            parts.append((log_w, acceptance.mean(0), eps.mean(0), start_ratio.double()))
     log_w = torch.cat([p[0] for p in parts], 1).cpu()
     log_evidence, se = log_mean_exp_with_se(log_w)
     elbo = elbo_se = None
@@ -338,7 +425,8 @@ def annealing_path(model: Callable, guide: Callable, x: torch.Tensor, chains: in
     """The pair checked for AIS and ready to evaluate log p(x, z), log base(z) and their
     gradients for ``chains`` chains per point of ``x``."""
     layout, supports = _check_pair(model, guide, x, start, data_plate)
-    return AnnealingPath(model, guide, x, layout, chains, start, data_plate, supports)
+    path = AnnealingPath if layout.vectorized else ChainByChainPath
+    return path(model, guide, x, layout, chains, start, data_plate, supports)
 
 
 def points_per_pass(model: Callable, guide: Callable, x: torch.Tensor, chains: int,

@@ -18,9 +18,9 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO
 from torch.distributions import Independent, MultivariateNormal, Normal
 
+from ..foundations.conventions import inspect_pair
 from ..foundations.errors import ConventionError
 from ..foundations.minimize import minimize
-from ..foundations.pair_layout import inspect_pair
 from ..foundations.statistics import mean_and_se
 from ..foundations.traces import sample_sites, trace_pair
 from .evaluation import evaluate

@@ -13,6 +13,7 @@ import torch
 from pyro import poutine
 
 from ..foundations.errors import ConventionError
+from ..foundations.module_mode import evaluation_mode
 from ..foundations.statistics import log_mean_exp_with_se, mean_and_se
 from ..foundations.traces import sample_sites
 from .ais import anneal, annealing_path, initial_state, points_per_pass, sigmoid_schedule
@@ -65,30 +66,29 @@ def bdmc(
     batch_size: int | None = None,
     data_plate: str = "data",
     progress: bool = False,
+    train_mode: bool = False,
 ) -> BidirectionalBounds:
     """Simulate ``len(x_like)`` points from the model and bracket their log p(x) with forward
     and reverse AIS of the same setting (``batch_size`` points simulated and annealed at a
     time, as in ``annealed_evidence``; a pair with global latents simulates its data set whole
-    and gets one bracket for log p(x_1..N))."""
-    batch_size, _ = points_per_pass(model, guide, x_like, num_chains, start, data_plate,
-                                     batch_size, "bdmc", num_steps, leapfrog_steps, step_size)
-    xs, lowers, uppers = [], [], []
-    for s in range(0, x_like.shape[0], batch_size):
-        x, exact = simulate(model, x_like[s: s + batch_size])
-        path = annealing_path(model, guide, x, num_chains, start, data_plate)
-        forward, *_ = anneal(path, initial_state(path, start), sigmoid_schedule(num_steps),
-                              leapfrog_steps, step_size, progress, "forward AIS")
-        u = {}
-        for name, value in exact.items():
+    and gets one bracket for log p(x_1..N)).  The pair's modules are in evaluation mode
+    throughout, unless ``train_mode``."""
+    with evaluation_mode(model, guide, train_mode):
+        batch_size, _ = points_per_pass(model, guide, x_like, num_chains, start, data_plate,
+                                        batch_size, "bdmc", num_steps, leapfrog_steps,
+                                        step_size)
+        xs, lowers, uppers = [], [], []
+        for s in range(0, x_like.shape[0], batch_size):
+            x, exact = simulate(model, x_like[s: s + batch_size])
+            path = annealing_path(model, guide, x, num_chains, start, data_plate)
+            forward, *_ = anneal(path, initial_state(path, start), sigmoid_schedule(num_steps),
+                                 leapfrog_steps, step_size, progress, "forward AIS")
             # Every chain starts at the latents that generated x: exact posterior draws.
-            target = path.sites[name]["value"].shape
-            padded = value.reshape((1,) * (len(target) - value.dim()) + tuple(value.shape))
-            u[name] = path.transforms[name].inv(padded.expand(target)).clone()
-        reverse, *_ = anneal(path, u, sigmoid_schedule(num_steps).flip(0), leapfrog_steps,
-                              step_size, progress, "reverse AIS")
-        xs.append(x)
-        lowers.append(log_mean_exp_with_se(forward.cpu())[0])
-        # Reverse weights estimate 1 / p(x): minus their log-mean-exp bounds log p(x) above.
-        uppers.append(-log_mean_exp_with_se(reverse.cpu())[0])
+            reverse, *_ = anneal(path, path.state_at(exact), sigmoid_schedule(num_steps).flip(0),
+                                 leapfrog_steps, step_size, progress, "reverse AIS")
+            xs.append(x)
+            lowers.append(log_mean_exp_with_se(forward.cpu())[0])
+            # Reverse weights estimate 1 / p(x): minus their log-mean-exp bounds log p(x) above.
+            uppers.append(-log_mean_exp_with_se(reverse.cpu())[0])
     return BidirectionalBounds(x=torch.cat(xs), lower=torch.cat(lowers), upper=torch.cat(uppers),
                                num_chains=num_chains, num_steps=num_steps)

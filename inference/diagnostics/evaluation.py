@@ -4,7 +4,8 @@ the whole data set.
 For each data point x_n and K draws z_k ~ q(z | x_n) (the guide), with
 log-weights  w_k = log p(x_n, z_k) - log q(z_k | x_n):
 
-* ``reconstruction`` = E_q[log p(x_n | z)]            (Monte Carlo over k, all observed sites)
+* ``reconstruction`` = E_q[log p(x_n | z)]            (the plain Monte Carlo mean over k of the
+                                                        model's observed sites, with its SE)
 * ``kl_prior``       = KL(q(z | x_n) || p(z))          (analytic per latent site where known)
 * ``elbo``           = reconstruction - kl_prior
 * ``log_evidence``   = log (1/K) sum_k exp(w_k)        (importance sampling, q as proposal)
@@ -19,9 +20,17 @@ pair (for a pair of local latents only, the sums of the per-point ones).
 Both walk the data differently (``passes``) and add up the same per-particle terms (``terms``)
 in the same way (``_Sums``): per data point the rows are the points, for a data set one row.
 
-The Monte Carlo part uses the sampled KL, log q(z_k) - log p(z_k), as a control variate for
-the reconstruction term (from 20 draws on): with a perfect guide the log-weights are constant and
+The ELBO uses the sampled KL, log q(z_k) - log p(z_k), as a control variate for the
+reconstruction term (from 20 draws on): with a perfect guide the log-weights are constant and
 the ELBO, and so the gap, come out exact instead of carrying the reconstruction's sampling noise.
+Its mean is zero because every closed-form KL is one the guide's order makes valid
+(``PairLayout.closed_form``; the others are Monte Carlo, and add nothing to it).  So the ELBO
+and the reconstruction minus the KL agree within their Monte Carlo errors, not to the digit.
+
+The pair's modules are in evaluation mode throughout (``train_mode`` keeps training mode), and
+what the numbers leave out is said in ``notes``: sites whose KL is Monte Carlo because of the
+guide's order, the guide's observed sites and factors (no part of q), sites with a scale of the
+user's (the density is evaluated unscaled).
 
 All in nats.  ``log_evidence`` is a stochastic lower bound on log p(x) whose bias shrinks as K
 grows (Burda et al. 2016), so ``evidence_gap`` is an underestimate of the true gap for small K.
@@ -30,19 +39,23 @@ Standard errors are Monte Carlo errors over the K draws (delta method for the lo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
+from ..foundations.conventions import inspect_pair
 from ..foundations.device import move_pair, resolve_device
 from ..foundations.device import rows_per_chunk as default_rows_per_chunk
 from ..foundations.distributed import SINGLE, Distributed
 from ..foundations.errors import ConventionError
-from ..foundations.pair_layout import PairLayout, inspect_pair
+from ..foundations.module_mode import evaluation_mode
+from ..foundations.pair_layout import PairLayout
 from ..foundations.psis import importance_ess, khat_where_defined
 from ..foundations.statistics import importance_stats
+from .defensive import MixtureSums, check_defensive, defensive_note, prior_draws, prior_particles
 from .passes import (
     batches,
     checked_arguments,
@@ -53,7 +66,7 @@ from .passes import (
 )
 from .results import DATA_SET, DataSetTotals, Diagnostics, concatenate, first_points, on_cpu
 from .surgery import elbo_surgery
-from .terms import KLTerm
+from .terms import KLTerm, ParticleTerms
 
 # Below this many draws the ELBO uses the analytic KL alone (see _with_control_variate).
 MIN_SAMPLES_CONTROL_VARIATE = 20
@@ -73,6 +86,8 @@ def evaluate(
     distributed: Distributed = SINGLE,
     device: str | torch.device | None = None,
     surgery: bool = False,
+    train_mode: bool = False,
+    defensive: float = 0.0,
 ) -> Diagnostics:
     """Diagnose the guide of any model/guide pair that follows the conventions.
 
@@ -96,6 +111,11 @@ def evaluate(
         is); the pair's parameters are moved there.  The returned tensors are on the CPU.
     :param surgery: also split the mean KL to the prior into the mutual information I_q(x; z)
         and KL(q(z) || p(z)) (``summary()["elbo_surgery"]``; O(N^2) in the points).
+    :param train_mode: keep the pair's modules in training mode (Dropout drawing, BatchNorm
+        on batch statistics) instead of evaluation mode.
+    :param defensive: the prior's share of the proposal of log p(x) (``diagnostics.defensive``):
+        beside the K draws from q, K a / (1 - a) from p(z), every one weighted against the
+        mixture; a second opinion where q may miss a mode, which k-hat cannot see.  0: none.
     """
     batch_size = checked_arguments(x, num_samples, batch_size, "evaluate")
     if device is not None:
@@ -103,32 +123,68 @@ def evaluate(
         x = x.to(device)
         move_pair(model, guide, device)
     rows_per_chunk = rows_per_chunk or default_rows_per_chunk(x.device)
-    with torch.no_grad():
-        first, batch_size = first_layout(model, guide, x, batch_size, data_plate)
-    if distributed.enabled and first.per_datapoint:
-        d = _evaluate_shared(model, guide, x, num_samples, batch_size, data_plate,
-                             rows_per_chunk, keep_log_weights, progress, distributed)
-    else:
+    with evaluation_mode(model, guide, train_mode) as mode_notes:
+        verified: set = set()  # batch shapes whose particles were found to replay alike
         with torch.no_grad():
-            estimate = _per_data_point if first.per_datapoint else _per_data_set
-            d = estimate(model, guide, x, first, num_samples, batch_size, data_plate,
-                         rows_per_chunk, keep_log_weights, progress)
-    d.observed, d.conditional = first.observed, first.conditional
-    if surgery:
-        d.elbo_surgery = elbo_surgery(model, guide, x, num_samples=min(num_samples, 10),
-                                      data_plate=data_plate).summary()
+            # A single particle is drawn in no plate: nothing to verify of vectorizing.
+            first, batch_size = first_layout(model, guide, x, batch_size, data_plate, verified,
+                                             replay_particles=num_samples > 1)
+        check_defensive(defensive, first)
+        if distributed.enabled and first.per_datapoint:
+            d = _evaluate_shared(model, guide, x, num_samples, batch_size, data_plate,
+                                 rows_per_chunk, keep_log_weights, progress, distributed,
+                                 train_mode, defensive)
+        else:
+            with torch.no_grad():
+                estimate = _per_data_point if first.per_datapoint else _per_data_set
+                d = estimate(model, guide, x, first, num_samples, batch_size, data_plate,
+                             rows_per_chunk, keep_log_weights, progress, defensive, verified)
+        if defensive:
+            d.notes.append(defensive_note(defensive, num_samples))
+            d.proposal_draws = num_samples + prior_draws(num_samples, defensive)
+        d.observed, d.conditional = first.observed, first.conditional
+        d.notes.extend(note for note in mode_notes + layout_notes(first, d)
+                       if note not in d.notes)
+        if surgery:
+            d.elbo_surgery = elbo_surgery(model, guide, x, num_samples=min(num_samples, 10),
+                                          data_plate=data_plate).summary()
     return on_cpu(d)
 
 
+def layout_notes(layout: PairLayout, d: Diagnostics) -> list[str]:
+    """What the numbers of ``d`` leave out or how they were computed, read off the layout:
+    sites whose KL could not be taken in closed form, the guide's observed sites, scales."""
+    notes = []
+    order = [name for name in layout.latent if name not in layout.closed_form]
+    if order:
+        notes.append(f"the KL of site(s) {order} is Monte Carlo: the guide draws a site the "
+                     "model samples before them (a possible parent of their prior) after them, "
+                     "so a closed form would not be their expected log q - log p")
+    if layout.guide_observed:
+        mean = "" if d.guide_observed is None else (
+            f"; their log-density is {d.guide_observed.double().mean().item():.3f} nats per "
+            "point on average, which Pyro's Trace_ELBO subtracts from the ELBO")
+        notes.append(f"guide site(s) {list(layout.guide_observed)} are observed or factors: no "
+                     f"part of q, left out of log q, the ELBO and the evidence here{mean}")
+    if layout.scaled:
+        notes.append(f"site(s) {list(layout.scaled)} carry a scale of their own "
+                     "(poutine.scale): every number here is of the unscaled densities, "
+                     "log p(x, z) and log q(z | x) as the distributions define them, not of the "
+                     "scaled objective SVI optimizes")
+    return notes
+
+
 def _evaluate_shared(model, guide, x, num_samples, batch_size, data_plate, rows_per_chunk,
-                     keep_log_weights, progress, distributed: Distributed) -> Diagnostics:
+                     keep_log_weights, progress, distributed: Distributed,
+                     train_mode: bool, defensive: float) -> Diagnostics:
     """Each rank evaluates its share of the points; every rank gets all of them, in order."""
     share = x[distributed.shard(x.shape[0])]
     local = None
     if share.shape[0]:
         local = evaluate(model, guide, share, num_samples=num_samples, batch_size=batch_size,
                          data_plate=data_plate, rows_per_chunk=rows_per_chunk,
-                         keep_log_weights=keep_log_weights, progress=progress)
+                         keep_log_weights=keep_log_weights, progress=progress,
+                         train_mode=train_mode, defensive=defensive)
     parts = [d for d in distributed.gather(local) if d is not None]
     return concatenate(parts, num_samples)
 
@@ -141,12 +197,15 @@ class _Sums:
 
     log_w: list[torch.Tensor] = field(default_factory=list)
     elbo: list[torch.Tensor] = field(default_factory=list)
+    reconstruction: list[torch.Tensor] = field(default_factory=list)
+    guide_observed: list[torch.Tensor] = field(default_factory=list)
     kl: dict[str, torch.Tensor] = field(default_factory=dict)
     kl_method: dict[str, str] = field(default_factory=dict)
     latent_mean: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def add(self, log_w: torch.Tensor, reconstruction: torch.Tensor, kl: dict[str, KLTerm],
-            latent_mean: dict[str, torch.Tensor] | None = None) -> None:
+            latent_mean: dict[str, torch.Tensor] | None = None,
+            guide_observed: torch.Tensor | None = None) -> None:
         kl_total = torch.zeros_like(log_w)
         for name, term in kl.items():
             summed = term.value.sum(0)
@@ -155,6 +214,9 @@ class _Sums:
             kl_total = kl_total + term.value.sum(-1)
         self.log_w.append(log_w)
         self.elbo.append(reconstruction - kl_total)
+        self.reconstruction.append(reconstruction)
+        if guide_observed is not None:
+            self.guide_observed.append(guide_observed)
         for name, m in (latent_mean or {}).items():
             summed = m.sum(0)
             self.latent_mean[name] = summed if name not in self.latent_mean \
@@ -170,20 +232,26 @@ class _Sums:
                     else torch.zeros(rows, dtype=torch.float64))
         elbo = elbo_k.mean(0)
         stats = importance_stats(log_w, elbo_k)
+        recon_k = torch.cat(self.reconstruction)
+        recon_se = (recon_k.std(0) / math.sqrt(num_samples) if num_samples > 1
+                    else torch.full_like(elbo, float("nan")))
         return Diagnostics(
-            elbo=elbo, elbo_se=stats["elbo_se"], reconstruction=elbo + kl_prior,
-            kl_prior=kl_prior, log_evidence=stats["log_evidence"],
+            elbo=elbo, elbo_se=stats["elbo_se"], reconstruction=recon_k.mean(0),
+            reconstruction_se=recon_se, kl_prior=kl_prior, log_evidence=stats["log_evidence"],
             log_evidence_se=stats["log_evidence_se"],
             evidence_gap=stats["log_evidence"] - elbo, evidence_gap_se=stats["evidence_gap_se"],
             kl_sites=kl_sites, kl_per_dim=kl_per_dim, kl_method=dict(self.kl_method),
             khat=khat_where_defined(log_w), ess=importance_ess(log_w),
             latent_mean={name: s / num_samples for name, s in self.latent_mean.items()},
-            num_samples=num_samples, log_weights=log_w if keep_log_weights else None)
+            num_samples=num_samples, log_weights=log_w if keep_log_weights else None,
+            guide_observed=(torch.cat(self.guide_observed).mean(0) if self.guide_observed
+                            else None))
 
 
 def _per_data_point(model: Callable, guide: Callable, x: torch.Tensor, first: PairLayout,
                     num_samples: int, batch_size: int, data_plate: str, rows_per_chunk: int,
-                    keep_log_weights: bool, progress: bool) -> Diagnostics:
+                    keep_log_weights: bool, progress: bool, defensive: float,
+                    verified: set) -> Diagnostics:
     """Every batch of points with its own K draws, ``rows_per_chunk`` particles x points at a
     time."""
     if progress:
@@ -193,7 +261,9 @@ def _per_data_point(model: Callable, guide: Callable, x: torch.Tensor, first: Pa
         bar = tqdm(total=len(range(0, x.shape[0], step)), desc="evaluate", unit="batch")
     parts = []
     for b in batches(model, guide, x, batch_size, first, data_plate):
-        layout = first if b.start == 0 else inspect_pair(b.model, b.guide, b.x, data_plate)
+        layout = (first if b.start == 0
+                  else inspect_pair(b.model, b.guide, b.x, data_plate, verified,
+                                    replay_particles=num_samples > 1))
         if not layout.per_datapoint:
             raise ConventionError(
                 f"sites {list(layout.global_sites)} are outside plate '{data_plate}' in the "
@@ -201,12 +271,24 @@ def _per_data_point(model: Callable, guide: Callable, x: torch.Tensor, first: Pa
                 "every batch"
             )
         sums, rows = _Sums(), layout.rows(b.x)
+        mixture = MixtureSums(defensive) if defensive else None
         particles_per_chunk = max(1, rows_per_chunk // rows)
         for done in range(0, num_samples, particles_per_chunk):
             k = min(particles_per_chunk, num_samples - done)
             terms, _ = particles_of(b.model, b.guide, b.x, layout, k, data_plate)
-            sums.add(terms.log_weight, terms.reconstruction, terms.kl, terms.latent_mean)
-        parts.append(first_points(sums.estimate(num_samples, rows, keep_log_weights), b.keep))
+            sums.add(terms.log_weight, terms.reconstruction, terms.kl, terms.latent_mean,
+                     terms.guide_observed if layout.guide_observed else None)
+            if mixture is not None:
+                mixture.add(terms.log_weight, terms.log_q, terms.log_prior)
+        part = sums.estimate(num_samples, rows, keep_log_weights)
+        if mixture is not None:
+            k_p = prior_draws(num_samples, defensive)
+            for done in range(0, k_p, particles_per_chunk):
+                terms = prior_particles(b.model, b.guide, b.x, layout,
+                                        min(particles_per_chunk, k_p - done), data_plate)
+                mixture.add(terms.log_weight, terms.log_q, terms.log_prior)
+            part = mixture.apply(part, keep_log_weights)
+        parts.append(first_points(part, b.keep))
         if progress:
             bar.update()
     if progress:
@@ -218,34 +300,58 @@ def _per_data_point(model: Callable, guide: Callable, x: torch.Tensor, first: Pa
 
 def _per_data_set(model: Callable, guide: Callable, x: torch.Tensor, first: PairLayout,
                   num_samples: int, batch_size: int, data_plate: str, rows_per_chunk: int,
-                  keep_log_weights: bool, progress: bool) -> Diagnostics:
+                  keep_log_weights: bool, progress: bool, defensive: float,
+                  verified: set) -> Diagnostics:
     """Joint importance sampling over every latent variable of the data set: each draw of the
     global sites is shared by every batch, and its weight sums the whole data set."""
     n = x.shape[0]
     sums = _Sums()
+    mixture = MixtureSums(defensive) if defensive else None
     for k, chunk in joint_chunks(model, guide, x, first, batch_size, num_samples, data_plate,
                                  rows_per_chunk, progress):
         log_w = torch.zeros(k, dtype=torch.float64)
         recon = torch.zeros(k, dtype=torch.float64)
+        guide_obs = torch.zeros(k, dtype=torch.float64)
+        log_q, log_prior = torch.zeros(k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)
         kl: dict[str, KLTerm] = {}
         for s, layout, terms in chunk:
             if s == 0:
                 log_w = log_w + terms.global_log_weight
                 recon = recon + terms.global_reconstruction
+                guide_obs = guide_obs + terms.global_guide_observed
+                log_q, log_prior = log_q + terms.global_log_q, log_prior + _global_prior(terms)
             log_w = log_w + terms.log_weight.sum(1)
             recon = recon + terms.reconstruction.sum(1)
+            guide_obs = guide_obs + terms.guide_observed.sum(1)
+            log_q, log_prior = log_q + terms.log_q.sum(1), log_prior + terms.log_prior.sum(1)
             for name, term in terms.kl.items():
                 if term.value.shape[1] == 1 and s != 0 and _is_global_unit(name, layout):
                     continue  # a global site's KL counts once
                 summed = term.value.sum(1, keepdim=True)
                 kl[name] = KLTerm(summed if name not in kl else kl[name].value + summed,
                                   term.method)
-        sums.add(log_w.unsqueeze(1), recon.unsqueeze(1), kl)
+        sums.add(log_w.unsqueeze(1), recon.unsqueeze(1), kl,
+                 guide_observed=guide_obs.unsqueeze(1) if first.guide_observed else None)
+        if mixture is not None:
+            mixture.add(log_w.unsqueeze(1), log_q.unsqueeze(1), log_prior.unsqueeze(1))
     whole = sums.estimate(num_samples, 1, keep_log_weights)
+    if mixture is not None:
+        # The prior's draws of the global sites must meet every point: one pass over x.
+        layout = first if batch_size >= n else inspect_pair(model, guide, x, data_plate)
+        k_p, per_chunk = prior_draws(num_samples, defensive), max(1, rows_per_chunk // n)
+        for done in range(0, k_p, per_chunk):
+            terms = prior_particles(model, guide, x, layout, min(per_chunk, k_p - done),
+                                    data_plate)
+            mixture.add(
+                (terms.global_log_weight + terms.log_weight.sum(1)).unsqueeze(1),
+                (terms.global_log_q + terms.log_q.sum(1)).unsqueeze(1),
+                (_global_prior(terms) + terms.log_prior.sum(1)).unsqueeze(1))
+        whole = mixture.apply(whole, keep_log_weights)
     elbo, kl_prior = float(whole.elbo[0]), float(whole.kl_prior[0])
     total = DataSetTotals(
         num_data=n, elbo=elbo, elbo_se=float(whole.elbo_se[0]),
-        reconstruction=elbo + kl_prior, kl_prior=kl_prior,
+        reconstruction=float(whole.reconstruction[0]),
+        reconstruction_se=float(whole.reconstruction_se[0]), kl_prior=kl_prior,
         log_evidence=float(whole.log_evidence[0]),
         log_evidence_se=float(whole.log_evidence_se[0]),
         evidence_gap=float(whole.log_evidence[0]) - elbo,
@@ -258,8 +364,13 @@ def _per_data_set(model: Callable, guide: Callable, x: torch.Tensor, first: Pair
         kl_sites=whole.kl_sites, kl_per_dim=whole.kl_per_dim, kl_method=whole.kl_method,
         khat=whole.khat, ess=whole.ess, latent_mean={}, num_samples=num_samples, total=total,
         unit=DATA_SET, notes=vectorization_notes(first) + [_global_note(first, n)],
-        log_weights=whole.log_weights,
+        log_weights=whole.log_weights, guide_observed=whole.guide_observed,
     )
+
+
+def _global_prior(terms: ParticleTerms) -> torch.Tensor:
+    """log p(theta_k) of the latent sites outside the data plate."""
+    return terms.global_log_weight - terms.global_reconstruction + terms.global_log_q
 
 
 def _global_note(layout: PairLayout, n: int) -> str:

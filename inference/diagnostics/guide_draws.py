@@ -8,7 +8,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ..foundations.pair_layout import datapoint_rows, inspect_pair, per_datapoint
+from ..foundations.conventions import inspect_pair
+from ..foundations.pair_layout import datapoint_rows, per_datapoint
 from ..foundations.psis import import_arviz
 from ..foundations.traces import sample_sites, site_log_prob, trace_pair
 

@@ -33,18 +33,20 @@ def _peel(d: Distribution) -> tuple[Distribution, int]:
     return d, ndim
 
 
-def kl_to_prior(q: Distribution, p: Distribution, z: torch.Tensor) -> SiteKL:
+def kl_to_prior(q: Distribution, p: Distribution, z: torch.Tensor,
+                closed_form: bool = True) -> SiteKL:
     """KL(q || p), per coordinate when both sides factorize the same way.
 
     Falls back to the one-sample Monte Carlo estimate log q(z) - log p(z) at the guide's sample
-    ``z`` when torch has no registered closed form (its mean over particles is unbiased).
+    ``z`` (its mean over particles is unbiased) when torch has no registered closed form, or
+    when the caller says a closed form is not valid for the pair at hand (``closed_form``).
     """
     base_q, nq = _peel(q)
     base_p, np_ = _peel(p)
     factorized = nq == np_ and not base_q.event_shape and not base_p.event_shape
     pairs = [(base_q, base_p, nq)] if factorized else []
     pairs.append((q, p, 0))
-    for qq, pp, ndim in pairs:
+    for qq, pp, ndim in pairs if closed_form else ():
         try:
             return SiteKL(kl_divergence(qq, pp), ndim, ANALYTIC)
         except NotImplementedError:

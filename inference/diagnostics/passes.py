@@ -16,8 +16,9 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
+from ..foundations.conventions import inspect_pair
 from ..foundations.errors import ConfigError, ConventionError, OptionError
-from ..foundations.pair_layout import PairLayout, global_part, inspect_pair
+from ..foundations.pair_layout import PairLayout, global_part
 from ..foundations.traces import FixedSubsample, trace_pair
 from .terms import ParticleTerms, particle_terms
 
@@ -36,16 +37,19 @@ def checked_arguments(x: torch.Tensor, num_samples: int, batch_size: int | None,
 
 
 def first_layout(model: Callable, guide: Callable, x: torch.Tensor, batch_size: int,
-                 data_plate: str) -> tuple[PairLayout, int]:
+                 data_plate: str, verified: set | None = None,
+                 replay_particles: bool = True) -> tuple[PairLayout, int]:
     """The first batch's layout, and the batch size to use.  A guide with parameters per data
-    point (an autoguide on local latents) runs only on the whole data set it was built for."""
+    point (an autoguide on local latents) runs only on the whole data set it was built for.
+    ``verified``, ``replay_particles``: as ``inspect_pair`` takes them."""
     try:
-        return inspect_pair(model, guide, x[:batch_size], data_plate), batch_size
+        return inspect_pair(model, guide, x[:batch_size], data_plate, verified,
+                            replay_particles), batch_size
     except ConventionError:
         if batch_size >= x.shape[0]:
             raise
     # If the whole data set fails too, its error is the one that explains.
-    return inspect_pair(model, guide, x, data_plate), x.shape[0]
+    return inspect_pair(model, guide, x, data_plate, verified, replay_particles), x.shape[0]
 
 
 @dataclass
@@ -88,12 +92,13 @@ def vectorization_notes(layout: PairLayout) -> list[str]:
 def traced_particles(model: Callable, guide: Callable, x: torch.Tensor, layout: PairLayout,
                      k: int, replay=None) -> list:
     """``(guide_trace, model_trace)`` covering ``k`` particles: one vectorized pass, or ``k``
-    passes for a pair that does not broadcast.  ``replay`` fixes global guide sites (a trace
-    with the particle dimension, or a list of ``k`` traces)."""
+    passes for a pair that does not broadcast (and one plain pass for a single particle, which
+    needs no plate).  ``replay`` fixes global guide sites (a trace with the particle dimension,
+    or a list of ``k`` traces)."""
     # Pyro's argument and support checks ran in inspect_pair; on every chunk they would cost
     # about a tenth of the time (measured with cProfile) and find nothing new.
     with pyro.validation_enabled(False):
-        if layout.vectorized:
+        if layout.vectorized and k > 1:
             return [trace_pair(model, guide, x, k, layout.particle_dim, replay)]
         return [trace_pair(model, guide, x, replay_guide=None if replay is None else replay[j])
                 for j in range(k)]
@@ -103,7 +108,7 @@ def particles_of(model: Callable, guide: Callable, x: torch.Tensor, layout: Pair
                  data_plate: str, replay=None) -> tuple[ParticleTerms, list]:
     """The terms of ``k`` particles on ``x``, and the guide traces (to replay global sites)."""
     passes = traced_particles(model, guide, x, layout, k, replay)
-    per = [particle_terms(g, m, layout, data_plate, k if layout.vectorized else 1, layout.rows(x))
+    per = [particle_terms(g, m, layout, data_plate, k if len(passes) == 1 else 1, layout.rows(x))
            for g, m in passes]
     return ParticleTerms.cat(per), passes
 
@@ -116,6 +121,7 @@ def joint_chunks(model, guide, x, first: PairLayout, batch_size: int, num_sample
     n = x.shape[0]
     particles_per_chunk = max(1, rows_per_chunk // min(first.subsample or batch_size, n))
     layouts: dict[int, PairLayout] = {0: first}
+    verified: set = set()
     chunks = range(0, num_samples, particles_per_chunk)
     if progress:
         chunks = tqdm(chunks, desc="evaluate", unit="chunk")
@@ -124,12 +130,12 @@ def joint_chunks(model, guide, x, first: PairLayout, batch_size: int, num_sample
         replay = None
         for b in batches(model, guide, x, batch_size, first, data_plate):
             if b.start not in layouts:
-                layouts[b.start] = inspect_pair(b.model, b.guide, b.x, data_plate)
+                layouts[b.start] = inspect_pair(b.model, b.guide, b.x, data_plate, verified)
             layout = layouts[b.start]
             terms, passes = particles_of(b.model, b.guide, b.x, layout, k, data_plate, replay)
             if replay is None:
                 replay = [global_part(g, layout) for g, _ in passes]
-                replay = replay[0] if layout.vectorized else replay
+                replay = replay[0] if layout.vectorized and k > 1 else replay
             yield b.start, layout, terms.first_points(b.keep)
 
     for done in chunks:

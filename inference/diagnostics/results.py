@@ -27,8 +27,9 @@ PER_DATAPOINT_FIELDS = (
     "evidence_gap",
 )
 # The per-point tensors of a Diagnostics (shape [N]), as batches and ranks concatenate them.
-POINT_TENSORS = ("elbo", "elbo_se", "reconstruction", "kl_prior", "log_evidence",
-                 "log_evidence_se", "evidence_gap", "evidence_gap_se", "khat", "ess")
+POINT_TENSORS = ("elbo", "elbo_se", "reconstruction", "reconstruction_se", "kl_prior",
+                 "log_evidence", "log_evidence_se", "evidence_gap", "evidence_gap_se", "khat",
+                 "ess")
 
 DATA_POINT = "data point"
 DATA_SET = "data set"
@@ -50,6 +51,7 @@ class DataSetTotals:
     # One k-hat and ESS of the joint weights (global latents); per point otherwise (None here).
     khat: float | None = None
     ess: float | None = None
+    reconstruction_se: float | None = None
 
     def as_dict(self) -> dict:
         return {k: (finite_or_none(v) if isinstance(v, float) else v)
@@ -90,6 +92,13 @@ class Diagnostics:
     conditional: bool = False
     # ELBO surgery's summary (elbogap.diagnostics.surgery), when evaluate computed it.
     elbo_surgery: dict | None = None
+    # Monte Carlo SE of each point's reconstruction, the plain mean of its K draws.
+    reconstruction_se: torch.Tensor | None = None
+    # Per point, the mean log-density of the guide's observed sites and factors (no part of q:
+    # Pyro's Trace_ELBO subtracts it, the ELBO here does not); None without such sites.
+    guide_observed: torch.Tensor | None = None
+    # Draws behind log p(x), k-hat and ESS where they are more than K (a defensive proposal).
+    proposal_draws: int | None = None
 
     def __repr__(self) -> str:
         return format_summary(self.summary())
@@ -126,6 +135,8 @@ class Diagnostics:
             # separates an estimate from the exact value on the same points.
             n = self.num_data
             out["log_evidence_mc_se"] = finite_or_none(self.log_evidence_se.mean().item())
+            out["reconstruction_mc_se"] = finite_or_none(
+                self.reconstruction_se.double().pow(2).sum().sqrt().item() / n)
             out["evidence_gap_mc_se"] = finite_or_none(
                 self.evidence_gap_se.double().pow(2).sum().sqrt().item() / n
             )
@@ -146,7 +157,8 @@ class Diagnostics:
             }
         if self.num_samples >= MIN_SAMPLES_KHAT:
             out["khat"] = khat_summary(self.khat, self.unit)
-        out["ess"] = {"mean": float(self.ess.mean()), "min": float(self.ess.min())}
+        out["ess"] = {"mean": float(self.ess.mean()), "min": float(self.ess.min()),
+                      "of": self.proposal_draws or self.num_samples}
         out["active_units"] = active_units_summary(self)
         out["notes"] = list(self.notes)
         if self.elbo_surgery is not None:
@@ -204,7 +216,8 @@ def first_points(d: Diagnostics, keep: int) -> Diagnostics:
         kl_sites={name: v[:keep] for name, v in d.kl_sites.items()},
         kl_per_dim={name: v[:keep] for name, v in d.kl_per_dim.items()},
         latent_mean={name: v[:keep] for name, v in d.latent_mean.items()},
-        log_weights=None if d.log_weights is None else d.log_weights[:, :keep])
+        log_weights=None if d.log_weights is None else d.log_weights[:, :keep],
+        guide_observed=None if d.guide_observed is None else d.guide_observed[:keep])
 
 
 def data_set_totals(d: Diagnostics, n: int) -> DataSetTotals:
@@ -215,6 +228,7 @@ def data_set_totals(d: Diagnostics, n: int) -> DataSetTotals:
     return DataSetTotals(
         num_data=n, elbo=float(d.elbo.sum()), elbo_se=se(d.elbo_se),
         reconstruction=float(d.reconstruction.sum()), kl_prior=float(d.kl_prior.sum()),
+        reconstruction_se=se(d.reconstruction_se),
         log_evidence=float(d.log_evidence.sum()), log_evidence_se=se(d.log_evidence_se),
         evidence_gap=float(d.evidence_gap.sum()), evidence_gap_se=se(d.evidence_gap_se),
     )
@@ -254,6 +268,8 @@ def concatenate(parts: list[Diagnostics], num_samples: int) -> Diagnostics:
         notes=list(dict.fromkeys(note for p in parts for note in p.notes)),
         log_weights=(torch.cat([p.log_weights for p in parts], 1)
                      if parts[0].log_weights is not None else None),
+        guide_observed=(torch.cat([p.guide_observed for p in parts])
+                        if parts[0].guide_observed is not None else None),
     )
     d.total = data_set_totals(d, sum(sizes))
     return d

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import torch
 from pyro import poutine
 
+from ..foundations.conventions import inspect_pair
 from ..foundations.errors import ConventionError
-from ..foundations.pair_layout import inspect_pair, per_datapoint
+from ..foundations.pair_layout import per_datapoint
 from ..foundations.statistics import mean_and_se
 from ..foundations.traces import (
     data_frame,

@@ -3,10 +3,12 @@
 A pass traces the guide on a batch of x and replays the model on its draws (k particles at once,
 or one at a time).  From the two traces, per particle:
 
-* the log-weight log p(x, z_k) - log q(z_k | x) and the observed sites' log p(x | z_k), per
-  data point for sites in the data plate, and for the whole pass for sites outside it;
+* the log-weight log p(x, z_k) - log q(z_k | x) and the model's observed sites' log p(x | z_k),
+  per data point for sites in the data plate, and for the whole pass for sites outside it;
 * KL(q || p) of each latent unit (a site, or the sites an autoguide draws jointly), per data
-  point and coordinate, analytic where torch knows the closed form, else Monte Carlo;
+  point and coordinate: in closed form where torch knows it and the guide's order makes it
+  valid (``PairLayout.closed_form``), else the Monte Carlo log q(z_k) - log p(z_k);
+* the guide's observed sites and factors, which are no part of q: kept apart;
 * E_q[z | x] of each local latent site (its distribution's mean), for the active units.
 """
 
@@ -42,6 +44,17 @@ class ParticleTerms:
     global_reconstruction: torch.Tensor
     kl: dict[str, KLTerm]
     latent_mean: dict[str, torch.Tensor]  # [k, N, D] per local latent site
+    # The guide's observed sites and factors (a term of its objective, not of q).
+    guide_observed: torch.Tensor
+    global_guide_observed: torch.Tensor
+    # log q(z_k | x) alone (its latent and auxiliary sites), for proposals mixed with it.
+    log_q: torch.Tensor
+    global_log_q: torch.Tensor
+
+    @property
+    def log_prior(self) -> torch.Tensor:
+        """log p(z_k) per point: the model's latent sites in the data plate."""
+        return self.log_weight - self.reconstruction + self.log_q
 
     @classmethod
     def cat(cls, parts: list[ParticleTerms]) -> ParticleTerms:
@@ -58,6 +71,10 @@ class ParticleTerms:
                 for name, term in first.kl.items()},
             latent_mean={name: torch.cat([p.latent_mean[name] for p in parts])
                          for name in first.latent_mean},
+            guide_observed=torch.cat([p.guide_observed for p in parts]),
+            global_guide_observed=torch.cat([p.global_guide_observed for p in parts]),
+            log_q=torch.cat([p.log_q for p in parts]),
+            global_log_q=torch.cat([p.global_log_q for p in parts]),
         )
 
     def first_points(self, keep: int) -> ParticleTerms:
@@ -70,6 +87,10 @@ class ParticleTerms:
             global_reconstruction=self.global_reconstruction,
             kl={name: KLTerm(term.value[:, :keep], term.method) for name, term in self.kl.items()},
             latent_mean=self.latent_mean,
+            guide_observed=self.guide_observed[:, :keep],
+            global_guide_observed=self.global_guide_observed,
+            log_q=self.log_q[:, :keep],
+            global_log_q=self.global_log_q,
         )
 
 
@@ -91,8 +112,25 @@ def particle_terms(guide_trace, model_trace, layout: PairLayout, data_plate: str
     global_w = torch.zeros(k, dtype=torch.float64)
     recon = torch.zeros(k, n, dtype=torch.float64)
     global_recon = torch.zeros(k, dtype=torch.float64)
+    guide_obs = torch.zeros(k, n, dtype=torch.float64)
+    global_guide_obs = torch.zeros(k, dtype=torch.float64)
+    log_q = torch.zeros(k, n, dtype=torch.float64)
+    global_log_q = torch.zeros(k, dtype=torch.float64)
+    for name, site in guide_sites.items():
+        local = data_frame(site, data_plate) is not None
+        if name in layout.guide_observed:
+            if local:
+                guide_obs = guide_obs + guide_lp[name]
+            else:
+                global_guide_obs = global_guide_obs + guide_lp[name][:, 0]
+        elif local:
+            log_q = log_q + guide_lp[name]
+        else:
+            global_log_q = global_log_q + guide_lp[name][:, 0]
     for sign, sites, lps in ((1.0, model_sites, model_lp), (-1.0, guide_sites, guide_lp)):
         for name, site in sites.items():
+            if sign < 0 and name in layout.guide_observed:
+                continue  # no part of q
             lp = lps[name]
             if data_frame(site, data_plate) is not None:
                 local_w = local_w + sign * lp
@@ -112,21 +150,24 @@ def particle_terms(guide_trace, model_trace, layout: PairLayout, data_plate: str
         log_weight=local_w, global_log_weight=global_w, reconstruction=recon,
         global_reconstruction=global_recon,
         kl=_kl_units(model_sites, guide_sites, model_lp, guide_lp, layout, reduce),
-        latent_mean=latent_mean)
+        latent_mean=latent_mean, guide_observed=guide_obs, global_guide_observed=global_guide_obs,
+        log_q=log_q, global_log_q=global_log_q)
 
 
 def _kl_units(model_sites: dict, guide_sites: dict, model_lp: dict, guide_lp: dict,
               layout: PairLayout, reduce) -> dict[str, KLTerm]:
-    """KL(q || p) of each latent site, analytic where torch knows it; the sites an autoguide
-    draws jointly from one auxiliary site form one unit named after them all (Monte Carlo).
-    ``model_lp``/``guide_lp`` are the sites' reduced log-densities, ``[k, N or 1]``."""
+    """KL(q || p) of each latent site, in closed form where torch knows it and the guide's order
+    allows it (``layout.closed_form``); the sites an autoguide draws jointly from one auxiliary
+    site form one unit named after them all (Monte Carlo).  ``model_lp``/``guide_lp`` are the
+    sites' reduced log-densities, ``[k, N or 1]``."""
     kl: dict[str, KLTerm] = {}
     grouped: list[str] = []
     used_aux: set[str] = set()
     for name in layout.latent:
         q_site, p_site = guide_sites[name], model_sites[name]
+        closed_form = name in layout.closed_form
         if not is_point_mass(q_site["fn"]):
-            site_kl = _safe_kl(q_site["fn"], p_site["fn"], q_site["value"])
+            site_kl = _safe_kl(q_site["fn"], p_site["fn"], q_site["value"], closed_form)
             value = _masked(site_kl.value, site_kl.event_ndim, q_site, p_site)
             kl[name] = KLTerm(_per_dim(reduce, value, q_site, site_kl.event_ndim), site_kl.method)
             continue
@@ -136,7 +177,7 @@ def _kl_units(model_sites: dict, guide_sites: dict, model_lp: dict, guide_lp: di
             continue
         used_aux.add(aux["name"])
         # AutoNormal: z = T(u), u ~ aux.  With T the identity q(z) is aux's distribution.
-        if _is_identity(p_site["fn"]):
+        if closed_form and _is_identity(p_site["fn"]):
             site_kl = _safe_kl(aux["fn"], p_site["fn"], q_site["value"])
             value = _masked(site_kl.value, site_kl.event_ndim, aux, p_site)
             kl[name] = KLTerm(_per_dim(reduce, value, aux, site_kl.event_ndim), site_kl.method)
@@ -170,11 +211,11 @@ def _is_identity(p) -> bool:
     return t == transforms.identity_transform
 
 
-def _safe_kl(q, p, z) -> SiteKL:
-    """Closed form where torch has one and it computes; any failure of it (torch's KL
-    functions that index with masks, say) falls back to Monte Carlo."""
+def _safe_kl(q, p, z, closed_form: bool = True) -> SiteKL:
+    """Closed form where torch has one, it is valid for the pair and it computes; any failure
+    of it (torch's KL functions that index with masks, say) falls back to Monte Carlo."""
     try:
-        return kl_to_prior(q, p, z)
+        return kl_to_prior(q, p, z, closed_form)
     except Exception:  # noqa: BLE001 - a KL function that fails is one we cannot use
         return SiteKL(q.log_prob(z) - p.log_prob(z), 0, MONTE_CARLO)
 

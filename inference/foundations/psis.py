@@ -16,6 +16,10 @@ import torch
 
 KHAT_GOOD = 0.5
 KHAT_UNRELIABLE = 0.7
+# What no k-hat can see: it judges the tail of the weights the proposal drew, so a mode of the
+# posterior the guide never reaches (a mixture's other labelling, say) leaves no trace in it.
+UNSEEN_MODES = ("k-hat cannot see a posterior mode the guide never reaches: "
+                "evaluate(defensive=...) and AIS from the prior can")
 # Log-weights spread less than this (nats) are constant to rounding (see pareto_khat).
 CONSTANT_SPREAD = 1e-4
 # PSIS fits the largest ceil(min(K/5, 3 sqrt(K))) weights and needs at least 5 of them (ArviZ
@@ -100,10 +104,11 @@ def khat_summary(khat: torch.Tensor, unit: str = "data point") -> dict:
     elif ok:
         verdict = (
             f"all points have k-hat <= {KHAT_UNRELIABLE}; {ok} in [{KHAT_GOOD}, "
-            f"{KHAT_UNRELIABLE}] converge slowly: use a large K"
+            f"{KHAT_UNRELIABLE}] converge slowly: use a large K ({UNSEEN_MODES})"
         )
     else:
-        verdict = f"all points have k-hat < {KHAT_GOOD}: the evidence estimates are reliable"
+        verdict = (f"all points have k-hat < {KHAT_GOOD}: the evidence estimates are reliable "
+                   f"where the guide covers the posterior's modes ({UNSEEN_MODES})")
     return {
         "median": float(finite.median()) if finite.numel() else None,
         "max": float(finite.max()) if finite.numel() else None,
@@ -120,9 +125,11 @@ def _joint_khat_summary(k: float) -> dict:
         verdict = (f"k-hat of the joint weights {k:.2f} > {KHAT_UNRELIABLE}: log p(x_1..N) and "
                    "the evidence gap are NOT reliable; treat them as lower bounds")
     elif k >= KHAT_GOOD:
-        verdict = f"k-hat of the joint weights {k:.2f} in [{KHAT_GOOD}, {KHAT_UNRELIABLE}]: use a large K"
+        verdict = (f"k-hat of the joint weights {k:.2f} in [{KHAT_GOOD}, {KHAT_UNRELIABLE}]: use "
+                   f"a large K ({UNSEEN_MODES})")
     else:
-        verdict = f"k-hat of the joint weights {k:.2f} < {KHAT_GOOD}: the evidence estimate is reliable"
+        verdict = (f"k-hat of the joint weights {k:.2f} < {KHAT_GOOD}: the evidence estimate is "
+                   f"reliable where the guide covers the posterior's modes ({UNSEEN_MODES})")
     finite = math.isfinite(k)
     return {"median": k if finite else None, "max": k if finite else None,
             "share_good": float(k < KHAT_GOOD), "share_ok": float(KHAT_GOOD <= k <= KHAT_UNRELIABLE),

@@ -89,6 +89,42 @@ def trace_pair(
     return guide_trace, model_trace
 
 
+def trace_pair_from_prior(
+    model: Callable, guide: Callable, x: torch.Tensor, num_particles: int | None = None,
+    particle_dim: int | None = None,
+) -> tuple[Trace, Trace]:
+    """The model traced on ``x`` with its latent sites drawn from their prior (its observed
+    sites scored), and the guide replayed on those draws: q scored at z ~ p(z)."""
+    guide = in_particles(guide, num_particles, particle_dim)
+    model = in_particles(model, num_particles, particle_dim)
+    model_trace = poutine.trace(model).get_trace(x)
+    guide_trace = poutine.trace(poutine.replay(guide, trace=model_trace)).get_trace(x)
+    return guide_trace, model_trace
+
+
+def particle(trace: Trace, j: int, particle_dim: int) -> Trace:
+    """Particle ``j`` of a trace run in the particle plate, as a trace to replay the pair on
+    without the plate: each sample site's value at index ``j`` of its particle dimension, with
+    the leading size-1 dimensions the plate's broadcasting added taken off again."""
+    out = Trace()
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample":
+            continue
+        value = site["value"]
+        in_plate = any(f.name == PARTICLE_PLATE for f in site["cond_indep_stack"])
+        # Observed sites (data, factors) are never replayed: their values stay as they are.
+        if (in_plate and not site["is_observed"] and not site_is_subsample(site)
+                and torch.is_tensor(value)):
+            event_dim = site["fn"].event_dim
+            value = value.select(value.dim() - event_dim + particle_dim, j)
+            rank = max([-f.dim for f in site["cond_indep_stack"]
+                        if f.vectorized and f.name != PARTICLE_PLATE], default=0)
+            while value.dim() - event_dim > rank and value.shape[0] == 1:
+                value = value[0]
+        out.add_node(name, **{**site, "value": value})
+    return out
+
+
 class FixedSubsample(Messenger):
     """Hands the data plate's subsample site the given indices: evaluation covers every point
     of a pair that picks its own minibatch, chunk by chunk."""

@@ -45,8 +45,9 @@ def summary_rows(summary: dict) -> tuple[str, str, list[tuple[str, dict | None]]
     if not data_set:
         for site, e in summary["kl_sites"].items():
             if e["method"] == "monte-carlo":
-                notes.append(f"note: torch has no closed-form KL for site '{site}'; its KL is "
-                             "the Monte Carlo mean of log q(z) - log p(z) over the K draws")
+                notes.append(f"note: the KL of site '{site}' is the Monte Carlo mean of "
+                             "log q(z) - log p(z) over the K draws (no closed form for its "
+                             "distributions, or none valid in the guide's order)")
         mc = summary.get("log_evidence_mc_se")
         if mc is not None:
             notes.append(f"(Monte Carlo SE of {name['evidence']} per data point, mean over "
@@ -59,10 +60,12 @@ def summary_rows(summary: dict) -> tuple[str, str, list[tuple[str, dict | None]]
                   if not data_set and khat["median"] is not None else "")
         notes.append(f"Pareto k-hat: {spread}{khat['verdict']}")
     if data_set:
-        notes.append(f"importance-sampling ESS: {summary['ess']['mean']:.1f} of K={k}")
+        notes.append(f"importance-sampling ESS: {summary['ess']['mean']:.1f} of "
+                     f"{_draws(summary)}")
         return f"nats for the data set, N={summary['num_data']}", "total", rows, notes
     if "ess" in summary:
-        notes.append(f"importance-sampling ESS: mean {summary['ess']['mean']:.1f} of K={k} "
+        notes.append(f"importance-sampling ESS: mean {summary['ess']['mean']:.1f} of "
+                     f"{_draws(summary)} "
                      f"(min {summary['ess']['min']:.1f})")
     units = summary.get("active_units") or {}
     if units.get("total"):
@@ -76,6 +79,12 @@ def summary_rows(summary: dict) -> tuple[str, str, list[tuple[str, dict | None]]
                  ("  marginal KL(q(z) || p(z))", surgery["marginal_kl"])]
         notes.append(f"note: {surgery['note']}")
     return f"nats per data point, N={summary['num_data']}", "mean", rows, notes
+
+
+def _draws(summary: dict) -> str:
+    """The draws behind the ESS: K, or K and a defensive proposal's prior draws."""
+    k, of = summary["num_samples"], summary["ess"].get("of", summary["num_samples"])
+    return f"K={k}" if of == k else f"{of} draws (K={k} from q, {of - k} from the prior)"
 
 
 def _fmt(entry: dict | None) -> str:

@@ -21,6 +21,7 @@ from ..diagnostics.results import ACTIVE_UNIT_THRESHOLD, DATA_POINT, Diagnostics
 from ..diagnostics.surgery import elbo_surgery
 from ..foundations.atomic import write_json_atomic, write_text_atomic
 from ..foundations.errors import ConventionError, OptionError, check_positive
+from ..foundations.module_mode import evaluation_mode
 from ..foundations.statistics import mean_and_se
 from ..presentation.figures import (
     figure_png,
@@ -136,9 +137,15 @@ class Report:
 
     @classmethod
     def build(cls, run: Run, settings: ReportSettings | None = None, **kwargs) -> Report:
-        """Diagnose ``run`` afresh (``ReportSettings``' fields may be passed as keywords)."""
+        """Diagnose ``run`` afresh (``ReportSettings``' fields may be passed as keywords), with
+        the pair's modules in evaluation mode throughout (its fitting of q* too)."""
         settings = settings or ReportSettings(**kwargs)
         settings.check()
+        with evaluation_mode(run.model, run.guide):
+            return cls._build(run, settings)
+
+    @classmethod
+    def _build(cls, run: Run, settings: ReportSettings) -> Report:
         pyro.set_rng_seed(settings.seed)
         x = run.points(settings.max_points)
         plate = settings.data_plate or run.options.data_plate
@@ -157,8 +164,7 @@ class Report:
             f"The numbers below are a fresh estimate (K={settings.num_samples}, seed "
             f"{settings.seed}, {d.num_data} {split} points), not those of the run's "
             "diagnostics.json: they differ from them within their Monte Carlo standard errors."))
-        if d.unit != DATA_POINT:
-            report.notes += [Note(n) for n in d.notes]
+        report.notes += [Note(n) for n in d.notes]
         if "khat" in summary:
             report.notes.append(Note(f"Pareto k-hat: {summary['khat']['verdict']}.",
                                      warning=summary["khat"]["share_unreliable"] > 0))

@@ -19,8 +19,9 @@ from collections.abc import Callable
 
 import torch
 
+from ..foundations.conventions import inspect_pair
 from ..foundations.errors import ConventionError, OptionError
-from ..foundations.pair_layout import PairLayout, inspect_pair, per_datapoint
+from ..foundations.pair_layout import PairLayout, per_datapoint
 from ..foundations.traces import data_frame, sample_sites, site_log_prob, trace_pair
 
 

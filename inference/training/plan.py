@@ -9,8 +9,9 @@ from dataclasses import dataclass
 import torch
 
 from ..data.dataset import Dataset, subset
+from ..foundations.conventions import inspect_pair
 from ..foundations.errors import ConventionError, OptionError
-from ..foundations.pair_layout import PairLayout, inspect_pair
+from ..foundations.pair_layout import PairLayout
 from ..foundations.rng import rng_preserved
 from .options import FitOptions
 

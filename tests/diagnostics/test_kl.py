@@ -47,11 +47,15 @@ def test_kl_falls_back_to_monte_carlo_without_closed_form():
 
 
 def test_reconstruction_minus_kl_matches_plain_monte_carlo_elbo():
-    """evaluate's ELBO (MC reconstruction - analytic KL) vs mean of log p(x,z) - log q(z)."""
+    """evaluate's ELBO vs mean of log p(x,z) - log q(z); its reconstruction (the plain Monte
+    Carlo mean) minus the analytic KL agrees with it within their Monte Carlo errors."""
     vae, enc = make_vae()
     x = torch.bernoulli(torch.full((30, 16), 0.4))
     d = evaluate(vae.model, enc.guide, x, num_samples=400)
-    torch.testing.assert_close(d.reconstruction - d.kl_prior, d.elbo)
+    apart = (d.reconstruction - d.kl_prior - d.elbo).sum().item()
+    assert apart != 0.0  # two estimators, not one number written twice
+    se = (d.reconstruction_se.pow(2).sum() + d.elbo_se.pow(2).sum()).sqrt().item()
+    assert abs(apart) < 4 * se
     draws = []
     with torch.no_grad():
         for _ in range(400):

@@ -99,7 +99,7 @@ def test_kl_to_prior_is_the_closed_form_to_float_precision(imperfect):
 
 @pytest.mark.parametrize(
     "name, se_name",
-    [("elbo", "elbo_se"), ("reconstruction", "elbo_se"),
+    [("elbo", "elbo_se"), ("reconstruction", "reconstruction_se"),
      ("log_evidence", "log_evidence_se"), ("evidence_gap", "evidence_gap_se")],
 )
 def test_estimates_within_four_reported_standard_errors(imperfect, name, se_name):

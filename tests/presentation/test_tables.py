@@ -17,7 +17,7 @@ def test_a_conditional_models_table_names_what_it_estimates():
     text = format_summary(summary())
     assert text.splitlines()[0].startswith("nats per data point, N=3")
     assert "log p(y | inputs)  importance sampling, K=50" in text
-    assert "its KL is the Monte Carlo mean" in text and "active units" in text
+    assert "is the Monte Carlo mean of log q(z) - log p(z)" in text and "active units" in text
 
 
 def test_the_html_table_escapes_names_that_come_from_a_pair():
