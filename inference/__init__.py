@@ -29,6 +29,7 @@ from .diagnostics.surgery import ElboSurgery, elbo_surgery
 from .foundations.cpu import configure_cpu
 from .foundations.device import move_pair, resolve_device
 from .foundations.errors import ConfigError, ConventionError, DataError, ElbogapError, OptionError
+from .foundations.program_data import ProgramData
 from .runs.compare import Comparison, compare
 from .runs.diagnose import Diagnosis, diagnose, final_summary
 from .runs.pairs import AUTOGUIDES, Pair, build_pair
@@ -57,6 +58,7 @@ __all__ = [
     "OptionError",
     "Pair",
     "PosteriorPredictive",
+    "ProgramData",
     "Report",
     "ReportSettings",
     "Run",

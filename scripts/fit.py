@@ -51,7 +51,7 @@ def parser() -> argparse.ArgumentParser:
                    "auto-lowrank-multivariate-normal; default: the model's own")
     g.add_argument("--flows", type=int, help="IAF layers of --guide iaf (default 2)")
     g.add_argument("--data-plate", default=o.data_plate,
-                   help="name of the pyro.plate over data points in model and guide")
+                   help="the plate over data points, where several could be it")
     g.add_argument("--likelihood", choices=("auto", "bernoulli", "gaussian"), default="auto",
                    help="observation model; auto: bernoulli for binary data, else gaussian")
     g.add_argument("--likelihood-scale", type=float, help="fixed standard deviation of the "

@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..foundations.errors import DataOptionError
+from ..foundations.program_data import ProgramData
 
 # Fixed seed for everything that makes a data set (splits, fixed binarizations): the data a
 # run sees must not depend on the training seed.
@@ -37,17 +38,20 @@ class Dataset:
     """
 
     name: str
-    train: torch.Tensor
-    test: torch.Tensor
+    # Tensors [N, D]; or a program's arguments (``ProgramData``), as ``fit`` makes of the
+    # tensors, loaders and datasets users hand it (``elbogap.data.training_data``).
+    train: torch.Tensor | ProgramData
+    test: torch.Tensor | ProgramData | None
     image_shape: tuple[int, int] | None
     likelihood: str
     dynamic_binarization: bool = False
     # Rows held out of the training set to watch during training instead of the test set.
-    validation: torch.Tensor | None = None
+    validation: torch.Tensor | ProgramData | None = None
 
     @property
     def data_dim(self) -> int:
-        return int(self.train.shape[1])
+        """Values per data point (of every per-point argument, for a program's arguments)."""
+        return int(self.train.numel() // max(1, self.train.shape[0]))
 
     def with_validation(self, fraction: float, seed: int = DATA_SEED) -> Dataset:
         """This data set with ``fraction`` of its training rows (a fixed random subset) moved
@@ -63,10 +67,17 @@ class Dataset:
         order = torch.randperm(n, generator=g)
         validation = self.train[order[:held]]
         if self.dynamic_binarization:
-            validation = torch.bernoulli(validation, generator=g)
+            validation = _binarized(validation, g)
         return replace(self, train=self.train[order[held:]], validation=validation)
 
     def train_epoch(self, generator: torch.Generator | None = None) -> torch.Tensor:
         if self.dynamic_binarization:
-            return torch.bernoulli(self.train, generator=generator)
+            return _binarized(self.train, generator)
         return self.train
+
+
+def _binarized(x: torch.Tensor | ProgramData, generator: torch.Generator | None):
+    """A Bernoulli draw of grey levels: of x, or of a program's per-point arguments."""
+    if isinstance(x, ProgramData):
+        return x.map_rows(lambda v: torch.bernoulli(v, generator=generator))
+    return torch.bernoulli(x, generator=generator)

@@ -10,12 +10,14 @@ from __future__ import annotations
 import gzip
 import warnings
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..foundations.errors import DataError
+from ..foundations.program_data import ProgramData
 from .dataset import DATA_SEED, Dataset
 
 BINARIZATIONS = ("threshold", "fixed", "dynamic")
@@ -214,7 +216,10 @@ def load_frey_face(path: str | Path, num_test: int = 265) -> Dataset:
 
 
 def load_array(path: str | Path, num_test: int | None = None) -> Dataset:
-    """A user's data matrix (rows are data points) from ``.npy``, ``.npz`` or ``.csv``/``.txt``.
+    """A user's data from ``.npy``, ``.npz`` or ``.csv``/``.txt``: one matrix (rows are data
+    points) or vector (one value per point), handed to the model as its one argument x; or an
+    ``.npz`` of several named arrays, handed to the model as keyword arguments of those names
+    (``x``, ``y``, ``mask``...), the arrays of the most common leading size split into rows.
 
     Binary data (only 0 and 1) gets a Bernoulli likelihood, anything else a Gaussian one.  The
     split is a fixed permutation (seed 0) with 10 % (at least one point) held out for testing.
@@ -224,35 +229,74 @@ def load_array(path: str | Path, num_test: int | None = None) -> Dataset:
         raise DataError(f"{path}: no such file (expected a .npy, .npz or .csv data matrix)")
     try:
         if path.suffix == ".npy":
-            array = np.load(path, allow_pickle=False)
+            arrays = {"": np.load(path, allow_pickle=False)}
         elif path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as archive:
-                if len(archive.files) != 1:
-                    raise DataError(f"{path}: holds arrays {archive.files}; expected exactly one")
-                array = archive[archive.files[0]]
+                arrays = {name: archive[name] for name in archive.files}
+            if not arrays:
+                raise DataError(f"{path}: holds no array")
         elif path.suffix in (".csv", ".txt"):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # an empty file is refused below, by name
-                array = np.loadtxt(path, delimiter="," if path.suffix == ".csv" else None,
-                                   ndmin=2)
+                arrays = {"": np.loadtxt(path, delimiter="," if path.suffix == ".csv" else None,
+                                         ndmin=2)}
         else:
             raise DataError(f"{path}: unknown extension, expected .npy, .npz, .csv or .txt")
     except (ValueError, OSError, EOFError) as e:
         raise DataError(f"{path}: cannot be read as a numeric array ({e})") from None
-    if array.ndim != 2 or array.shape[0] < 2 or array.shape[1] < 1:
-        raise DataError(f"{path}: array of shape {array.shape}, expected (data points >= 2, features)")
-    if not np.issubdtype(array.dtype, np.number):
-        raise DataError(f"{path}: array of dtype {array.dtype}, expected numbers")
-    bad = ~np.isfinite(array)
-    if bad.any():
-        rows = np.unique(np.nonzero(bad)[0])
-        raise DataError(
-            f"{path}: {int(bad.sum())} NaN or infinite values, in rows {rows[:10].tolist()}"
-            f"{' ...' if len(rows) > 10 else ''}"
-        )
-    array = array.astype(np.float32)
-    num_test = max(1, len(array) // 10) if num_test is None else num_test
-    train, test = _fixed_split(array, num_test)
-    binary = np.isin(array, (0.0, 1.0)).all()
-    return Dataset(path.stem, torch.from_numpy(train), torch.from_numpy(test), None,
-                   "bernoulli" if binary else "gaussian")
+    if len(arrays) == 1:
+        (array,) = arrays.values()
+        array = _checked(path, "", array)
+        num_test = max(1, len(array) // 10) if num_test is None else num_test
+        train, test = _fixed_split(array, num_test)
+        binary = np.isin(array, (0.0, 1.0)).all()
+        return Dataset(path.stem, torch.from_numpy(train), torch.from_numpy(test), None,
+                       "bernoulli" if binary else "gaussian")
+    return _named_arrays(path, {name: _checked(path, name, a) for name, a in arrays.items()},
+                         num_test)
+
+
+def _checked(path: Path, name: str, array: np.ndarray) -> np.ndarray:
+    """A numeric array of finite values, with one row per point: float32 (integers stay
+    integers, as a count or an index is; booleans stay booleans, as a mask is)."""
+    where = f"{path}" + (f", array '{name}'" if name else "")
+    if not name and (array.ndim not in (1, 2) or array.shape[0] < 2):
+        raise DataError(f"{where}: array of shape {array.shape}, expected (data points >= 2"
+                        ", features) or (data points >= 2,)")
+    if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
+        raise DataError(f"{where}: array of dtype {array.dtype}, expected numbers")
+    if np.issubdtype(array.dtype, np.floating):
+        bad = ~np.isfinite(array)
+        if bad.any():
+            rows = np.unique(np.nonzero(bad)[0])
+            raise DataError(
+                f"{where}: {int(bad.sum())} NaN or infinite values, in rows {rows[:10].tolist()}"
+                f"{' ...' if len(rows) > 10 else ''}"
+            )
+        return array.astype(np.float32)
+    if np.issubdtype(array.dtype, np.integer):
+        return array.astype(np.int64)
+    return array
+
+
+def _named_arrays(path: Path, arrays: dict[str, np.ndarray], num_test: int | None) -> Dataset:
+    """The program's keyword arguments: arrays of the most common leading size N are split
+    into train and test rows (the same rows of each); the others are passed whole to both."""
+    sizes = [a.shape[0] for a in arrays.values() if a.ndim]
+    n = max(set(sizes), key=lambda size: (sizes.count(size), size)) if sizes else 0
+    if n < 2:
+        raise DataError(f"{path}: arrays {sorted(arrays)} of shapes "
+                        f"{[a.shape for a in arrays.values()]}: expected some with a leading "
+                        "dimension of data points >= 2")
+    num_test = max(1, n // 10) if num_test is None else num_test
+    order = np.random.RandomState(DATA_SEED).permutation(n)  # as _fixed_split orders rows
+    test_rows, train_rows = order[:num_test], order[num_test:]
+
+    def split(rows):
+        return ProgramData(kwargs={name: torch.tensor(a[rows] if a.ndim and a.shape[0] == n
+                                                      else a) for name, a in arrays.items()})
+
+    train, test = split(train_rows), split(test_rows)
+    rows = {name for name, a in arrays.items() if a.ndim and a.shape[0] == n}
+    train, test = (replace(d, batched=frozenset(rows)) for d in (train, test))
+    return Dataset(path.stem, train, test, None, "the model's")

@@ -35,10 +35,12 @@ from torch.distributions import biject_to
 from tqdm.auto import tqdm
 
 from ..foundations.conventions import inspect_pair
+from ..foundations.data_plate import takes_program_arguments
 from ..foundations.device import rows_per_chunk as default_rows_per_chunk
 from ..foundations.errors import ConventionError, OptionError
 from ..foundations.module_mode import evaluation_mode
 from ..foundations.pair_layout import PairLayout, per_datapoint
+from ..foundations.program_data import ProgramData
 from ..foundations.statistics import log_mean_exp_with_se, mean_and_se
 from ..foundations.traces import (
     apply_mask,
@@ -48,6 +50,7 @@ from ..foundations.traces import (
     is_point_mass,
     sample_sites,
     site_log_prob,
+    traced_model,
 )
 from .evaluation import evaluate
 from .passes import checked_arguments
@@ -125,10 +128,10 @@ class AnnealingPath:
         # The model's sites as they sit in a chain's state (their shapes in the chains' plate).
         with torch.no_grad():
             if start == "prior":
-                trace = poutine.trace(self.model).get_trace(x)
+                trace = traced_model(self.model, x)
             else:
                 guide_trace = poutine.trace(self.guide).get_trace(x)
-                trace = poutine.trace(poutine.replay(self.model, trace=guide_trace)).get_trace(x)
+                trace = traced_model(poutine.replay(self.model, trace=guide_trace), x)
         self.sites = sample_sites(trace)
 
     def reduce(self, values: torch.Tensor, site: dict) -> torch.Tensor:
@@ -144,7 +147,7 @@ class AnnealingPath:
     def _terms_with(self, u: dict[str, torch.Tensor], reduce: Callable):
         """The three terms at state ``u``, each site's values reduced by ``reduce``."""
         z = {name: self.transforms[name](v) for name, v in u.items()}
-        model_trace = poutine.trace(poutine.condition(self.model, data=z)).get_trace(self.x)
+        model_trace = traced_model(poutine.condition(self.model, data=z), self.x)
         sites = sample_sites(model_trace)
         joint = sum(reduce(site_log_prob(site), site) for site in sites.values())
         jacobian = sum(
@@ -254,10 +257,10 @@ def _base_draw(model: Callable, guide: Callable, x: torch.Tensor, start: str,
         if start == "guide":
             trace = poutine.trace(guide).get_trace(x)
             if model_trace:
-                trace = poutine.trace(poutine.replay(model, trace=trace)).get_trace(x)
+                trace = traced_model(poutine.replay(model, trace=trace), x)
         else:
-            trace = poutine.trace(poutine.uncondition(model) if not model_trace
-                                  else model).get_trace(x)
+            trace = (traced_model(model, x) if model_trace
+                     else poutine.trace(poutine.uncondition(model)).get_trace(x))
     return trace
 
 
@@ -271,7 +274,7 @@ def _check_pair(model: Callable, guide: Callable, x: torch.Tensor, start: str,
                               "pair to cover every point of x in one pass")
     with torch.no_grad():
         guide_trace = poutine.trace(guide).get_trace(x)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
+        model_trace = traced_model(poutine.replay(model, trace=guide_trace), x)
     model_sites, guide_sites = sample_sites(model_trace), sample_sites(guide_trace)
     supports = {}
     for name in layout.latent:
@@ -363,10 +366,11 @@ def anneal(path: AnnealingPath, u: dict[str, torch.Tensor], betas: torch.Tensor,
     return log_w, accepted / max(1, len(betas) - 1), eps, start_ratio, u
 
 
+@takes_program_arguments
 def annealed_evidence(
     model: Callable,
     guide: Callable,
-    x: torch.Tensor,
+    x: ProgramData,
     *,
     num_chains: int = 16,
     num_steps: int = 500,
@@ -374,7 +378,7 @@ def annealed_evidence(
     start: str = "guide",
     step_size: float = 0.01,
     batch_size: int | None = None,
-    data_plate: str = "data",
+    data_plate: str | None = None,
     progress: bool = False,
     train_mode: bool = False,
 ) -> AnnealedEvidence:
@@ -450,10 +454,11 @@ def points_per_pass(model: Callable, guide: Callable, x: torch.Tensor, chains: i
     return batch_size, first
 
 
-def ais_beside_importance(model: Callable, guide: Callable, x: torch.Tensor, *,
+@takes_program_arguments
+def ais_beside_importance(model: Callable, guide: Callable, x: ProgramData, *,
                           num_samples: int, num_chains: int = 16, num_steps: int = 500,
                           start: str = "guide", batch_size: int | None = None,
-                          data_plate: str = "data", progress: bool = False) -> dict:
+                          data_plate: str | None = None, progress: bool = False) -> dict:
     """AIS and importance sampling (K = ``num_samples``) on the same points: both summaries, the
     per-point difference AIS - IS, and per point both estimates with IS's k-hat."""
     importance = evaluate(model, guide, x, num_samples=num_samples, batch_size=batch_size,

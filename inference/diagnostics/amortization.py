@@ -19,8 +19,10 @@ from pyro.infer import Trace_ELBO
 from torch.distributions import Independent, MultivariateNormal, Normal
 
 from ..foundations.conventions import inspect_pair
+from ..foundations.data_plate import takes_program_arguments
 from ..foundations.errors import ConventionError
 from ..foundations.minimize import minimize
+from ..foundations.program_data import ProgramData
 from ..foundations.statistics import mean_and_se
 from ..foundations.traces import sample_sites, trace_pair
 from .evaluation import evaluate
@@ -128,17 +130,19 @@ class GapDecomposition:
         }
 
 
+@takes_program_arguments
 def decompose_gap(
     model: Callable,
     guide: Callable,
-    local_guide: Callable,
-    x: torch.Tensor,
+    x: ProgramData,
     *,
+    local_guide: Callable,
     num_samples: int = 1000,
-    data_plate: str = "data",
+    data_plate: str | None = None,
     log_evidence: torch.Tensor | None = None,
 ) -> GapDecomposition:
-    """Split the evidence gap of ``guide`` on ``x`` using a fitted ``local_guide`` (q*).
+    """Split the evidence gap of ``guide`` on its data using a fitted ``local_guide`` (q*,
+    called with the same arguments).
 
     log p(x) is the importance-sampling estimate with q* as proposal (closer to the posterior
     than the encoder, it is the better proposal of the two), unless ``log_evidence`` gives it
@@ -151,8 +155,9 @@ def decompose_gap(
     return GapDecomposition.of(amortized, local.elbo, log_evidence, local)
 
 
-def split_gap(model: Callable, guide: Callable, x: torch.Tensor, *, steps: int = 500,
-              num_samples: int = 1000, data_plate: str = "data",
+@takes_program_arguments
+def split_gap(model: Callable, guide: Callable, x: ProgramData, *, steps: int = 500,
+              num_samples: int = 1000, data_plate: str | None = None,
               log_evidence: torch.Tensor | None = None) -> GapDecomposition:
     """``decompose_gap`` with q* built and fitted here: per point and latent site a Normal, or a
     full-covariance Normal where the guide's site is one, started from the guide's own
@@ -164,15 +169,16 @@ def split_gap(model: Callable, guide: Callable, x: torch.Tensor, *, steps: int =
                              data_plate=data_plate, log_evidence=log_evidence)
     local = LocalMeanFieldGuide(sites)
     fit_local_guide(model, local.guide, local.parameters(), x, steps=steps)
-    gaps = decompose_gap(model, guide, local.guide, x, num_samples=num_samples,
+    gaps = decompose_gap(model, guide, x, local_guide=local.guide, num_samples=num_samples,
                          data_plate=data_plate, log_evidence=log_evidence)
     full = any(site.scale_tril is not None for site in sites.values())
     gaps.q_star = f"a {'full-covariance' if full else 'mean-field'} Normal fitted to each point"
     return gaps
 
 
-def finetuned_gap(model: Callable, guide: Callable, x: torch.Tensor, *, steps: int = 500,
-                  num_samples: int = 1000, data_plate: str = "data", lr: float = 1e-3,
+@takes_program_arguments
+def finetuned_gap(model: Callable, guide: Callable, x: ProgramData, *, steps: int = 500,
+                  num_samples: int = 1000, data_plate: str | None = None, lr: float = 1e-3,
                   log_evidence: torch.Tensor | None = None) -> GapDecomposition:
     """The split for any guide: q*(z | x_n) is the guide itself with every one of its
     parameters fine-tuned by SVI on x_n alone (Cremer et al. 2018 optimize a flow's parameters

@@ -11,9 +11,12 @@ from dataclasses import dataclass
 
 import torch
 from pyro import poutine
+from pyro.distributions import Unit
 
+from ..foundations.data_plate import takes_program_arguments
 from ..foundations.errors import ConventionError
 from ..foundations.module_mode import evaluation_mode
+from ..foundations.program_data import ProgramData
 from ..foundations.statistics import log_mean_exp_with_se, mean_and_se
 from ..foundations.traces import sample_sites
 from .ais import anneal, annealing_path, initial_state, points_per_pass, sigmoid_schedule
@@ -24,7 +27,7 @@ class BidirectionalBounds:
     """BDMC on simulated data: per point, a stochastic lower bound (forward AIS) and upper bound
     (reverse AIS from the simulating latents) of log p(x)."""
 
-    x: torch.Tensor
+    observations: dict[str, torch.Tensor]  # the simulated data, by observed site
     lower: torch.Tensor
     upper: torch.Tensor
     num_chains: int
@@ -38,25 +41,35 @@ class BidirectionalBounds:
                 "bracket_se": bracket["se"]}
 
 
-def simulate(model: Callable, x_like: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Data drawn from the generative program (its observations uncondition-ed), shaped like
-    ``x_like``, and the latents that generated them."""
+def simulate(model: Callable, data: ProgramData) -> tuple[
+        Callable, ProgramData, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Observations drawn from the generative program (every observed site uncondition-ed) on
+    the program's arguments ``data``: the model conditioned on them instead of the user's, the
+    arguments with each one an observed site holds as it is (``obs=x``) replaced by its
+    simulation (so that an encoder sees the simulated x), the observations, and the latents
+    that generated them."""
     with torch.no_grad():
-        conditioned = sample_sites(poutine.trace(model).get_trace(x_like))
-        sites = sample_sites(poutine.trace(poutine.uncondition(model)).get_trace(x_like))
+        conditioned = sample_sites(poutine.trace(model).get_trace(data))
+        sites = sample_sites(poutine.trace(poutine.uncondition(model)).get_trace(data))
     observed = [name for name, s in conditioned.items() if s["is_observed"]]
-    if len(observed) != 1 or sites[observed[0]]["value"].shape != x_like.shape:
+    factors = [name for name in observed if isinstance(conditioned[name]["fn"], Unit)]
+    if factors:
         raise ConventionError(
-            f"BDMC simulates x from the model: it needs one observed site holding x itself (shape "
-            f"{tuple(x_like.shape)}); the model observes {observed}")
+            f"BDMC simulates the model's observations, but site(s) {factors} are factors "
+            "(pyro.factor): a factor is a weight, not a distribution to draw from")
+    simulated = {name: sites[name]["value"] for name in observed}
     latents = {name: s["value"] for name, s in sites.items() if name not in observed}
-    return sites[observed[0]]["value"], latents
+    replaced = {id(conditioned[name]["value"]): value for name, value in simulated.items()}
+    data = data.replaced(lambda value: replaced.get(id(value), value))
+    return (poutine.condition(poutine.uncondition(model), data=simulated), data, simulated,
+            latents)
 
 
+@takes_program_arguments
 def bdmc(
     model: Callable,
     guide: Callable,
-    x_like: torch.Tensor,
+    x_like: ProgramData,
     *,
     num_chains: int = 16,
     num_steps: int = 500,
@@ -64,7 +77,7 @@ def bdmc(
     start: str = "guide",
     step_size: float = 0.01,
     batch_size: int | None = None,
-    data_plate: str = "data",
+    data_plate: str | None = None,
     progress: bool = False,
     train_mode: bool = False,
 ) -> BidirectionalBounds:
@@ -79,8 +92,9 @@ def bdmc(
                                         step_size)
         xs, lowers, uppers = [], [], []
         for s in range(0, x_like.shape[0], batch_size):
-            x, exact = simulate(model, x_like[s: s + batch_size])
-            path = annealing_path(model, guide, x, num_chains, start, data_plate)
+            xb = x_like[s: s + batch_size]
+            simulated_model, xb, x, exact = simulate(model, xb)
+            path = annealing_path(simulated_model, guide, xb, num_chains, start, data_plate)
             forward, *_ = anneal(path, initial_state(path, start), sigmoid_schedule(num_steps),
                                  leapfrog_steps, step_size, progress, "forward AIS")
             # Every chain starts at the latents that generated x: exact posterior draws.
@@ -90,5 +104,6 @@ def bdmc(
             lowers.append(log_mean_exp_with_se(forward.cpu())[0])
             # Reverse weights estimate 1 / p(x): minus their log-mean-exp bounds log p(x) above.
             uppers.append(-log_mean_exp_with_se(reverse.cpu())[0])
-    return BidirectionalBounds(x=torch.cat(xs), lower=torch.cat(lowers), upper=torch.cat(uppers),
+    observations = xs[0] if len(xs) == 1 else {n: torch.cat([x[n] for x in xs]) for n in xs[0]}
+    return BidirectionalBounds(observations=observations, lower=torch.cat(lowers), upper=torch.cat(uppers),
                                num_chains=num_chains, num_steps=num_steps)

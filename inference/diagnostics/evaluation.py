@@ -47,12 +47,14 @@ import torch
 from tqdm.auto import tqdm
 
 from ..foundations.conventions import inspect_pair
+from ..foundations.data_plate import takes_program_arguments
 from ..foundations.device import move_pair, resolve_device
 from ..foundations.device import rows_per_chunk as default_rows_per_chunk
 from ..foundations.distributed import SINGLE, Distributed
 from ..foundations.errors import ConventionError
 from ..foundations.module_mode import evaluation_mode
 from ..foundations.pair_layout import PairLayout
+from ..foundations.program_data import ProgramData
 from ..foundations.psis import importance_ess, khat_where_defined
 from ..foundations.statistics import importance_stats
 from .defensive import MixtureSums, check_defensive, defensive_note, prior_draws, prior_particles
@@ -72,14 +74,15 @@ from .terms import KLTerm, ParticleTerms
 MIN_SAMPLES_CONTROL_VARIATE = 20
 
 
+@takes_program_arguments
 def evaluate(
     model: Callable,
     guide: Callable,
-    x: torch.Tensor,
+    x: ProgramData,
     *,
     num_samples: int,
     batch_size: int | None = None,
-    data_plate: str = "data",
+    data_plate: str | None = None,
     rows_per_chunk: int | None = None,
     keep_log_weights: bool = False,
     progress: bool = False,
@@ -142,13 +145,30 @@ def evaluate(
         if defensive:
             d.notes.append(defensive_note(defensive, num_samples))
             d.proposal_draws = num_samples + prior_draws(num_samples, defensive)
-        d.observed, d.conditional = first.observed, first.conditional
+        d.observed, d.conditional = first.observed_names, first.conditional
+        if num_samples > 1 and _observations_ignore_latents(d):
+            d.notes.append(IGNORED_LATENTS)
         d.notes.extend(note for note in mode_notes + layout_notes(first, d)
                        if note not in d.notes)
         if surgery:
             d.elbo_surgery = elbo_surgery(model, guide, x, num_samples=min(num_samples, 10),
                                           data_plate=data_plate).summary()
     return on_cpu(d)
+
+
+IGNORED_LATENTS = (
+    "the observed sites' log-density is the same at every draw of the latents: they depend on "
+    "none of them, so the posterior is the prior, log p(x) is the likelihood itself and the "
+    "gap is the KL to the prior (Pyro's VariationalGP and VariationalSparseGP write q's "
+    "moments into their likelihood: these are that program's numbers, not a GP's marginal "
+    "likelihood)")
+
+
+def _observations_ignore_latents(d: Diagnostics) -> bool:
+    se = d.total.reconstruction_se if d.total is not None else None
+    if se is None and d.reconstruction_se is not None:
+        se = float(d.reconstruction_se.abs().max())
+    return se == 0.0
 
 
 def layout_notes(layout: PairLayout, d: Diagnostics) -> list[str]:
@@ -166,6 +186,10 @@ def layout_notes(layout: PairLayout, d: Diagnostics) -> list[str]:
             "point on average, which Pyro's Trace_ELBO subtracts from the ELBO")
         notes.append(f"guide site(s) {list(layout.guide_observed)} are observed or factors: no "
                      f"part of q, left out of log q, the ELBO and the evidence here{mean}")
+    if layout.summed_out:
+        notes.append(f"discrete site(s) {list(layout.summed_out)} of the model are summed out "
+                     "exactly (enumerated, as TraceEnum_ELBO does): log p(x, z) marginalizes "
+                     "them, and the draws, weights and k-hat are of the continuous latents")
     if layout.scaled:
         notes.append(f"site(s) {list(layout.scaled)} carry a scale of their own "
                      "(poutine.scale): every number here is of the unscaled densities, "
@@ -363,7 +387,7 @@ def _per_data_set(model: Callable, guide: Callable, x: torch.Tensor, first: Pair
         log_evidence_se=None, evidence_gap=None, evidence_gap_se=None,
         kl_sites=whole.kl_sites, kl_per_dim=whole.kl_per_dim, kl_method=whole.kl_method,
         khat=whole.khat, ess=whole.ess, latent_mean={}, num_samples=num_samples, total=total,
-        unit=DATA_SET, notes=vectorization_notes(first) + [_global_note(first, n)],
+        unit=DATA_SET, notes=vectorization_notes(first) + [_global_note(first, n, data_plate)],
         log_weights=whole.log_weights, guide_observed=whole.guide_observed,
     )
 
@@ -373,7 +397,11 @@ def _global_prior(terms: ParticleTerms) -> torch.Tensor:
     return terms.global_log_weight - terms.global_reconstruction + terms.global_log_q
 
 
-def _global_note(layout: PairLayout, n: int) -> str:
+def _global_note(layout: PairLayout, n: int, data_plate: str | None) -> str:
+    if data_plate is None:
+        return ("no data plate (no plate around the model's observed sites indexes the rows of "
+                "an argument): the data are one observation, the unit is the data set, one "
+                "joint importance weight per draw")
     latent = [name for name in layout.global_sites if name in layout.latent]
     why = (f"global latent variables {latent}" if latent else
            f"guide site(s) {[g for g in layout.global_sites if g not in layout.observed]} "

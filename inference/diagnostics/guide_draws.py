@@ -9,18 +9,22 @@ import numpy as np
 import torch
 
 from ..foundations.conventions import inspect_pair
+from ..foundations.data_plate import takes_program_arguments
 from ..foundations.pair_layout import datapoint_rows, per_datapoint
+from ..foundations.program_data import ProgramData
 from ..foundations.psis import import_arviz
 from ..foundations.traces import sample_sites, site_log_prob, trace_pair
 
 
+@takes_program_arguments
 def guide_inference_data(
-    model: Callable, guide: Callable, x: torch.Tensor, num_draws: int = 1000,
-    data_plate: str = "data",
+    model: Callable, guide: Callable, x: ProgramData, *, num_draws: int = 1000,
+    data_plate: str | None = None,
 ):
     """q(z | x_n) draws for each row of ``x``: group ``posterior`` holds one variable per latent
     site, dims (chain, draw, point, <site>_dim); ``sample_stats`` the importance log-weights
-    log p(x_n, z) - log q(z | x_n) of those draws; ``observed_data`` the points themselves."""
+    log p(x_n, z) - log q(z | x_n) of those draws; ``observed_data`` the points themselves: each argument
+    of the program that holds a row per point, under its name (``x`` for a single one)."""
     layout = inspect_pair(model, guide, x, data_plate)
     with torch.no_grad():
         guide_trace, model_trace = trace_pair(model, guide, x, num_draws, layout.particle_dim)
@@ -34,10 +38,13 @@ def guide_inference_data(
         log_w -= per_datapoint(site_log_prob(site), site, layout, data_plate).double()
     for site in sample_sites(model_trace).values():
         log_w += per_datapoint(site_log_prob(site), site, layout, data_plate).double()
+    observed = {name: value.detach().double().reshape(x.shape[0], -1).cpu().numpy()
+                for name, value in x.named_rows().items()}
     return import_arviz().from_dict(
         posterior=posterior,
         sample_stats={"log_importance_weight": log_w.numpy()[None]},
-        observed_data={"x": x.detach().double().numpy()},
-        dims={**dims, "log_importance_weight": ["point"], "x": ["point", "x_dim"]},
+        observed_data=observed,
+        dims={**dims, "log_importance_weight": ["point"],
+              **{name: ["point", f"{name}_dim"] for name in observed}},
         coords={"point": np.arange(x.shape[0])},
     )

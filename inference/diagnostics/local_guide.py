@@ -67,7 +67,9 @@ class LocalMeanFieldGuide(nn.Module):
             return q.to_event(site.event_ndim - 1) if site.event_ndim > 1 else q
         return dist.Normal(self.locs[name], self.scale(name)).to_event(site.event_ndim)
 
-    def guide(self, x: torch.Tensor) -> None:
+    def guide(self, *args, **kwargs) -> None:
+        # Its parameters are per point of the data it was fitted to: the arguments (the
+        # program's, which it is called with) are not needed again.
         # One plate object per name, entered by every site inside it: a plate built twice
         # would record its subsample site twice ("Multiple sample sites named 'data'").
         plates = {}

@@ -26,8 +26,10 @@ from dataclasses import dataclass
 import torch
 
 from ..foundations.conventions import inspect_pair
+from ..foundations.data_plate import takes_program_arguments
 from ..foundations.device import rows_per_chunk as default_rows_per_chunk
 from ..foundations.module_mode import evaluation_mode
+from ..foundations.program_data import ProgramData
 from ..foundations.psis import MIN_SAMPLES_KHAT, importance_ess, khat_summary, khat_where_defined
 from ..foundations.statistics import importance_stats, mean_and_se
 from .passes import checked_arguments, first_layout, joint_chunks
@@ -62,14 +64,15 @@ class PosteriorPredictive:
         return out
 
 
+@takes_program_arguments
 def posterior_predictive(
     model: Callable,
     guide: Callable,
-    x_new: torch.Tensor,
+    x_new: ProgramData,
     *,
     num_samples: int,
     batch_size: int | None = None,
-    data_plate: str = "data",
+    data_plate: str | None = None,
     rows_per_chunk: int | None = None,
 ) -> PosteriorPredictive:
     """log E_q(theta)[p(x_n | theta)] for each held-out point of a pair with global latents

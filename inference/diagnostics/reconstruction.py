@@ -12,7 +12,9 @@ from collections.abc import Callable
 import torch
 from pyro import poutine
 
+from ..foundations.data_plate import takes_program_arguments
 from ..foundations.errors import ConventionError
+from ..foundations.program_data import ProgramData
 from ..foundations.traces import sample_sites, trace_pair
 
 
@@ -33,8 +35,9 @@ def _observed_site(trace, name: str | None) -> dict:
     return observed[name]
 
 
+@takes_program_arguments
 def reconstruct(
-    model: Callable, guide: Callable, x: torch.Tensor, observed_site: str | None = None
+    model: Callable, guide: Callable, x: ProgramData, *, observed_site: str | None = None
 ) -> torch.Tensor:
     """E[x' | z] with z ~ q(z | x): the mean of the observed site with the model replayed."""
     with torch.no_grad():
@@ -42,8 +45,9 @@ def reconstruct(
         return _observed_site(model_trace, observed_site)["fn"].mean
 
 
+@takes_program_arguments
 def sample_prior_means(
-    model: Callable, x: torch.Tensor, observed_site: str | None = None
+    model: Callable, x: ProgramData, *, observed_site: str | None = None
 ) -> torch.Tensor:
     """E[x' | z] with z ~ p(z), one per row of ``x`` (whose values are not used)."""
     with torch.no_grad():

@@ -26,6 +26,8 @@ import pyro
 import torch
 from pyro.poutine.trace_struct import Trace
 
+from ..foundations.data_plate import takes_program_arguments
+from ..foundations.program_data import ProgramData
 from ..foundations.traces import data_frame, sample_sites, site_log_prob, trace_pair
 
 
@@ -102,8 +104,9 @@ def particle_terms(guide_trace: Trace, model_trace: Trace, data_plate: str,
     return log_w, recon, log_q, log_p, guide_obs
 
 
-def reference_terms(model: Callable, guide: Callable, x: torch.Tensor, *, num_samples: int,
-                    data_plate: str = "data", per_datapoint: bool = True,
+@takes_program_arguments
+def reference_terms(model: Callable, guide: Callable, x: ProgramData, *, num_samples: int,
+                    data_plate: str | None = None, per_datapoint: bool = True,
                     guide_traces: list[Trace] | None = None) -> ReferenceTerms:
     """``num_samples`` particles of the pair on ``x``, one at a time; per data point, or with
     ``per_datapoint=False`` for the data set.  ``guide_traces`` replays given draws (one

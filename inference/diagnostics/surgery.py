@@ -19,8 +19,10 @@ import torch
 from pyro import poutine
 
 from ..foundations.conventions import inspect_pair
+from ..foundations.data_plate import takes_program_arguments
 from ..foundations.errors import ConventionError
 from ..foundations.pair_layout import per_datapoint
+from ..foundations.program_data import ProgramData
 from ..foundations.statistics import mean_and_se
 from ..foundations.traces import (
     data_frame,
@@ -74,8 +76,9 @@ def _log_q_all(site_fn, values: torch.Tensor, site: dict, layout, data_plate: st
     return log_prob.reshape(log_prob.shape[0], log_prob.shape[1], -1)
 
 
-def elbo_surgery(model: Callable, guide: Callable, x: torch.Tensor, *, num_samples: int = 10,
-                 data_plate: str = "data",
+@takes_program_arguments
+def elbo_surgery(model: Callable, guide: Callable, x: ProgramData, *, num_samples: int = 10,
+                 data_plate: str | None = None,
                  chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> ElboSurgery:
     """The mutual information and marginal KL of the guide on the points ``x`` (all of them
     make up the aggregate posterior), from ``num_samples`` draws per point."""

@@ -23,9 +23,11 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 
+from .enumeration import OBSERVED_NUMEL, OBSERVES, SUMS_OVER
 from .errors import ConventionError
 from .module_mode import evaluation_mode
 from .pair_layout import PairLayout, per_datapoint
+from .program_data import described
 from .rng import rng_preserved
 from .traces import (
     data_frame,
@@ -36,6 +38,7 @@ from .traces import (
     sample_sites,
     site_log_prob,
     trace_pair,
+    traced_model,
     user_frame,
 )
 
@@ -60,6 +63,38 @@ class _AuxiliaryLeaves(Messenger):
             if torch.is_tensor(msg["value"]) and msg["value"].is_floating_point():
                 msg["value"] = msg["value"].detach().requires_grad_()
                 self.values[msg["name"]] = msg["value"]
+
+
+def traced(model: Callable, guide: Callable | None, x) -> tuple[Trace | None, Trace]:
+    """One trace of the guide on ``x`` and of the model replayed on it (of the model alone,
+    drawing from its prior, without a guide); a failure of the user's code is a
+    ConventionError saying where, and whose fault it is."""
+    if guide is None:
+        try:
+            return None, traced_model(model, x)
+        except Exception as e:  # noqa: BLE001 - the user's code: any failure, said in one line
+            raise ConventionError(f"the model failed when called on {described(x)}"
+                                  f"{user_frame(e)}: {type(e).__name__}: {first_line(e)}") from e
+    try:
+        guide_trace = poutine.trace(guide).get_trace(x)
+    except Exception as e:  # noqa: BLE001
+        raise ConventionError(f"the guide failed when called on {described(x)}"
+                              f"{user_frame(e)}: {type(e).__name__}: {first_line(e)}") from e
+    try:
+        model_trace = traced_model(poutine.replay(model, trace=guide_trace), x)
+    except ConventionError:
+        # A point mass is the first thing to say, before what the model's sum refuses.
+        sampled = sample_sites(guide_trace)
+        if any(is_point_mass(s["fn"]) for s in sampled.values()):
+            _check_densities(guide, x, tuple(n for n, s in sampled.items()
+                                             if not s["is_observed"]))
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise ConventionError(
+            f"the model failed when replayed on the guide's samples{user_frame(e)}: "
+            f"{type(e).__name__}: {first_line(e)}{_who_is_at_fault(model, x, e)}"
+        ) from e
+    return guide_trace, model_trace
 
 
 def _check_densities(guide: Callable, x: torch.Tensor, latent: tuple[str, ...]) -> tuple[str, ...]:
@@ -96,7 +131,7 @@ def _check_densities(guide: Callable, x: torch.Tensor, latent: tuple[str, ...]) 
 
 
 def inspect_pair(
-    model: Callable, guide: Callable, x: torch.Tensor, data_plate: str = "data",
+    model: Callable, guide: Callable, x: torch.Tensor, data_plate: str | None = "data",
     verified: set | None = None, replay_particles: bool = True,
 ) -> PairLayout:
     """Trace the pair once and check the conventions; raise ConventionError naming the site.
@@ -106,18 +141,7 @@ def inspect_pair(
     set checks each shape once.  Without ``replay_particles`` only the shapes of particles are
     checked (for a caller that draws one particle at a time, in no plate).
     """
-    try:
-        guide_trace = poutine.trace(guide).get_trace(x)
-    except Exception as e:  # noqa: BLE001 - the user's code: any failure, said in one line
-        raise ConventionError(f"the guide failed when called on x of shape {tuple(x.shape)}"
-                              f"{user_frame(e)}: {type(e).__name__}: {first_line(e)}") from e
-    try:
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
-    except Exception as e:  # noqa: BLE001
-        raise ConventionError(
-            f"the model failed when replayed on the guide's samples{user_frame(e)}: "
-            f"{type(e).__name__}: {first_line(e)}{_who_is_at_fault(model, x, e)}"
-        ) from e
+    guide_trace, model_trace = traced(model, guide, x)
     model_sites = sample_sites(model_trace)
     guide_sites = sample_sites(guide_trace)
     latent = tuple(n for n, s in model_sites.items() if not s["is_observed"])
@@ -134,11 +158,13 @@ def inspect_pair(
     missing = [n for n in latent if n not in guide_sites]
     enumerated = [n for n in missing if model_sites[n]["infer"].get("enumerate")]
     if enumerated:
+        how = {model_sites[n]["infer"]["enumerate"] for n in enumerated}
         raise ConventionError(
-            f"model site(s) {enumerated} are marked for enumeration (config_enumerate, "
-            "infer={'enumerate': ...}): the diagnostics do not sum discrete latents out of the "
-            "model, so log p(x) would leave them out; sample them in the guide instead (as "
-            "Pyro's ss_vae example does; training with elbo='enum' still enumerates them there)"
+            f"model site(s) {enumerated} are marked for enumeration "
+            f"(infer={{'enumerate': {sorted(how)}}}) but were not summed out: the diagnostics "
+            "sum out sites marked 'parallel' (config_enumerate's default) when called as "
+            "evaluate(model, guide, *args), so that log p(x) marginalizes them; mark them "
+            "'parallel', or sample them in the guide"
         )
     # Observed sites and factors of the guide score the guide's objective; q is the rest.
     guide_observed = tuple(n for n, s in guide_sites.items()
@@ -159,7 +185,11 @@ def inspect_pair(
         )
     observed_in_guide = [n for n in observed if n in guide_sites]
     if observed_in_guide:
-        raise ConventionError(f"the guide samples the model's observed site(s) {observed_in_guide}")
+        raise ConventionError(
+            f"the guide samples the model's observed site(s) {observed_in_guide}: the model "
+            "fixes them to the data, so q over them is no distribution of latents (rename the "
+            "guide's site, or mark it infer={'is_auxiliary': True} if it only builds q)"
+        )
     for name in observed:
         site = model_sites[name]
         expected, got = tuple(site["fn"].shape()), tuple(torch.as_tensor(site["value"]).shape)
@@ -206,7 +236,7 @@ def inspect_pair(
             if frame is None and name in guide_observed:
                 continue  # a term of the guide's objective: no latent of the data set
             if frame is None:
-                if site["is_observed"] and plate_names:
+                if site["is_observed"] and plate_names and data_plate is not None:
                     raise ConventionError(
                         f"observed site '{name}' is not inside pyro.plate('{data_plate}', ...): "
                         "the data plate must index the rows of x; the model's plates are "
@@ -230,14 +260,18 @@ def inspect_pair(
             if frame.vectorized:
                 nesting = max(nesting, -frame.dim)
     rows = own_subsample or n
-    observed_size = sum(model_sites[name]["value"].numel() for name in observed)
+    observed_size = sum(model_sites[name]["infer"].get(OBSERVED_NUMEL,
+                                                       model_sites[name]["value"].numel())
+                        for name in observed)
     layout = PairLayout(latent=latent, observed=observed, max_plate_nesting=nesting,
                         global_sites=tuple(global_sites), auxiliary=auxiliary,
                         subsample=own_subsample,
                         conditional=observed_size < x[:1].numel() * rows,
                         closed_form=_closed_form_sites(model, x, model_trace, guide_trace, latent),
                         guide_observed=guide_observed,
-                        scaled=_scaled_sites(model_sites, guide_sites))
+                        scaled=_scaled_sites(model_sites, guide_sites),
+                        summed_out=_held(model_sites, observed, SUMS_OVER, ()),
+                        observed_names=_held(model_sites, observed, OBSERVES, None))
     return _with_vectorization(model, guide, x, layout, data_plate, verified, replay_particles)
 
 
@@ -264,6 +298,16 @@ def _closed_form_sites(model: Callable, x: torch.Tensor, model_trace: Trace, gui
         suspects = {name: [e for e in later if e in prior.get(name, later)]
                     for name, later in suspects.items()}
     return frozenset(name for name in order if not suspects[name])
+
+
+def _held(sites: dict, observed: tuple[str, ...], key: str, default) -> tuple[str, ...]:
+    """What the factors of an enumerated sum record under ``key`` (a plain observed site: its
+    own name where ``default`` is None, else ``default``)."""
+    found = []
+    for name in observed:
+        held = sites[name]["infer"].get(key, (name,) if default is None else default)
+        found.extend(held)
+    return tuple(dict.fromkeys(found))
 
 
 def _scaled_sites(*sites: dict) -> tuple[str, ...]:

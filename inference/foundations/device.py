@@ -63,6 +63,8 @@ def modules_of(fn: Callable) -> list[nn.Module]:
     found: list[nn.Module] = []
 
     def visit(obj, depth=0):
+        # A program bound to its arguments (``program_data.bound``) names the user's callable.
+        obj = getattr(obj, "program", obj)
         if isinstance(obj, nn.Module):
             if all(obj is not m for m in found):
                 found.append(obj)

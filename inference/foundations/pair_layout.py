@@ -46,6 +46,10 @@ class PairLayout:
     guide_observed: tuple[str, ...] = ()
     # Sites with a scale of the user's (poutine.scale), beyond a subsampling plate's N / B.
     scaled: tuple[str, ...] = ()
+    # Discrete sites of the model summed out exactly (foundations.enumeration): ``observed``
+    # then holds the factors of their sum, and ``observed_names`` the user's observed sites.
+    summed_out: tuple[str, ...] = ()
+    observed_names: tuple[str, ...] = ()
 
     def rows(self, x: torch.Tensor) -> int:
         """Data points a pass of the pair on ``x`` covers."""

@@ -22,6 +22,7 @@ from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import Independent
 
+from .enumeration import contracted
 from .log_density import log_density
 
 PARTICLE_PLATE = "_elbogap_particles"
@@ -70,6 +71,12 @@ def in_particles(fn: Callable, num_particles: int | None, particle_dim: int | No
     return pyro.plate(PARTICLE_PLATE, num_particles, dim=particle_dim)(fn)
 
 
+def traced_model(model: Callable, x) -> Trace:
+    """A trace of ``model`` on ``x``, with any discrete sites it enumerates summed out
+    (``enumeration.contracted``)."""
+    return contracted(poutine.trace(model).get_trace(x))
+
+
 def trace_pair(
     model: Callable, guide: Callable, x: torch.Tensor, num_particles: int | None = None,
     particle_dim: int | None = None, replay_guide: Trace | None = None,
@@ -85,7 +92,7 @@ def trace_pair(
     if replay_guide is not None:
         guide = poutine.replay(guide, trace=replay_guide)
     guide_trace = poutine.trace(guide).get_trace(x)
-    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
+    model_trace = traced_model(poutine.replay(model, trace=guide_trace), x)
     return guide_trace, model_trace
 
 
@@ -97,7 +104,7 @@ def trace_pair_from_prior(
     sites scored), and the guide replayed on those draws: q scored at z ~ p(z)."""
     guide = in_particles(guide, num_particles, particle_dim)
     model = in_particles(model, num_particles, particle_dim)
-    model_trace = poutine.trace(model).get_trace(x)
+    model_trace = traced_model(model, x)
     guide_trace = poutine.trace(poutine.replay(guide, trace=model_trace)).get_trace(x)
     return guide_trace, model_trace
 

@@ -14,6 +14,7 @@ from ..diagnostics.evaluation import evaluate
 from ..diagnostics.results import DATA_POINT, Diagnostics
 from ..foundations.atomic import write_json_atomic, write_text_atomic
 from ..foundations.errors import ConfigError, ConventionError
+from ..foundations.program_data import ProgramData
 from ..foundations.statistics import mean_and_se
 from ..presentation.figures import figure_png, plot_runs_overlaid
 from ..presentation.html import FigureItem, Note, Table, render_html
@@ -87,8 +88,18 @@ class Comparison:
 
 def _same_points(runs: list[Run]) -> bool:
     first = runs[0]
-    return all(r.split == first.split and r.data.test.shape == first.data.test.shape
-               and torch.equal(r.data.test, first.data.test) for r in runs[1:])
+    return all(r.split == first.split and _same_data(r.data.test, first.data.test)
+               for r in runs[1:])
+
+
+def _same_data(a: torch.Tensor | ProgramData, b: torch.Tensor | ProgramData) -> bool:
+    """The same tensor, or the same program arguments (names, rows and values)."""
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return torch.is_tensor(a) and torch.is_tensor(b) and a.shape == b.shape \
+            and torch.equal(a, b)
+    left, right = dict(a.tensors()), dict(b.tensors())
+    return left.keys() == right.keys() and all(
+        left[k].shape == right[k].shape and torch.equal(left[k], right[k]) for k in left)
 
 
 def _paired(d: Diagnostics, first: Diagnostics) -> dict:

@@ -269,7 +269,8 @@ class Report:
         if held_out:
             self.idata = guide_inference_data(
                 self.run.model, self.run.guide,
-                subset(self.run.data.test, self.settings.idata_points), self.settings.idata_draws)
+                subset(self.run.data.test, self.settings.idata_points),
+                num_draws=self.settings.idata_draws)
 
     def _annealed(self, held_out: bool):
         """AIS beside importance sampling on a few test points (a pair diagnosed on its training

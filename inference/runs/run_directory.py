@@ -22,6 +22,7 @@ from ..data.dataset import Dataset
 from ..foundations.atomic import write_json_atomic
 from ..foundations.distributed import SINGLE, Distributed
 from ..foundations.errors import ConfigError, OptionError, check_positive
+from ..foundations.program_data import as_program_data
 from ..training.checkpoint import load_checkpoint
 from ..training.fitting import CHECKPOINT, METRICS, FitResult, fit
 from ..training.options import FitOptions
@@ -155,8 +156,9 @@ def check_likelihood(likelihood: str, data: Dataset) -> None:
         return
     # Dynamically binarized training data holds grey levels, drawn to 0/1 every epoch.
     for split in (data.test,) if data.dynamic_binarization else (data.train, data.test):
-        if not ((split == 0) | (split == 1)).all():
-            low, high = split.min().item(), split.max().item()
+        values = as_program_data(split).flat_rows()
+        if not ((values == 0) | (values == 1)).all():
+            low, high = values.min().item(), values.max().item()
             raise OptionError(
                 "likelihood",
                 f"{{option}} bernoulli needs data of 0s and 1s, but data set '{data.name}' has "

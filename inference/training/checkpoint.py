@@ -17,6 +17,7 @@ import torch
 
 from ..foundations.atomic import write_atomic
 from ..foundations.errors import ConfigError
+from ..foundations.program_data import as_program_data, bound_program
 from ..foundations.rng import rng_preserved, rng_state
 from ..foundations.traces import trace_pair
 from .parameters import pair_parameters
@@ -61,7 +62,7 @@ def load_checkpoint(
         raise ConfigError(f"{path}: not a readable checkpoint ({e})") from None
     # Running the pair draws random numbers; a restore must not change the random stream.
     with rng_preserved(), torch.no_grad():
-        trace_pair(model, guide, x_example)
+        trace_pair(bound_program(model), bound_program(guide), as_program_data(x_example))
     current = pair_parameters(model, guide)
     missing = sorted(set(current) - set(state["params"]))
     unknown = sorted(set(state["params"]) - set(current))

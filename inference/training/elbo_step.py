@@ -31,6 +31,7 @@ from pyro.infer import (
 
 from ..foundations.distributed import SINGLE, Distributed
 from ..foundations.errors import ConventionError
+from ..foundations.program_data import ProgramData, as_program_data, bound_program
 from ..foundations.rng import rng_preserved
 from ..foundations.traces import first_line, trace_pair
 from .compiled_loss import CompiledLoss
@@ -75,7 +76,7 @@ class ElboStep:
         lr: float,
         elbo: str = "trace",
         num_particles: int = 1,
-        data_plate: str = "data",
+        data_plate: str | None = "data",
         distributed: Distributed = SINGLE,
         jit: bool = True,
         max_plate_nesting: int | None = None,
@@ -84,6 +85,8 @@ class ElboStep:
         clip_norm: float | None = None,
     ):
         self.scale = ScaleDataPlate(data_plate, num_data)
+        # The pair called on its program's arguments (``ProgramData``): one tensor x or many.
+        model, guide = bound_program(model), bound_program(guide)
         self.user_model, self.user_guide = model, guide
         self.model = self.scale(model)
         self.guide = self.scale(guide)
@@ -102,8 +105,12 @@ class ElboStep:
             self.loss = PerDatapointRenyiELBO(num_particles, renyi_alpha, data_plate)
         else:
             self.loss = ELBOS[elbo](**particles)
+        # A recording takes tensors: the minibatch's arguments go in as their tensors, put
+        # back into the arguments (``self.batch``, whose other values are constants) inside.
+        self.batch: ProgramData | None = None
         self.compiled = CompiledLoss(
-            self._eager_loss, lambda: _recorded_loss(elbo, particles, self.model, self.guide)
+            self._eager_loss, lambda: _recorded_loss(elbo, particles, self._from_flat(self.model),
+                                                     self._from_flat(self.guide))
         )
         if not jit:
             self.compiled.disable("jit is off")
@@ -124,14 +131,14 @@ class ElboStep:
         self.skipped = 0  # steps whose loss or gradient was not finite, never applied
         self.consecutive_skipped = 0
 
-    def __call__(self, batch: torch.Tensor, global_batch_size: int | None = None,
+    def __call__(self, batch: torch.Tensor | ProgramData, global_batch_size: int | None = None,
                  kl_weight: float = 1.0) -> float:
-        """One step on ``batch``; returns the loss.  Under data parallelism ``batch`` is this
-        rank's shard (possibly empty) of a global minibatch of ``global_batch_size`` points, and
-        the loss returned is the global minibatch's, the same on every rank."""
-        inputs = (batch,)
-        if self.kl_weighted:
-            inputs += (torch.tensor(float(kl_weight), dtype=batch.dtype, device=batch.device),)
+        """One step on ``batch`` (a tensor x, or the program's arguments); returns the loss.
+        Under data parallelism ``batch`` is this rank's shard (possibly empty) of a global
+        minibatch of ``global_batch_size`` points, and the loss returned is the global
+        minibatch's, the same on every rank."""
+        batch = as_program_data(batch)
+        inputs = self._inputs(batch, kl_weight)
         if self.distributed.enabled:
             self._prepare_distributed(batch, global_batch_size)
         # A plate written without a size takes the minibatch's (a constant of a recording,
@@ -147,7 +154,7 @@ class ElboStep:
                     with rng_preserved(), torch.no_grad():
                         # (TraceEnum_ELBO's differentiable_loss refuses to run without a
                         # graph; its loss runs the same checks.)
-                        self.loss.loss(self.model, self.guide, *inputs)
+                        self.loss.loss(self.model, self.guide, *self._arguments(inputs))
                 # The data-plate scale is a constant of a recording: part of its key.
                 loss = self.compiled(*inputs, key=self.scale.batch_size)
             except (ValueError, RuntimeError) as e:
@@ -185,9 +192,31 @@ class ElboStep:
             for group in self.optimizer.param_groups:
                 group["lr"] = self.lr * multiplier
 
+    def eager_loss(self, batch: torch.Tensor | ProgramData, kl_weight: float = 1.0
+                   ) -> torch.Tensor:
+        """The minibatch loss as the pair computes it, without a step: what a recording is
+        checked against."""
+        return self._eager_loss(*self._inputs(as_program_data(batch), kl_weight))
+
+    def _inputs(self, batch: ProgramData, kl_weight: float) -> tuple[torch.Tensor, ...]:
+        """A call's tensors: the batch's, then the KL weight where it is an input."""
+        self.batch = batch
+        inputs = batch.flat()
+        if self.kl_weighted:
+            inputs += (torch.tensor(float(kl_weight), dtype=batch.dtype, device=batch.device),)
+        return inputs
+
+    def _arguments(self, inputs: tuple[torch.Tensor, ...]) -> tuple:
+        """The tensors of a call back as the pair's arguments: the batch, then any weight."""
+        m = len(self.batch.flat())
+        return (self.batch.with_flat(inputs[:m]), *inputs[m:])
+
+    def _from_flat(self, fn: Callable) -> Callable:
+        return lambda *inputs: fn(*self._arguments(inputs))
+
     def _eager_loss(self, *inputs: torch.Tensor) -> torch.Tensor:
         with pyro.validation_enabled(False):
-            return self.loss.differentiable_loss(self.model, self.guide, *inputs)
+            return self.loss.differentiable_loss(self.model, self.guide, *self._arguments(inputs))
 
     def _prepare_distributed(self, batch: torch.Tensor, global_batch_size: int) -> None:
         if self.optimizer is None:

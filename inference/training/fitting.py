@@ -12,13 +12,15 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from ..data.dataset import Dataset
+from ..data.training_data import as_dataset
 from ..diagnostics.evaluation import evaluate
 from ..foundations.atomic import write_text_atomic
 from ..foundations.device import CPU, move_pair, resolve_device
@@ -30,7 +32,7 @@ from .early_stopping import EarlyStopping
 from .elbo_step import ELBO_ESTIMATORS, ElboStep
 from .options import FitOptions
 from .parameters import pair_parameters
-from .plan import EvaluationPlan, plan_evaluation
+from .plan import EvaluationPlan, located, plan_evaluation
 from .schedule import LearningRateSchedule
 
 CHECKPOINT = "checkpoint.pt"
@@ -55,7 +57,7 @@ class FitResult:
 def fit(
     model: Callable,
     guide: Callable,
-    data: Dataset,
+    data: Dataset | Any,
     options: FitOptions | None = None,
     run_dir: str | Path | None = None,
     on_epoch: Callable[[dict], None] | None = None,
@@ -63,6 +65,13 @@ def fit(
     resume: dict | None = None,
 ) -> FitResult:
     """Train ``model`` and ``guide`` on ``data.train``; evaluate on ``data.test`` every epoch.
+
+    ``data`` is a ``Dataset``, or the program's arguments the way Pyro's ``SVI.step`` takes
+    them, for one data set: a tensor, a tuple or dict of tensors, a torch ``Dataset`` or a
+    ``DataLoader`` (whose ``batch_size`` is then the minibatch size; see
+    ``elbogap.data.training_data``).  The data plate is found (``options.data_plate`` only
+    disambiguates); arguments whose rows it indexes are split into minibatches, the rest passed
+    whole.  A program with no data plate (the data one observation) trains on all of it per step.
 
     Every epoch logs the train ELBO per data point (mean of the SVI losses / N) and the test
     ELBO (one guide draw, analytic KL); every ``eval_every`` epochs also the full diagnostics of
@@ -83,7 +92,11 @@ def fit(
     counter and every random stream continue where the checkpoint left them, so a resumed run
     writes the numbers the uninterrupted run would have written.
     """
-    training = _Training(model, guide, data, options or FitOptions(), run_dir, distributed)
+    data, loader_batch_size = as_dataset(data)
+    options = options or FitOptions()
+    if loader_batch_size is not None:
+        options = replace(options, batch_size=loader_batch_size)
+    training = _Training(model, guide, data, options, run_dir, distributed)
     first_epoch = training.resume(resume) if resume is not None else training.start()
     epochs = training.progress(first_epoch)
     epoch = first_epoch - 1
@@ -106,6 +119,10 @@ class _Training:
 
     def __init__(self, model: Callable, guide: Callable, data: Dataset, options: FitOptions,
                  run_dir: str | Path | None, distributed: Distributed):
+        if torch.is_tensor(data.train):
+            # Settings that cannot work are refused before the pair is run at all.
+            options.check(data.train.shape[0], distributed.world_size)
+        model, guide, data, options = located(model, guide, data, options)
         self.model, self.guide, self.data, self.options = model, guide, data, options
         self.distributed = distributed
         self.n = data.train.shape[0]
@@ -137,7 +154,7 @@ class _Training:
         self.plateau_key = (self.watched if self.plan.held_out
                             and self.plan.monitored == "validation" else "train_objective")
         held_out = data.validation if self.plan.monitored == "validation" else data.test
-        self.held_out_x = held_out.to(self.device)
+        self.held_out_x = held_out.to(self.device) if held_out is not None else None
         self.started = time.perf_counter()
         # Off from the start (jit=False, or a resumed run that had fallen back) is no news.
         self.eager_told = not self.step.compiled.enabled

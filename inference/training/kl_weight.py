@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from pyro.poutine.messenger import Messenger
@@ -36,15 +37,16 @@ class _ScaleLatents(Messenger):
 
 
 class KLWeighted:
-    """``KLWeighted(fn)(x, weight)`` runs ``fn(x)`` with every latent site's log-density scaled
-    by ``weight``; wrap the model and the guide both."""
+    """``KLWeighted(fn)(*inputs, weight)`` runs ``fn(*inputs)`` with every latent site's
+    log-density scaled by ``weight``; wrap the model and the guide both."""
 
     def __init__(self, fn: Callable):
         self.fn = fn
 
-    def __call__(self, x: torch.Tensor, weight: torch.Tensor):
+    def __call__(self, *inputs: Any):
+        *inputs, weight = inputs
         with _ScaleLatents(weight):
-            return self.fn(x)
+            return self.fn(*inputs)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ class FitOptions:
     eval_every: int = 1
     eval_samples: int = 100
     eval_points: int = 500
-    data_plate: str = "data"
+    data_plate: str | None = None  # None: found (elbogap.foundations.data_plate)
     progress: bool = True
     time_budget: float | None = None  # seconds; training stops after the epoch that exceeds it
     seed: int = 0  # fixes the data order and dynamic binarization of every epoch
@@ -56,7 +56,8 @@ class FitOptions:
             raise OptionError("lr", f"must be a positive number, got {self.lr}")
         if self.time_budget is not None and not self.time_budget > 0:
             raise OptionError("time_budget", f"must be positive, got {self.time_budget}")
-        if not isinstance(self.data_plate, str) or not self.data_plate:
+        if self.data_plate is not None and (not isinstance(self.data_plate, str)
+                                            or not self.data_plate):
             raise OptionError("data_plate", f"must be a plate's name, got {self.data_plate!r}")
         if self.elbo not in ELBOS:
             raise OptionError("elbo", f"must be one of {sorted(ELBOS)}, got {self.elbo!r}")

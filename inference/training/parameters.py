@@ -17,6 +17,7 @@ from torch import nn
 
 
 def _modules(fn: Callable) -> list[nn.Module]:
+    fn = getattr(fn, "program", fn)  # a program bound to its arguments (ProgramData)
     found = []
     for candidate in (fn, getattr(fn, "__self__", None)):
         if isinstance(candidate, nn.Module):

@@ -4,14 +4,16 @@ amortized guide of local latents, else the training set the guide was fitted to.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from ..data.dataset import Dataset, subset
 from ..foundations.conventions import inspect_pair
+from ..foundations.data_plate import program_pair
 from ..foundations.errors import ConventionError, OptionError
 from ..foundations.pair_layout import PairLayout
+from ..foundations.program_data import ProgramData, as_program_data
 from ..foundations.rng import rng_preserved
 from .options import FitOptions
 
@@ -54,16 +56,41 @@ def _runs_on(model: Callable, guide: Callable, x: torch.Tensor, data_plate: str)
     return True
 
 
+def located(model: Callable, guide: Callable, data: Dataset, options: FitOptions
+            ) -> tuple[Callable, Callable, Dataset, FitOptions]:
+    """The pair bound to its program's arguments, every split of ``data`` as those arguments
+    (``ProgramData``) and ``options.data_plate`` the data plate found on the training split.
+    With no data plate (the data one observation) every step takes all of it: batch size 1."""
+    program = program_pair(model, guide, (data.train,), {}, options.data_plate)
+    data = replace(data, train=program.data, test=_like(data.test, program.data),
+                   validation=_like(data.validation, program.data))
+    options = replace(options, data_plate=program.data_plate,
+                      batch_size=options.batch_size if program.data_plate else 1)
+    return program.model, program.guide, data, options
+
+
+def _like(split, train: ProgramData) -> ProgramData | None:
+    """A held-out split as the program's arguments, batched as the training split is."""
+    return None if split is None else as_program_data(split).like(train)
+
+
 def plan_evaluation(model: Callable, guide: Callable, data: Dataset,
                     options: FitOptions, world_size: int = 1) -> EvaluationPlan:
     """Check the conventions on a minibatch (a clear error before any training) and find where
     the pair can be evaluated."""
+    model, guide, data, options = located(model, guide, data, options)
     n, b = data.train.shape[0], options.batch_size
     plate = options.data_plate
     with rng_preserved(), torch.no_grad():
-        layout = inspect_pair(model, guide, data.train[:b], plate)
-        if layout.subsample is None and b < n and not _runs_on(
-                model, guide, data.train[: max(1, b // 2)], plate):
+        try:
+            layout = inspect_pair(model, guide, data.train[:b], plate)
+            per_point = layout.subsample is None and b < n and not _runs_on(
+                model, guide, data.train[: max(1, b // 2)], plate)
+        except ConventionError:
+            if b >= n:
+                raise
+            per_point = True  # (the guide was built on the whole set, locating its plate)
+        if per_point:
             # Either the plate picks its own minibatch (and b rows were too few to see it), or
             # the guide has parameters per data point.
             try:
@@ -88,9 +115,10 @@ def plan_evaluation(model: Callable, guide: Callable, data: Dataset,
                     f"plate '{plate}' picks its own minibatch of x (subsample_size="
                     f"{layout.subsample}); data-parallel training shards x itself: write "
                     f"pyro.plate('{plate}', x.shape[0]) and use {{option}}")
-        test = data.test if layout.subsample is not None else data.test[:2]
-        held_out = (layout.per_datapoint and data.test.shape[0] > 0
-                    and _runs_on(model, guide, test, plate))
+        held_out = False
+        if data.test is not None and data.test.shape[0] > 0 and layout.per_datapoint:
+            test = data.test if layout.subsample is not None else data.test[:2]
+            held_out = _runs_on(model, guide, test, plate)
     if options.num_particles > 1 and not layout.vectorized:
         raise OptionError(
             "num_particles",

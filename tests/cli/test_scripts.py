@@ -7,6 +7,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from elbogap.runs import diagnose
@@ -136,6 +137,43 @@ def test_a_users_own_pair_from_a_file(tmp_path):
     assert len(summary["kl_per_dim"]["z"]) == 3
     result = run("evaluate.py", str(tmp_path / "run"), "-K", "5", "--no-progress")
     assert result.returncode == 0, result.stderr
+
+
+REGRESSION = '''
+import pyro
+import pyro.distributions as dist
+import torch
+
+
+def make():
+    def model(x, y, mask):
+        w = pyro.sample("w", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+        with pyro.plate("points", x.shape[0]):
+            with pyro.poutine.mask(mask=mask):
+                pyro.sample("y", dist.Normal(x @ w, 0.5), obs=y)
+    return model
+'''
+
+
+def test_named_arrays_of_an_npz_are_the_programs_keyword_arguments(tmp_path):
+    (tmp_path / "regression.py").write_text(REGRESSION)
+    g = np.random.RandomState(0)
+    x = g.randn(60, 3).astype(np.float32)
+    y = x @ np.array([1.0, -0.5, 0.3]) + 0.5 * g.randn(60)
+    np.savez(tmp_path / "xy.npz", x=x, y=y, mask=np.arange(60) % 7 != 0)
+    out = tmp_path / "run"
+    result = run("fit.py", "--data", "array", "--data-dir", str(tmp_path / "xy.npz"), "--model",
+                 f"{tmp_path / 'regression.py'}:make", "--guide", "auto-normal", "--epochs", "20",
+                 "--batch-size", "18", "--lr", "0.05", "--num-samples", "200",
+                 "--eval-samples", "10", "--no-progress", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "diagnostics.json").read_text())
+    # Plate "points" found; y is what is observed, given x (and the mask).
+    assert summary["unit"] == "data set" and summary["num_data"] == 54
+    assert summary["observed"] == ["y"] and summary["conditional"]
+    result = run("evaluate.py", str(out), "-K", "20", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert "log p(y_1..N | inputs)" in result.stdout
 
 
 def test_linear_gaussian_prints_estimates_beside_closed_forms(tmp_path):

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.io
+import torch
 
 from elbogap.data.catalog import load_dataset
 from elbogap.data.readers import (
@@ -176,15 +177,39 @@ def test_user_arrays(tmp_path):
     np.save(tmp_path / "bad.npy", x)
     with pytest.raises(DataError, match="bad.npy: 2 NaN or infinite values, in rows \\[3, 7\\]"):
         load_array(tmp_path / "bad.npy")
-    np.save(tmp_path / "flat.npy", np.zeros(5))
-    with pytest.raises(DataError, match="flat.npy: array of shape \\(5,\\)"):
-        load_array(tmp_path / "flat.npy")
+    # A vector: one value per point, for a program that takes a vector x.
+    np.save(tmp_path / "flat.npy", np.arange(10.0))
+    assert load_array(tmp_path / "flat.npy").train.shape == (9,)
+    np.save(tmp_path / "cube.npy", np.zeros((5, 2, 2)))
+    with pytest.raises(DataError, match="cube.npy: array of shape \\(5, 2, 2\\)"):
+        load_array(tmp_path / "cube.npy")
     (tmp_path / "x.json").write_text("[]")
     with pytest.raises(DataError, match="unknown extension"):
         load_array(tmp_path / "x.json")
     (tmp_path / "words.csv").write_text("a,b\nc,d\n")
     with pytest.raises(DataError, match="words.csv: cannot be read as a numeric array"):
         load_array(tmp_path / "words.csv")
+
+
+def test_an_npz_of_named_arrays_holds_the_programs_keyword_arguments(tmp_path):
+    g = np.random.RandomState(0)
+    x, y, lengths = g.randn(50, 3), g.randn(50), g.randint(1, 5, size=50)
+    np.savez(tmp_path / "xy.npz", x=x, y=y, lengths=lengths, mask=y > 0, prior_scale=2.0)
+    data = load_array(tmp_path / "xy.npz")
+    assert data.train.shape == (45,) and data.test.shape == (5,)
+    train = data.train.kwargs
+    assert set(train) == {"x", "y", "lengths", "mask", "prior_scale"}
+    assert train["x"].shape == (45, 3) and train["y"].dtype == torch.float32
+    assert train["lengths"].dtype == torch.int64 and train["mask"].dtype == torch.bool
+    assert train["prior_scale"].shape == () and "prior_scale" not in data.train.batched
+    # The same rows of every per-point array, in the order a single matrix is split.
+    order = np.random.RandomState(0).permutation(50)
+    np.testing.assert_allclose(data.test.kwargs["y"].numpy(), y[order[:5]], rtol=1e-6)
+    np.testing.assert_array_equal(train["lengths"].numpy(), lengths[order[5:]])
+    np.savez(tmp_path / "bad.npz", x=x, y=np.where(np.arange(50) == 3, np.nan, y))
+    with pytest.raises(DataError, match="bad.npz, array 'y': 1 NaN or infinite values, in rows"
+                                        " \\[3\\]"):
+        load_array(tmp_path / "bad.npz")
 
 
 def test_load_dataset_names():

@@ -7,8 +7,10 @@ the same sites in the model's order or the reverse one (each site then condition
 drawn before it).  Options add what real programs have: factors in the model and in the guide,
 an observed site in the guide, ``poutine.mask``, ``obs_mask``, ``pyro.deterministic``,
 ``poutine.scale``, and decoders with Dropout or BatchNorm left in training mode or one that
-normalizes along a fixed axis of a ``[N, D]`` batch with N = D.  A spec may also ask for a
-program the diagnostics must refuse: a site enumerated in the model, a point mass in the guide.
+normalizes along a fixed axis of a ``[N, D]`` batch with N = D.  A model may also be a mixture:
+a discrete state per data point, marked for parallel enumeration and summed out, that shifts the
+decoder's output.  A spec may also ask for a program the diagnostics must refuse: a site marked
+for *sequential* enumeration, a point mass in the guide.
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ class Spec:
     deterministic: bool
     scaled: bool
     decoder: str
-    refusal: str | None  # None, "enumerated", "point_mass"
+    mixture: bool  # a discrete state per point, enumerated in the model and summed out
+    refusal: str | None  # None, "sequential", "point_mass"
 
     @property
     def per_datapoint(self) -> bool:
@@ -74,14 +77,18 @@ def specs(draw) -> Spec:
     # The guide's reverse order conditions a site on one drawn after it in the model: only
     # between sites of the same kind (both global or both in the plate).
     reversible = len({site.local for site in sites}) == 1
+    obs_masked = draw(st.booleans())
     return Spec(
         n=n, d=d, plate=draw(st.sampled_from(("data", "rows", "documents"))), sites=tuple(sites),
         reversed_guide=reversible and draw(st.booleans()),
         model_factor=draw(st.booleans()), guide_factor=draw(st.booleans()),
         guide_observed=draw(st.booleans()), masked=draw(st.booleans()),
-        obs_masked=draw(st.booleans()), deterministic=draw(st.booleans()),
+        obs_masked=obs_masked, deterministic=draw(st.booleans()),
         scaled=draw(st.booleans()), decoder=decoder,
-        refusal=draw(st.sampled_from((None, None, None, None, "enumerated", "point_mass"))))
+        # obs_mask's unobserved values are latents whose prior would depend on the state: a
+        # refusal of its own (tests/real_programs/test_programs_as_written.py), not drawn here.
+        mixture=not obs_masked and draw(st.booleans()),
+        refusal=draw(st.sampled_from((None, None, None, None, "sequential", "point_mass"))))
 
 
 def center(value: torch.Tensor, family: str) -> torch.Tensor:
@@ -173,10 +180,12 @@ def build(spec: Spec):
                 values[site.name] = pyro.sample(site.name, prior(site.family, c))
             previous = site
         with plate:
-            if spec.refusal == "enumerated":
-                pyro.sample("k", dist.Bernoulli(x.new_full((), 0.5)),
-                            infer={"enumerate": "parallel"})
-            h = decoder(features(values, x))
+            shift = 0.0
+            if spec.mixture or spec.refusal == "sequential":
+                how = "sequential" if spec.refusal == "sequential" else "parallel"
+                k = pyro.sample("k", dist.Bernoulli(x.new_full((), 0.3)), infer={"enumerate": how})
+                shift = 1.5 * k.unsqueeze(-1)
+            h = decoder(features(values, x)) + shift
             if spec.deterministic:
                 pyro.deterministic("h_total", h.sum(-1))
             if spec.model_factor:

@@ -79,7 +79,7 @@ def test_bdmc_brackets_the_exact_evidence_and_tightens_with_more_steps():
     for steps in (10, 300):
         pyro.set_rng_seed(0)
         b = bdmc(lg.model, guide, x_like, num_chains=8, num_steps=steps)
-        exact = lg.log_evidence(b.x).double().mean().item()
+        exact = lg.log_evidence(b.observations["x"]).double().mean().item()
         width = (b.upper - b.lower).double()
         se = width.std().item() / math.sqrt(len(width))
         assert b.lower.double().mean() <= exact + 3 * se and exact <= b.upper.double().mean() + 3 * se

@@ -56,7 +56,7 @@ def test_guide_missing_a_latent_site_is_named():
         evaluate(two_site_model, guide, torch.randn(4, 3), num_samples=2)
 
 
-def test_observed_site_outside_data_plate_is_explained():
+def test_a_data_plate_named_otherwise_is_found_and_a_wrong_name_explained():
     import pyro
     import pyro.distributions as dist
 
@@ -68,9 +68,11 @@ def test_observed_site_outside_data_plate_is_explained():
     def guide(x):
         pyro.sample("z", dist.Normal(0.0, 1.0))
 
-    with pytest.raises(ConventionError, match="observed site 'x' is not inside pyro.plate"
-                                              "\\('data'.*data_plate"):
-        evaluate(model, guide, torch.randn(4), num_samples=2)
+    d = evaluate(model, guide, torch.randn(4), num_samples=2)
+    assert d.unit == "data set" and d.total.num_data == 4
+    with pytest.raises(ConventionError, match="data_plate='data': no observed site .* "
+                                              "\\['rows'\\]"):
+        evaluate(model, guide, torch.randn(4), num_samples=2, data_plate="data")
 
 
 def test_bad_arguments_are_named():

@@ -318,23 +318,32 @@ def test_a_scale_of_the_users_is_reported_and_the_density_is_unscaled():
     assert any("['z', 'x'] carry a scale of their own" in note for note in scaled.notes)
 
 
-@config_enumerate
-def enumerated_model(x):
+def mixture_prior(x):
     with pyro.plate("data", x.shape[0]):
         c = pyro.sample("c", dist.Bernoulli(x.new_full((), 0.5)))
         z = pyro.sample("z", dist.Normal(2.0 * c - 1.0, 1.0))
         pyro.sample("x", dist.Normal(z, 1.0), obs=x)
 
 
-def test_sites_enumerated_in_the_model_and_point_masses_are_refused_by_their_reason():
+enumerated_model = config_enumerate(mixture_prior)
+
+
+def test_what_enumeration_cannot_sum_and_point_masses_are_refused_by_their_reason():
     x = torch.linspace(-2, 2, 10)
 
     def guide(x):
         with pyro.plate("data", x.shape[0]):
             pyro.sample("z", dist.Normal(0.5 * x, 0.8))
 
-    with pytest.raises(ConventionError, match=r"\['c'\] are marked for enumeration"):
+    # z's prior is a mixture over c: no KL to a prior per site.
+    with pytest.raises(ConventionError, match=r"\['z'\] have a prior that depends on "
+                                              r"enumerated site\(s\) \['c'\]"):
         evaluate(enumerated_model, guide, x, num_samples=10)
+    # Sequential enumeration would run the model once per value: not done, said so.
+    sequential = config_enumerate(mixture_prior, "sequential")
+    with pytest.raises(ConventionError, match=r"\['c'\] are marked for enumeration "
+                                              r"\(infer=\{'enumerate': \['sequential'\]\}\)"):
+        evaluate(sequential, guide, x, num_samples=10)
     # AutoDelta leaves the enumerated site out too: the point mass is what to say first.
     with pytest.raises(ConventionError, match="point mass"):
         evaluate(enumerated_model, AutoDelta(pyro.poutine.block(enumerated_model, hide=["c"])),

@@ -16,19 +16,20 @@ import math
 import pyro
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from pyro import poutine
-from pyro.infer import Trace_ELBO
+from pyro.infer import Trace_ELBO, TraceEnum_ELBO
 
 from elbogap import ConventionError, evaluate
 from elbogap.diagnostics.passes import particles_of
 from elbogap.diagnostics.reference import reference_terms
 from elbogap.foundations.conventions import inspect_pair
+from elbogap.foundations.data_plate import program_pair
 from elbogap.foundations.module_mode import evaluation_mode
 from elbogap.foundations.traces import particle
-from tests.diagnostics.random_programs import Spec, build, specs
+from tests.diagnostics.random_programs import Site, Spec, build, specs
 
-REFUSALS = {"enumerated": "marked for enumeration", "point_mass": "point mass"}
+REFUSALS = {"sequential": "marked for enumeration", "point_mass": "point mass"}
 # A particle's terms, fast and plain: float32 sums of a few sites.
 RTOL, ATOL = 1e-4, 1e-3
 PARTICLES = 3
@@ -43,9 +44,12 @@ def check(spec: Spec) -> None:
             evaluate(model, guide, x, num_samples=10, data_plate=spec.plate)
         return
     with torch.no_grad(), evaluation_mode(model, guide):
-        layout = inspect_pair(model, guide, x, spec.plate)
+        # The pair as every diagnostic runs it: bound to x, a mixture's state summed out.
+        program = program_pair(model, guide, (x,), {}, spec.plate)
+        bound = (program.model, program.guide, program.data)
+        layout = inspect_pair(*bound, spec.plate)
         assert layout.per_datapoint == spec.per_datapoint
-        terms, passes = particles_of(model, guide, x, layout, PARTICLES, spec.plate)
+        terms, passes = particles_of(*bound, layout, PARTICLES, spec.plate)
         traces = ([particle(passes[0][0], j, layout.particle_dim) for j in range(PARTICLES)]
                   if layout.vectorized else [g for g, _ in passes])
         ref = reference_terms(model, guide, x, num_samples=PARTICLES, data_plate=spec.plate,
@@ -55,9 +59,11 @@ def check(spec: Spec) -> None:
             torch.testing.assert_close(fast[name], getattr(ref, name), rtol=RTOL, atol=ATOL,
                                        msg=lambda m, name=name: f"{name}: {m}\n{spec}")
         if not spec.scaled:
-            # Trace_ELBO scores the guide's observed sites as part of log q: less them.
+            # Trace_ELBO scores the guide's observed sites as part of log q: less them.  A
+            # mixture's state is summed out by TraceEnum_ELBO's own contraction.
+            elbo = TraceEnum_ELBO(max_plate_nesting=1) if spec.mixture else Trace_ELBO()
             for j, trace in enumerate(traces):
-                pyros = -Trace_ELBO().loss(model, poutine.replay(guide, trace=trace), x)
+                pyros = -elbo.loss(model, poutine.replay(guide, trace=trace), x)
                 ours = (ref.log_weight[j] - ref.guide_observed[j]).sum().item()
                 assert math.isclose(pyros, ours, rel_tol=RTOL, abs_tol=ATOL), spec
     d = evaluate(model, guide, x, num_samples=400, data_plate=spec.plate)
@@ -87,7 +93,23 @@ QUICK = settings(max_examples=30, deadline=None, derandomize=True, database=None
                  suppress_health_check=list(HealthCheck))
 
 
+# Mixtures checked against TraceEnum_ELBO on every run (the quick draws may hold none unscaled).
+MIXTURES = [
+    Spec(n=4, d=3, plate="rows", sites=(Site("z0", "normal", False, False),
+                                        Site("z1", "gamma", True, True)),
+         reversed_guide=False, model_factor=True, guide_factor=False, guide_observed=True,
+         masked=True, obs_masked=False, deterministic=True, scaled=False, decoder="linear",
+         mixture=True, refusal=None),
+    Spec(n=3, d=3, plate="documents", sites=(Site("z0", "beta", True, False),),
+         reversed_guide=False, model_factor=False, guide_factor=True, guide_observed=False,
+         masked=False, obs_masked=False, deterministic=False, scaled=False, decoder="dropout",
+         mixture=True, refusal=None),
+]
+
+
 @QUICK
+@example(spec=MIXTURES[0])
+@example(spec=MIXTURES[1])
 @given(spec=specs())
 def test_random_programs_agree_with_the_reference_and_pyro(spec):
     check(spec)

@@ -126,7 +126,7 @@ def test_gap_decomposition_against_closed_forms():
         at_optimum = model.exact_diagnostics(x, *model.optimal_mean_field(x))
     # SVI found the closed-form optimum q* to within 0.01 nats per point.
     assert (at_optimum["elbo"] - at_local["elbo"]).max() < 0.01
-    gaps = decompose_gap(model.model, encoder.guide, local.guide, x, num_samples=4000)
+    gaps = decompose_gap(model.model, encoder.guide, x, local_guide=local.guide, num_samples=4000)
     exact_amortization = at_local["elbo"] - at_encoder["elbo"]
     exact_approximation = at_local["evidence_gap"]
     amortization_se = torch.hypot(gaps.local.elbo_se, gaps.amortized.elbo_se)
@@ -159,7 +159,7 @@ def test_local_guide_of_a_pair_with_two_latent_sites():
     sites = {n: LocalSite(**s) for n, s in normal_sites(model, guide, x).items()}
     local = LocalMeanFieldGuide(sites)
     fit_local_guide(model, local.guide, local.parameters(), x, steps=300, lr=0.05)
-    gaps = decompose_gap(model, guide, local.guide, x, num_samples=2000)
+    gaps = decompose_gap(model, guide, x, local_guide=local.guide, num_samples=2000)
     # The posterior is mean-field here (independent coordinates): q* closes the whole gap.
     assert float(gaps.approximation_gap.abs().max()) < 0.05
     assert float(gaps.amortization_gap.mean()) > 0.5

@@ -1,12 +1,13 @@
 """Mirrors Pyro's examples/cvae (conditional VAE for image quadrants) at 4x4 pixels.
 
-As there: a size-less ``pyro.plate("data")``, a prior network p(z | x_in) and a generation
-network, and the observed quadrants picked by boolean-mask indexing,
-``loc[(xs == -1)].view(batch_size, -1)``, which does not broadcast over a leading particle
-dimension: elbogap evaluates it one particle at a time.  The data tensor holds the input
-(observed quadrants, -1 where hidden) in columns 0..15 and the target image in 16..31.
+As there: ``model(xs, ys=None)`` and ``guide(xs, ys=None)``, a size-less ``pyro.plate("data")``,
+a prior network p(z | xs) and a generation network, the observed quadrants picked by
+boolean-mask indexing, ``loc[(xs == -1)].view(batch_size, -1)``, which does not broadcast over a
+leading particle dimension (elbogap evaluates it one particle at a time), and without ``ys`` the
+model records its prediction with ``pyro.deterministic`` while the guide falls back on the prior
+network.  ``xs`` holds the observed quadrants (-1 where hidden), ``ys`` the whole image.
 
-    z ~ Normal(prior_net(x_in)),   y_hidden ~ Bernoulli(generation_net(z)[hidden])
+    z ~ Normal(prior_net(xs)),   ys_hidden ~ Bernoulli(generation_net(z)[hidden])
 """
 
 import pyro
@@ -17,12 +18,13 @@ from torch import nn
 PIXELS, Z = 16, 2
 
 
-def data(num: int = 24, seed: int = 0) -> torch.Tensor:
+def data(num: int = 24, seed: int = 0):
+    """(xs, ys): the input with its bottom half hidden, and the whole image."""
     g = torch.Generator().manual_seed(seed)
     ys = (torch.rand(num, PIXELS, generator=g) < 0.4).float()
     xs = ys.clone()
-    xs[:, 8:] = -1.0  # the bottom half is hidden and predicted
-    return torch.cat([xs, ys], dim=1)
+    xs[:, 8:] = -1.0
+    return xs, ys
 
 
 class CVAE(nn.Module):
@@ -32,21 +34,31 @@ class CVAE(nn.Module):
         self.generation_net = nn.Linear(Z, PIXELS)
         self.recognition_net = nn.Linear(2 * PIXELS, 2 * Z)
 
-    def model(self, data):
-        xs, ys = data[:, :PIXELS], data[:, PIXELS:]
+    def prior(self, xs):
+        loc, raw = self.prior_net(xs.clamp_min(0)).chunk(2, -1)
+        return loc, nn.functional.softplus(raw)
+
+    def model(self, xs, ys=None):
         pyro.module("generation_net", self)
         batch_size = xs.shape[0]
         with pyro.plate("data"):
-            prior_loc, prior_raw = self.prior_net(xs.clamp_min(0)).chunk(2, -1)
-            zs = pyro.sample("z", dist.Normal(prior_loc, nn.functional.softplus(prior_raw))
-                             .to_event(1))
+            prior_loc, prior_scale = self.prior(xs)
+            zs = pyro.sample("z", dist.Normal(prior_loc, prior_scale).to_event(1))
             loc = torch.sigmoid(self.generation_net(zs))
-            mask_loc = loc[(xs == -1)].view(batch_size, -1)
-            mask_ys = ys[xs == -1].view(batch_size, -1)
-            pyro.sample("y", dist.Bernoulli(mask_loc, validate_args=False).to_event(1),
-                        obs=mask_ys)
+            if ys is not None:
+                mask_loc = loc[(xs == -1)].view(batch_size, -1)
+                mask_ys = ys[xs == -1].view(batch_size, -1)
+                pyro.sample("y", dist.Bernoulli(mask_loc, validate_args=False).to_event(1),
+                            obs=mask_ys)
+            else:
+                pyro.deterministic("y", loc.detach())
+            return loc
 
-    def guide(self, data):
+    def guide(self, xs, ys=None):
         with pyro.plate("data"):
-            loc, raw = self.recognition_net(data.clamp_min(0)).chunk(2, -1)
-            pyro.sample("z", dist.Normal(loc, nn.functional.softplus(raw)).to_event(1))
+            if ys is None:
+                loc, scale = self.prior(xs)
+            else:
+                loc, raw = self.recognition_net(torch.cat([xs, ys], -1).clamp_min(0)).chunk(2, -1)
+                scale = nn.functional.softplus(raw)
+            pyro.sample("z", dist.Normal(loc, scale).to_event(1))

@@ -21,6 +21,7 @@ from pyro.optim import Adam
 from elbogap import ConventionError, evaluate
 from elbogap.data.dataset import Dataset
 from elbogap.foundations.errors import ConfigError
+from elbogap.foundations.program_data import ProgramData
 from elbogap.training.fitting import FitOptions, fit
 from elbogap.training.parameters import pair_parameters
 from tests.real_programs import (
@@ -36,10 +37,12 @@ from tests.real_programs import (
 )
 
 
-def svi(model, guide, x, steps, lr=0.05):
+def svi(model, guide, args, steps, lr=0.05):
+    """``svi.step(*args)`` as Pyro's examples call it; one tensor is one argument."""
+    args = args if isinstance(args, tuple) else (args,)
     opt = SVI(model, guide, Adam({"lr": lr}), Trace_ELBO())
     for _ in range(steps):
-        opt.step(x)
+        opt.step(*args)
 
 
 def set_param(name: str, value: torch.Tensor) -> None:
@@ -58,22 +61,23 @@ def assert_within(estimate: float, exact: float, se: float, z: float = 4.0):
 # --- refusals ---------------------------------------------------------------------------
 
 def test_autodelta_is_refused_with_the_reason_and_the_alternatives():
-    x = baseball.data()
+    at_bats, hits = baseball.data()
     guide = AutoDelta(baseball.not_pooled)
     with pytest.raises(ConventionError, match="'phi' is a point mass.*not defined.*AutoNormal"):
-        evaluate(baseball.not_pooled, guide, x, num_samples=10, data_plate=baseball.PLATE)
+        evaluate(baseball.not_pooled, guide, at_bats, hits, num_samples=10)
 
 
 def test_an_auxiliary_delta_is_refused():
-    x = baseball.data()
+    at_bats, hits = baseball.data()
 
-    def guide(x):
-        with pyro.plate(baseball.PLATE, x.shape[0]):
-            u = pyro.sample("u", dist.Delta(x.new_zeros(x.shape[0])), infer={"is_auxiliary": True})
+    def guide(at_bats, hits):
+        with pyro.plate("num_players", at_bats.shape[0]):
+            u = pyro.sample("u", dist.Delta(at_bats.new_zeros(at_bats.shape[0])),
+                            infer={"is_auxiliary": True})
             pyro.sample("phi", dist.Beta(2 + u.exp(), 2.0))
 
     with pytest.raises(ConventionError, match="'u' is auxiliary.*but a Delta"):
-        evaluate(baseball.not_pooled, guide, x, num_samples=10, data_plate=baseball.PLATE)
+        evaluate(baseball.not_pooled, guide, at_bats, hits, num_samples=10)
 
 
 def test_the_original_eight_schools_guide_shape_is_refused():
@@ -82,10 +86,13 @@ def test_the_original_eight_schools_guide_shape_is_refused():
                  eight_schools.DATA, num_samples=10)
 
 
-def test_a_misnamed_data_plate_names_the_plates_found():
-    with pytest.raises(ConventionError, match="plates are \\['num_players'\\].*data_plate"):
-        evaluate(baseball.not_pooled, AutoNormal(baseball.not_pooled), baseball.data(),
-                 num_samples=10)
+def test_the_data_plate_is_found_by_its_rows_and_a_misnamed_one_names_the_plates_found():
+    at_bats, hits = baseball.data()
+    guide = AutoNormal(baseball.not_pooled)
+    d = evaluate(baseball.not_pooled, guide, at_bats, hits, num_samples=10)
+    assert d.unit == "data point" and d.log_evidence.shape == (len(at_bats),)
+    with pytest.raises(ConventionError, match="data_plate='data'.*\\['num_players'\\]"):
+        evaluate(baseball.not_pooled, guide, at_bats, hits, num_samples=10, data_plate="data")
 
 
 def test_observed_data_that_does_not_fit_its_distribution_is_refused():
@@ -162,12 +169,12 @@ def test_pyro_subsample_idiom_trains_on_its_own_minibatches():
 def test_baseball_not_pooled_autonormal_matches_the_exact_evidence():
     """phi ~ Uniform(0,1) under AutoNormal: a logit-normal q, KL by Monte Carlo, and
     log p(hits_i) = -log(at_bats_i + 1) exactly (the Beta-Binomial with a = b = 1)."""
-    x = baseball.data()
+    at_bats, hits = baseball.data()
     guide = AutoNormal(baseball.not_pooled)
-    svi(baseball.not_pooled, guide, x, 1500)
-    d = evaluate(baseball.not_pooled, guide, x, num_samples=4000, data_plate=baseball.PLATE)
+    svi(baseball.not_pooled, guide, (at_bats, hits), 1500)
+    d = evaluate(baseball.not_pooled, guide, at_bats, hits, num_samples=4000)
     assert d.unit == "data point" and d.kl_method == {"phi": "monte-carlo"}
-    exact = baseball.exact_not_pooled(x)
+    exact = baseball.exact_not_pooled(at_bats)
     assert_within(d.total.log_evidence, float(exact.sum()), d.total.log_evidence_se)
     assert float(d.khat.median()) < 0.7
     # The gap is KL(q || p(phi | x)) >= 0, small for a logit-normal q of a Beta posterior.
@@ -177,16 +184,15 @@ def test_baseball_not_pooled_autonormal_matches_the_exact_evidence():
 def test_beta_guide_against_uniform_prior_in_the_particle_plate():
     """torch's KL(Beta || Uniform) indexes with a mask of the prior's batch shape: the
     particle plate must give the prior the particle dimension (Pyro's own placement)."""
-    x = baseball.data()
-    a = x[:, 1] + 1
-    b = x[:, 0] - x[:, 1] + 1
+    at_bats, hits = baseball.data()
 
-    def guide(x):  # the exact posterior Beta(hits + 1, misses + 1)
-        with pyro.plate(baseball.PLATE, x.shape[0]):
-            pyro.sample("phi", dist.Beta(a, b))
+    def guide(at_bats, hits):  # the exact posterior Beta(hits + 1, misses + 1)
+        with pyro.plate("num_players", at_bats.shape[0]):
+            pyro.sample("phi", dist.Beta(hits + 1, at_bats - hits + 1))
 
-    d = evaluate(baseball.not_pooled, guide, x, num_samples=200, data_plate=baseball.PLATE)
-    torch.testing.assert_close(d.log_evidence, baseball.exact_not_pooled(x), atol=2e-4, rtol=0)
+    d = evaluate(baseball.not_pooled, guide, at_bats, hits, num_samples=200)
+    torch.testing.assert_close(d.log_evidence, baseball.exact_not_pooled(at_bats), atol=2e-4,
+                               rtol=0)
     assert d.kl_method["phi"] == "analytic"
     # Constant weights up to float32 rounding: no tail to fit, k-hat -inf.
     assert (d.khat == -math.inf).all()
@@ -280,7 +286,7 @@ def test_conjugate_regression_global_latents_against_closed_forms():
     def guide(x):
         pyro.sample("w", dist.Normal(q_loc, q_scale).to_event(1))
 
-    d = evaluate(model, guide, data, num_samples=20000, batch_size=10)
+    d = evaluate(model, guide, data, num_samples=8000, batch_size=10)
     t = d.total
     q = torch.distributions.Normal(q_loc.double(), q_scale.double())
     post = torch.distributions.MultivariateNormal(mean, cov)
@@ -324,11 +330,10 @@ def test_beta_bernoulli_constrained_global_latent():
 
 
 def test_baseball_partially_pooled_autonormal_trains_and_is_evaluated_jointly():
-    x = baseball.data()
+    at_bats, hits = baseball.data()
     guide = AutoNormal(baseball.partially_pooled)
-    svi(baseball.partially_pooled, guide, x, 800)
-    d = evaluate(baseball.partially_pooled, guide, x, num_samples=2000, batch_size=6,
-                 data_plate=baseball.PLATE)
+    svi(baseball.partially_pooled, guide, (at_bats, hits), 800)
+    d = evaluate(baseball.partially_pooled, guide, at_bats, hits, num_samples=2000, batch_size=6)
     t = d.total
     assert d.unit == "data set" and set(d.kl_method) == {"m", "kappa", "phi"}
     assert math.isfinite(t.log_evidence) and t.evidence_gap > -4 * t.evidence_gap_se
@@ -354,13 +359,13 @@ def test_eight_schools_against_quadrature():
 
 @pytest.mark.slow
 def test_bayesian_regression_tutorial_does_not_broadcast_and_is_evaluated_per_particle():
-    x = bayesian_regression.data()
-    model = bayesian_regression.RegressionData(bayesian_regression.BayesianRegression())
+    features, y = bayesian_regression.data()
+    model = bayesian_regression.BayesianRegression()
     guide = AutoDiagonalNormal(model)
-    svi(model, guide, x, 2500, lr=0.03)
-    d = evaluate(model, guide, x, num_samples=1500)
+    svi(model, guide, (features, y), 2500, lr=0.03)
+    d = evaluate(model, guide, features, y, num_samples=1500)
     t = d.total
-    exact = bayesian_regression.exact_log_evidence(x)
+    exact = bayesian_regression.exact_log_evidence(features, y)
     assert any("one particle at a time" in n for n in d.notes)
     assert d.unit == "data set" and t.elbo < exact
     if t.khat < 0.5:
@@ -374,17 +379,15 @@ def test_bayesian_regression_tutorial_does_not_broadcast_and_is_evaluated_per_pa
 def test_dmm_batches_with_different_sites_are_merged():
     """Shortest sequences first, then longest first: no KeyError, and every point's ELBO stays
     below its exact log p(x) (dropping a later batch's sites made it too high)."""
-    x = dmm.data()
+    sequences = dmm.data()
     net = dmm.DMM()
-    exact = dmm.exact_log_evidence(x)
-    for order in (x, x.flip(0)):
-        d = evaluate(net.model, net.guide, order, num_samples=2000, batch_size=10,
-                     data_plate=dmm.PLATE)
-        truth = exact if order is x else exact.flip(0)
+    for order in (sequences, dmm.flipped(sequences)):
+        d = evaluate(net.model, net.guide, *order, num_samples=2000, batch_size=10)
+        lengths = order[3]
+        truth = dmm.exact_log_evidence(order[0], lengths)
         assert (d.elbo - truth < 4 * d.elbo_se).all()
         z = (d.log_evidence - truth) / d.log_evidence_se
         assert abs(float(z.mean())) * math.sqrt(len(z)) < 4.5
-        lengths = order[:, 0]
         # A 3-step sequence has no z_12: KL 0 there.
         assert (d.kl_sites["z_12"][lengths < 12] == 0).all()
         assert (d.kl_sites["z_12"][lengths == 12] > 0).all()
@@ -392,15 +395,16 @@ def test_dmm_batches_with_different_sites_are_merged():
 
 # --- training through fit --------------------------------------------------------------
 
-def dataset(x, test=None):
-    n = x.shape[0]
-    cut = int(0.8 * n)
-    return Dataset("corpus", x[:cut], x[cut:] if test is None else test, None, "gaussian")
+def dataset(*arguments):
+    """The program's arguments, 80% to train on and 20% held out."""
+    data = ProgramData.of(*arguments)
+    cut = int(0.8 * data.shape[0])
+    return Dataset("corpus", data[:cut], data[cut:], None, "the model's")
 
 
 def test_cvae_masks_and_size_less_plate_train_and_evaluate():
     net = cvae.CVAE()
-    data = dataset(cvae.data(40))
+    data = dataset(*cvae.data(40))
     result = fit(net.model, net.guide, data, FitOptions(epochs=2, batch_size=8, eval_samples=30,
                                                         progress=False))
     record = result.history[-1]
@@ -412,7 +416,7 @@ def test_cvae_particles_need_broadcasting_error_before_training():
     net = cvae.CVAE()
     with pytest.raises(ConfigError,
                        match="^num_particles 4: the pair does not broadcast.*use num_particles 1"):
-        fit(net.model, net.guide, dataset(cvae.data(40)),
+        fit(net.model, net.guide, dataset(*cvae.data(40)),
             FitOptions(epochs=1, batch_size=8, num_particles=4, progress=False))
 
 
@@ -432,8 +436,7 @@ def test_ss_vae_enumerated_guide_trains_with_trace_enum():
 def test_svi_torch_module_local_params_and_minibatch_plate_train():
     pyro.settings.set(module_local_params=True)
     try:
-        x = svi_torch.data(200)
-        data = dataset(x)
+        data = dataset(*svi_torch.data(200))
         model = svi_torch.Model(data.train.shape[0])
         guide = AutoNormal(model)
         result = fit(model, guide, data, FitOptions(epochs=15, batch_size=20, lr=0.05,
@@ -590,11 +593,10 @@ def test_dmm_trains_with_sequences_of_different_lengths():
     trusted, so training runs eagerly and says so once; every epoch's diagnostics merge the
     batches' different sites."""
     net = dmm.DMM()
-    x = dmm.data(60)
-    data = Dataset("dmm", x[::2], x[1::2], None, "gaussian")
+    sequences = ProgramData.of(*dmm.data(60))
+    data = Dataset("dmm", sequences[::2], sequences[1::2], None, "the model's")
     result = fit(net.model, net.guide, data, FitOptions(epochs=3, batch_size=10, lr=0.01,
-                                                        data_plate=dmm.PLATE, eval_samples=30,
-                                                        progress=False))
+                                                        eval_samples=30, progress=False))
     assert not result.step.compiled.enabled and "dmm.py" in result.step.compiled.reason
     assert result.history[-1]["train_elbo"] > result.history[0]["train_elbo"] - 1
     assert "z_12" in result.history[-1]["diagnostics"]["kl_sites"]

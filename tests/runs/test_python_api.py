@@ -116,7 +116,7 @@ def test_registries_come_from_entry_points_and_users_can_name_a_module(tmp_path,
 
 def test_a_conditional_model_is_labelled_log_p_of_y_given_inputs():
     net = cvae.CVAE()
-    d = evaluate(net.model, net.guide, cvae.data(12), num_samples=30)
+    d = evaluate(net.model, net.guide, *cvae.data(12), num_samples=30)
     assert d.conditional and d.observed == ("y",)
     text = repr(d)
     assert "log p(y | inputs)  importance sampling" in text
@@ -162,16 +162,16 @@ def test_devices_are_named_clearly():
 def test_move_pair_moves_modules_closures_and_the_param_store():
     """On the meta device, which every machine has: nothing of the pair is left on the CPU."""
     net = cvae.CVAE()
-    x = cvae.data(6)
+    xs, ys = cvae.data(6)
     guide_params = {}
 
-    def guide(data):  # a closure holding the module, as users write them
+    def guide(xs, ys=None):  # a closure holding the module, as users write them
         pyro.module("cvae", net)
         guide_params["scale"] = pyro.param("extra_scale", torch.ones(()))
-        return net.guide(data)
+        return net.guide(xs, ys)
 
     assert modules_of(guide) == [net] and modules_of(net.model) == [net]
-    evaluate(net.model, guide, x, num_samples=2)
+    evaluate(net.model, guide, xs, ys, num_samples=2)
     move_pair(net.model, guide, torch.device("meta"))
     assert all(p.device.type == "meta" for p in net.parameters())
     store = dict(pyro.get_param_store().named_parameters())
@@ -268,3 +268,16 @@ def test_compare_puts_runs_side_by_side_with_paired_differences(run_dir, tmp_pat
     assert "Training curves overlaid" in page and "data:image/png;base64," in page
     result = script("compare", str(run_dir))
     assert result.returncode == 2 and "at least two run directories" in result.stderr
+
+
+def test_compare_tells_the_same_program_arguments_from_others():
+    """Runs on an .npz of named arrays hold ProgramData: compare pairs them only on equal ones."""
+    from elbogap import ProgramData
+    from elbogap.runs.compare import _same_data
+
+    a = ProgramData.of(x=torch.ones(3, 2), y=torch.zeros(3))
+    assert _same_data(a, ProgramData.of(x=torch.ones(3, 2), y=torch.zeros(3)))
+    assert not _same_data(a, ProgramData.of(x=torch.ones(3, 2), y=torch.ones(3)))
+    assert not _same_data(a, ProgramData.of(x=torch.ones(3, 2)))
+    assert not _same_data(a, torch.ones(3, 2))
+    assert _same_data(torch.ones(3, 2), torch.ones(3, 2))

@@ -93,7 +93,7 @@ def test_hidden_python_state_fails_verification_and_keeps_the_eager_loss():
     step = recorded[0]
     with rng_preserved():
         calls = COUNTER["calls"]
-        expected = step._eager_loss(X[:20]).item()
+        expected = step.eager_loss(X[:20]).item()
     COUNTER["calls"] = calls
     assert step(X[:20]) == pytest.approx(expected, rel=1e-6)
 

@@ -39,7 +39,7 @@ def weighted_losses(elbo, weights):
     with torch.no_grad():
         for w in weights:
             pyro.set_rng_seed(1)
-            losses.append(step._eager_loss(X[:20], torch.tensor(float(w))).item())
+            losses.append(step.eager_loss(X[:20], kl_weight=w).item())
         pyro.set_rng_seed(1)
         guide_trace, model_trace = trace_pair(vae.model, enc.guide, X[:20])
     return losses, guide_trace, model_trace
