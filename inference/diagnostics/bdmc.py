@@ -14,6 +14,7 @@ from pyro import poutine
 from pyro.distributions import Unit
 
 from ..foundations.data_plate import takes_program_arguments
+from ..foundations.enumeration import marked_for_enumeration
 from ..foundations.errors import ConventionError
 from ..foundations.module_mode import evaluation_mode
 from ..foundations.program_data import ProgramData
@@ -32,13 +33,21 @@ class BidirectionalBounds:
     upper: torch.Tensor
     num_chains: int
     num_steps: int
+    # Monte Carlo SEs of the two bounds (delta method over the chains' weights).
+    lower_se: torch.Tensor | None = None
+    upper_se: torch.Tensor | None = None
 
     def summary(self) -> dict:
         bracket = mean_and_se(self.upper - self.lower)
-        return {"method": "bdmc", "num_data": len(self.lower), "num_chains": self.num_chains,
-                "num_steps": self.num_steps, "lower": self.lower.double().mean().item(),
-                "upper": self.upper.double().mean().item(), "bracket": bracket["mean"],
-                "bracket_se": bracket["se"]}
+        out = {"method": "bdmc", "num_data": len(self.lower), "num_chains": self.num_chains,
+               "num_steps": self.num_steps, "lower": self.lower.double().mean().item(),
+               "upper": self.upper.double().mean().item(), "bracket": bracket["mean"],
+               "bracket_se": bracket["se"]}
+        if self.lower_se is not None and len(self.lower) == 1:
+            # One bracket (a data set): the bounds' own Monte Carlo SEs over the chains.
+            out["lower_se"] = self.lower_se.item()
+            out["upper_se"] = self.upper_se.item()
+        return out
 
 
 def simulate(model: Callable, data: ProgramData) -> tuple[
@@ -48,9 +57,12 @@ def simulate(model: Callable, data: ProgramData) -> tuple[
     arguments with each one an observed site holds as it is (``obs=x``) replaced by its
     simulation (so that an encoder sees the simulated x), the observations, and the latents
     that generated them."""
+    # A model that sums discrete states out draws them here: the data are simulated from the
+    # whole program, and only its continuous latents start the reverse chains.
+    drawing = getattr(model, "unenumerated", model)
     with torch.no_grad():
-        conditioned = sample_sites(poutine.trace(model).get_trace(data))
-        sites = sample_sites(poutine.trace(poutine.uncondition(model)).get_trace(data))
+        conditioned = sample_sites(poutine.trace(drawing).get_trace(data))
+        sites = sample_sites(poutine.trace(poutine.uncondition(drawing)).get_trace(data))
     observed = [name for name, s in conditioned.items() if s["is_observed"]]
     factors = [name for name in observed if isinstance(conditioned[name]["fn"], Unit)]
     if factors:
@@ -58,7 +70,9 @@ def simulate(model: Callable, data: ProgramData) -> tuple[
             f"BDMC simulates the model's observations, but site(s) {factors} are factors "
             "(pyro.factor): a factor is a weight, not a distribution to draw from")
     simulated = {name: sites[name]["value"] for name in observed}
-    latents = {name: s["value"] for name, s in sites.items() if name not in observed}
+    summed = drawing is not model
+    latents = {name: s["value"] for name, s in sites.items()
+               if name not in observed and not (summed and marked_for_enumeration(s))}
     replaced = {id(conditioned[name]["value"]): value for name, value in simulated.items()}
     data = data.replaced(lambda value: replaced.get(id(value), value))
     return (poutine.condition(poutine.uncondition(model), data=simulated), data, simulated,
@@ -90,7 +104,7 @@ def bdmc(
         batch_size, _ = points_per_pass(model, guide, x_like, num_chains, start, data_plate,
                                         batch_size, "bdmc", num_steps, leapfrog_steps,
                                         step_size)
-        xs, lowers, uppers = [], [], []
+        xs, lowers, uppers, lower_ses, upper_ses = [], [], [], [], []
         for s in range(0, x_like.shape[0], batch_size):
             xb = x_like[s: s + batch_size]
             simulated_model, xb, x, exact = simulate(model, xb)
@@ -101,9 +115,15 @@ def bdmc(
             reverse, *_ = anneal(path, path.state_at(exact), sigmoid_schedule(num_steps).flip(0),
                                  leapfrog_steps, step_size, progress, "reverse AIS")
             xs.append(x)
-            lowers.append(log_mean_exp_with_se(forward.cpu())[0])
+            lower, lower_se = log_mean_exp_with_se(forward.cpu())
             # Reverse weights estimate 1 / p(x): minus their log-mean-exp bounds log p(x) above.
-            uppers.append(-log_mean_exp_with_se(reverse.cpu())[0])
+            upper, upper_se = log_mean_exp_with_se(reverse.cpu())
+            lowers.append(lower)
+            uppers.append(-upper)
+            lower_ses.append(lower_se)
+            upper_ses.append(upper_se)
     observations = xs[0] if len(xs) == 1 else {n: torch.cat([x[n] for x in xs]) for n in xs[0]}
-    return BidirectionalBounds(observations=observations, lower=torch.cat(lowers), upper=torch.cat(uppers),
-                               num_chains=num_chains, num_steps=num_steps)
+    return BidirectionalBounds(observations=observations, lower=torch.cat(lowers),
+                               upper=torch.cat(uppers), num_chains=num_chains,
+                               num_steps=num_steps, lower_se=torch.cat(lower_ses),
+                               upper_se=torch.cat(upper_ses))

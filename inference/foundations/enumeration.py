@@ -53,6 +53,8 @@ def enumerating(model: Callable, first_dim: int) -> Callable:
 
     program.program = getattr(model, "program", model)
     program.enumerates = True
+    # The program drawing its discrete states instead (to simulate data from it).
+    program.unenumerated = model
     return program
 
 

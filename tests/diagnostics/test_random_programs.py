@@ -66,9 +66,9 @@ def check(spec: Spec) -> None:
                 pyros = -elbo.loss(model, poutine.replay(guide, trace=trace), x)
                 ours = (ref.log_weight[j] - ref.guide_observed[j]).sum().item()
                 assert math.isclose(pyros, ours, rel_tol=RTOL, abs_tol=ATOL), spec
-    d = evaluate(model, guide, x, num_samples=400, data_plate=spec.plate)
+    d = evaluate(model, guide, x, num_samples=200, data_plate=spec.plate)
     with evaluation_mode(model, guide):  # as evaluate has them (its notes say so)
-        plain = reference_terms(model, guide, x, num_samples=400, data_plate=spec.plate,
+        plain = reference_terms(model, guide, x, num_samples=200, data_plate=spec.plate,
                                 per_datapoint=spec.per_datapoint)
     totals = plain.log_weight.sum(1)
     plain_se = totals.std().item() / math.sqrt(len(totals))
