@@ -190,6 +190,12 @@ def layout_notes(layout: PairLayout, d: Diagnostics) -> list[str]:
         notes.append(f"discrete site(s) {list(layout.summed_out)} of the model are summed out "
                      "exactly (enumerated, as TraceEnum_ELBO does): log p(x, z) marginalizes "
                      "them, and the draws, weights and k-hat are of the continuous latents")
+    if layout.masks_changed:
+        notes.append(f"the mask of site(s) {list(layout.masks_changed)} changed after they were "
+                     "drawn (a mask tensor updated in place, as `mask |= ...` in a loop): "
+                     "log-densities are read after the program has run, by Pyro's ELBOs and "
+                     "here alike, so those sites are scored with the mask's final value, not "
+                     "the one in force when they were drawn")
     if layout.scaled:
         notes.append(f"site(s) {list(layout.scaled)} carry a scale of their own "
                      "(poutine.scale): every number here is of the unscaled densities, "

@@ -1,13 +1,13 @@
-"""The conventions a model/guide pair must follow for its diagnostics, checked on traces of it.
+"""What a model/guide pair must be for its diagnostics, checked on traces of it.
 
-The conventions (see README): model and guide take the same arguments, the first a tensor ``x``
-whose first dimension indexes data points; every per-datapoint sample site sits inside
-``pyro.plate(data_plate, ...)``; the guide samples each latent site under the model's name, with
-a density.  Sites outside the data plate are global latent variables: the unit of the
-diagnostics is then the whole data set.  Pyro's autoguides are read as Pyro reads them: log q is
-the log-density of their auxiliary sites (``infer={"is_auxiliary": True}``) plus the
-``log_density`` (a Jacobian) their ``Delta`` sites carry at the model's names.  ``inspect_pair``
-returns the ``PairLayout`` it finds, or a ``ConventionError`` naming the site and the reason.
+Both are called with the program's own arguments (``foundations.data_plate`` binds them and
+finds the data plate); the guide samples each latent site of the model that the model does not
+sum out, under the model's name, with a density.  Sites outside the data plate are global latent
+variables: the unit of the diagnostics is then the whole data set.  Pyro's autoguides are read
+as Pyro reads them: log q is the log-density of their auxiliary sites
+(``infer={"is_auxiliary": True}``) plus the ``log_density`` (a Jacobian) their ``Delta`` sites
+carry at the model's names.  ``inspect_pair`` returns the ``PairLayout`` it finds, or a
+``ConventionError`` naming the site and the reason.
 """
 
 from __future__ import annotations
@@ -65,6 +65,24 @@ class _AuxiliaryLeaves(Messenger):
                 self.values[msg["name"]] = msg["value"]
 
 
+class _MaskWatch(Messenger):
+    """Keeps a copy of each sample site's mask as it was when the site was drawn: a mask tensor
+    updated in place afterwards (``mask |= ...`` in a loop) is read with its final value when
+    log-densities are computed, after the program has run, by Pyro's ELBOs and here alike."""
+
+    def __init__(self):
+        super().__init__()
+        self.masks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _postprocess_message(self, msg: dict) -> None:
+        if msg["type"] == "sample" and torch.is_tensor(msg.get("mask")):
+            self.masks[msg["name"]] = (msg["mask"], msg["mask"].clone())
+
+    def changed(self) -> tuple[str, ...]:
+        return tuple(name for name, (mask, then) in self.masks.items()
+                     if mask.shape != then.shape or not torch.equal(mask, then))
+
+
 def traced(model: Callable, guide: Callable | None, x) -> tuple[Trace | None, Trace]:
     """One trace of the guide on ``x`` and of the model replayed on it (of the model alone,
     drawing from its prior, without a guide); a failure of the user's code is a
@@ -75,13 +93,14 @@ def traced(model: Callable, guide: Callable | None, x) -> tuple[Trace | None, Tr
         except Exception as e:  # noqa: BLE001 - the user's code: any failure, said in one line
             raise ConventionError(f"the model failed when called on {described(x)}"
                                   f"{user_frame(e)}: {type(e).__name__}: {first_line(e)}") from e
+    watch = _MaskWatch()
     try:
-        guide_trace = poutine.trace(guide).get_trace(x)
+        guide_trace = poutine.trace(watch(guide)).get_trace(x)
     except Exception as e:  # noqa: BLE001
         raise ConventionError(f"the guide failed when called on {described(x)}"
                               f"{user_frame(e)}: {type(e).__name__}: {first_line(e)}") from e
     try:
-        model_trace = traced_model(poutine.replay(model, trace=guide_trace), x)
+        model_trace = traced_model(watch(poutine.replay(model, trace=guide_trace)), x)
     except ConventionError:
         # A point mass is the first thing to say, before what the model's sum refuses.
         sampled = sample_sites(guide_trace)
@@ -94,6 +113,7 @@ def traced(model: Callable, guide: Callable | None, x) -> tuple[Trace | None, Tr
             f"the model failed when replayed on the guide's samples{user_frame(e)}: "
             f"{type(e).__name__}: {first_line(e)}{_who_is_at_fault(model, x, e)}"
         ) from e
+    model_trace.masks_changed = watch.changed()
     return guide_trace, model_trace
 
 
@@ -271,7 +291,8 @@ def inspect_pair(
                         guide_observed=guide_observed,
                         scaled=_scaled_sites(model_sites, guide_sites),
                         summed_out=_held(model_sites, observed, SUMS_OVER, ()),
-                        observed_names=_held(model_sites, observed, OBSERVES, None))
+                        observed_names=_held(model_sites, observed, OBSERVES, None),
+                        masks_changed=getattr(model_trace, "masks_changed", ()))
     return _with_vectorization(model, guide, x, layout, data_plate, verified, replay_particles)
 
 

@@ -50,6 +50,9 @@ class PairLayout:
     # then holds the factors of their sum, and ``observed_names`` the user's observed sites.
     summed_out: tuple[str, ...] = ()
     observed_names: tuple[str, ...] = ()
+    # Sites whose mask tensor was updated in place after they were drawn (scored with its final
+    # value, as Pyro's ELBOs score them).
+    masks_changed: tuple[str, ...] = ()
 
     def rows(self, x: torch.Tensor) -> int:
         """Data points a pass of the pair on ``x`` covers."""

@@ -14,7 +14,7 @@ import pytest
 import torch
 from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO, TraceEnum_ELBO, config_enumerate
-from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
+from pyro.infer.autoguide import AutoDiagonalNormal, AutoMultivariateNormal, AutoNormal
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from elbogap import (
@@ -340,3 +340,92 @@ def test_a_continuous_latent_whose_prior_depends_on_an_enumerated_site_is_refuse
 
     with pytest.raises(ConventionError, match="'z'.*depends on enumerated site"):
         evaluate(model, guide, torch.randn(4), num_samples=10)
+
+
+def cjs_model_1(capture_history, sex):
+    """Pyro's examples/capture_recapture/cjs.py ``model_1``, as written there: survival phi and
+    recapture rho, each animal's alive/dead states z_t enumerated under pyro.markov and masked
+    before its first capture (as its comments intend: see ``cjs_evidence`` for what runs)."""
+    N, T = capture_history.shape
+    phi = pyro.sample("phi", dist.Uniform(0.0, 1.0))  # survival probability
+    rho = pyro.sample("rho", dist.Uniform(0.0, 1.0))  # recapture probability
+
+    with pyro.plate("animals", N, dim=-1):
+        z = torch.ones(N)
+        # we use this mask to eliminate extraneous log probabilities
+        # that arise for a given individual before its first capture.
+        first_capture_mask = torch.zeros(N).bool()
+        for t in pyro.markov(range(T)):
+            with poutine.mask(mask=first_capture_mask):
+                mu_z_t = first_capture_mask.float() * phi * z + (1 - first_capture_mask.float())
+                # we use parallel enumeration to exactly sum out
+                # the discrete states z_t.
+                z = pyro.sample(f"z_{t}", dist.Bernoulli(mu_z_t),
+                                infer={"enumerate": "parallel"})
+                mu_y_t = rho * z
+                pyro.sample(f"y_{t}", dist.Bernoulli(mu_y_t),
+                            obs=capture_history[:, t])
+            first_capture_mask |= capture_history[:, t].bool()
+
+
+def capture_histories(n=30, t=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    history = torch.zeros(n, t)
+    for i in range(n):
+        first, alive = int(torch.randint(0, 3, (1,), generator=g)), True
+        history[i, first] = 1.0
+        for s in range(first + 1, t):
+            alive = alive and bool(torch.rand(1, generator=g) < 0.8)
+            history[i, s] = float(alive and bool(torch.rand(1, generator=g) < 0.6))
+    return history
+
+
+def cjs_evidence(history, nodes=120) -> float:
+    """The program's sum over states by the forward algorithm, for each (phi, rho) of a
+    Gauss-Legendre grid on the unit square (Uniform priors).
+
+    As the program runs, not as its comment intends: ``first_capture_mask |= ...`` updates in
+    place the tensor that ``poutine.mask`` holds, so when log-densities are read (after the run,
+    by TraceEnum_ELBO and elbogap alike) every site's mask is the final one, True for every
+    animal once captured.  Every site counts: before its first capture an animal's state is 1
+    (mu = 1) and each y_t = 0 there scores 1 - rho."""
+    u, w = (torch.tensor(a, dtype=torch.float64) for a in np.polynomial.legendre.leggauss(nodes))
+    u, w = (u + 1) / 2, w / 2
+    phi, rho = u[:, None], u[None, :]
+    log_lik = torch.zeros(nodes, nodes, dtype=torch.float64)
+    for row in history.double():
+        alpha = (torch.zeros(nodes, nodes, dtype=torch.float64),  # weight of z = 0, of z = 1
+                 torch.ones(nodes, nodes, dtype=torch.float64))
+        seen = False
+        for y in row.tolist():
+            recaptured = rho if y else 1 - rho
+            if seen:
+                dead = alpha[0] + alpha[1] * (1 - phi)
+                alpha = (dead * (1.0 - y), alpha[1] * phi * recaptured)
+            else:  # mu = 1: alive, whatever came before
+                alpha = (torch.zeros_like(alpha[0]), (alpha[0] + alpha[1]) * recaptured)
+            seen = seen or y == 1.0
+        log_lik = log_lik + (alpha[0] + alpha[1]).log()
+    return float(torch.logsumexp((log_lik + torch.log(w[:, None] * w[None, :])).flatten(), 0))
+
+
+def test_pyros_capture_recapture_model_as_written_matches_its_sum_and_trace_enum():
+    """examples/capture_recapture/cjs.py: ``model_1(capture_history, sex)`` with ``sex=None``,
+    the guide ``AutoDiagonalNormal(poutine.block(model, expose_fn=...))`` and TraceEnum_ELBO as
+    there; no data_plate, no wrapper."""
+    history = capture_histories()
+    guide = AutoDiagonalNormal(poutine.block(
+        cjs_model_1, expose_fn=lambda msg: msg["name"][0:3] in ["phi", "rho"]))
+    svi = SVI(cjs_model_1, guide, pyro.optim.Adam({"lr": 0.05}),
+              TraceEnum_ELBO(max_plate_nesting=1, num_particles=20, vectorize_particles=True))
+    for _ in range(150):
+        svi.step(history, None)
+    d = evaluate(cjs_model_1, guide, history, None, num_samples=2000)
+    assert d.unit == "data set" and d.total.num_data == 30 and d.total.khat < 0.7
+    assert any("z_0" in note and "summed out exactly" in note for note in d.notes)
+    # The example's `first_capture_mask |= ...` rewrites the masks its sites hold: said.
+    assert any("'z_1'" in note and "changed after they were drawn" in note for note in d.notes)
+    assert within(d.total.log_evidence, cjs_evidence(history), d.total.log_evidence_se)
+    pyro_elbo, pyro_se = enumerated_elbo(cjs_model_1, guide, history, None, repeats=5,
+                                         particles=400, vectorize=True)
+    assert within(d.total.elbo, pyro_elbo, math.hypot(d.total.elbo_se, pyro_se))
