@@ -86,7 +86,8 @@ def vectorization_notes(layout: PairLayout) -> list[str]:
     if layout.vectorized:
         return []
     return ["the pair does not broadcast over a leading particle dimension: evaluated one "
-            "particle at a time (slower; see README, Conventions)"]
+            "particle at a time (slower; see the README, 'What elbogap needs from your "
+            "program')"]
 
 
 def traced_particles(model: Callable, guide: Callable, x: torch.Tensor, layout: PairLayout,

@@ -123,8 +123,8 @@ def plan_evaluation(model: Callable, guide: Callable, data: Dataset,
         raise OptionError(
             "num_particles",
             f"{{option}} {options.num_particles}: the pair does not broadcast over a leading "
-            "particle dimension (see README, Conventions), so Pyro cannot vectorize its "
-            "particles; use {option} 1"
+            "particle dimension (see the README, 'What elbogap needs from your program'), so "
+            "Pyro cannot vectorize its particles; use {option} 1"
         )
     return EvaluationPlan(layout, held_out,
                           "validation" if data.validation is not None else "test")
