@@ -10,7 +10,6 @@ from __future__ import annotations
 import gzip
 import warnings
 import zlib
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -289,14 +288,10 @@ def _named_arrays(path: Path, arrays: dict[str, np.ndarray], num_test: int | Non
                         f"{[a.shape for a in arrays.values()]}: expected some with a leading "
                         "dimension of data points >= 2")
     num_test = max(1, n // 10) if num_test is None else num_test
-    order = np.random.RandomState(DATA_SEED).permutation(n)  # as _fixed_split orders rows
-    test_rows, train_rows = order[:num_test], order[num_test:]
-
-    def split(rows):
-        return ProgramData(kwargs={name: torch.tensor(a[rows] if a.ndim and a.shape[0] == n
-                                                      else a) for name, a in arrays.items()})
-
-    train, test = split(train_rows), split(test_rows)
-    rows = {name for name, a in arrays.items() if a.ndim and a.shape[0] == n}
-    train, test = (replace(d, batched=frozenset(rows)) for d in (train, test))
+    rows = frozenset(name for name, a in arrays.items() if a.ndim and a.shape[0] == n)
+    # Every array of n rows split by the same fixed permutation: the same rows of each.
+    parts = {name: _fixed_split(a, num_test) if name in rows else (a, a)
+             for name, a in arrays.items()}
+    train, test = (ProgramData(kwargs={name: torch.tensor(pair[i]) for name, pair in parts.items()},
+                               batched=rows) for i in (0, 1))
     return Dataset(path.stem, train, test, None, "the model's")

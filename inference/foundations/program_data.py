@@ -87,8 +87,7 @@ class ProgramData:
     def flat_rows(self) -> torch.Tensor:
         """Every value of the batched tensors, as one float vector (all tensors where nothing
         is batched)."""
-        values = [v.reshape(-1).double() for k, v in self.tensors()
-                  if k in self.batched or not self.batched]
+        values = [v.reshape(-1).double() for v in self._per_point()]
         return torch.cat(values) if values else torch.zeros(0, dtype=torch.float64)
 
     def named_rows(self) -> dict[str, torch.Tensor]:
@@ -143,7 +142,11 @@ class ProgramData:
 
     def numel(self) -> int:
         """Values the batched tensors hold (everything, where nothing is batched)."""
-        return sum(v.numel() for k, v in self.tensors() if k in self.batched or not self.batched)
+        return sum(v.numel() for v in self._per_point())
+
+    def _per_point(self) -> Iterator[torch.Tensor]:
+        """The batched tensors; every tensor where nothing is batched (one observation)."""
+        return (v for k, v in self.tensors() if k in self.batched or not self.batched)
 
     def call(self, fn: Callable) -> Any:
         return fn(*self.args, **self.kwargs)
