@@ -41,6 +41,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--defensive", type=float, default=0.0, metavar="A", help="share of the "
                    "proposal of log p(x) drawn from the prior p(z) (defensive importance "
                    "sampling: a second opinion where the guide may miss a mode)")
+    p.add_argument("--no-compile", action="store_true", help="never compile the pass of the "
+                   "particles (by default it is compiled, and checked against the eager pass, "
+                   "where the evaluation would take over a minute)")
     p.add_argument("--train-mode", action="store_true", help="keep the pair's modules in "
                    "training mode (Dropout, BatchNorm) instead of evaluation mode")
     add_device_flag(p)
@@ -66,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                    max_points=args.max_points, ais_steps=args.ais_steps, chains=args.chains,
                    points=args.points)
     ctx = Distributed.from_environment(args.device)
-    try:
+    with ctx.session():
         run = load_run(args.run_dir)
         # After the pair is built (its initial weights draw from the same stream).
         pyro.set_rng_seed(args.seed + ctx.rank)
@@ -75,13 +78,12 @@ def main(argv: list[str] | None = None) -> int:
         x = split_points(run, split, args.max_points).to(ctx.device)
         plate = args.data_plate or run.options.data_plate
         if (args.method == "ais" or args.bdmc) and not predicts(run, split):
-            return annealed(args, run, x, k, plate)
+            return annealed(args, run, x, k, plate, ctx)
         diagnosis = diagnose(run, x, split, num_samples=k, batch_size=args.batch_size,
                              data_plate=plate, progress=not args.no_progress and ctx.is_main,
                              distributed=ctx, device=ctx.device, defensive=args.defensive,
-                             train_mode=args.train_mode)
-    finally:
-        ctx.shutdown()
+                             train_mode=args.train_mode,
+                             compiled=False if args.no_compile else None)
     if not ctx.is_main:
         return 0
     summary = diagnosis.summary()
@@ -92,25 +94,29 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def annealed(args: argparse.Namespace, run, x, k: int, plate: str) -> int:
+def annealed(args: argparse.Namespace, run, x, k: int, plate: str, ctx: Distributed) -> int:
     """--method ais and --bdmc: AIS beside importance sampling, and the BDMC bracket."""
     x = subset(x, args.points)
+    # AIS and BDMC are keyed by --seed point by point: the same numbers for any --nproc.
     settings = {"num_chains": args.chains, "num_steps": args.ais_steps, "start": args.ais_start,
-                "data_plate": plate, "progress": not args.no_progress}
+                "data_plate": plate, "progress": not args.no_progress, "seed": args.seed,
+                "distributed": ctx}
     tag = f"C{args.chains}-T{args.ais_steps}"
     if args.method == "ais":
         summary = ais_beside_importance(run.model, run.guide, x, num_samples=k,
                                         batch_size=args.batch_size, **settings)
-        out = run.dir / f"ais-{run.split}-{tag}.json"
-        write_json_atomic(out, {"data": run.config["data"], **summary})
-        print(format_annealed(summary, summary["importance"]))
-        print(f"wrote {out}")
+        if ctx.is_main:
+            out = run.dir / f"ais-{run.split}-{tag}.json"
+            write_json_atomic(out, {"data": run.config["data"], **summary})
+            print(format_annealed(summary, summary["importance"]))
+            print(f"wrote {out}")
     if args.bdmc:
         bounds = bdmc(run.model, run.guide, x, **settings).summary()
-        out = run.dir / f"bdmc-{tag}.json"
-        write_json_atomic(out, {"data": run.config["data"], **bounds})
-        print(format_bdmc(bounds))
-        print(f"wrote {out}")
+        if ctx.is_main:
+            out = run.dir / f"bdmc-{tag}.json"
+            write_json_atomic(out, {"data": run.config["data"], **bounds})
+            print(format_bdmc(bounds))
+            print(f"wrote {out}")
     return 0
 
 

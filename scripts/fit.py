@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         args.hidden_dims = parse_hidden_dims(args.hidden_dims)
     budget = args.time_budget_minutes * 60 if args.time_budget_minutes is not None else None
     ctx = Distributed.from_environment(args.device, threads=args.threads)
-    try:
+    with ctx.session():
         if args.resume and (Path(args.resume) / CHECKPOINT).is_file():
             run, options = resumed_run(args.resume, args.epochs, budget, ctx)
             ctx.say(f"resuming {run.dir} after epoch {run.state['epoch']} of {options.epochs}")
@@ -148,8 +148,6 @@ def main(argv: list[str] | None = None) -> int:
         options.progress, options.device = not args.no_progress and ctx.is_main, str(ctx.device)
         train(run, options, ctx)
         summary = final_summary(run, options.progress, ctx)
-    finally:
-        ctx.shutdown()
     if summary is None:
         return 0
     print(format_run_summary(summary))

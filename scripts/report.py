@@ -12,6 +12,7 @@ from dataclasses import fields
 
 from elbogap import Report, ReportSettings, load_run, move_pair, resolve_device
 from elbogap.cli.command_line import HelpFormatter, add_common_flags, add_device_flag, run_main
+from elbogap.foundations.distributed import Distributed
 
 
 def parser() -> argparse.ArgumentParser:
@@ -51,10 +52,16 @@ def main(argv: list[str] | None = None) -> int:
     settings = ReportSettings(**{f.name: getattr(args, f.name) for f in fields(ReportSettings)
                                  if hasattr(args, f.name)}, progress=not args.no_progress)
     settings.check()
-    run = load_run(args.run_dir)
-    move_pair(run.model, run.guide, resolve_device(args.device))
-    report = Report.build(run, settings)
-    written = report.write()
+    # Under torchrun every rank builds the report, sharing the points of each estimator out;
+    # rank 0 writes it.
+    ctx = Distributed.from_environment(args.device)
+    with ctx.session():
+        run = load_run(args.run_dir)
+        move_pair(run.model, run.guide, resolve_device(args.device))
+        report = Report.build(run, settings, distributed=ctx)
+        written = ctx.on_main(report.write)
+    if not ctx.is_main:
+        return 0
     print("wrote " + ", ".join(str(p) for p in written) + (
         f" (inference_data.nc: guide draws for {settings.idata_points} test points, "
         "arviz.from_netcdf)" if report.idata is not None else ""))

@@ -37,14 +37,18 @@ from tqdm.auto import tqdm
 from ..foundations.conventions import inspect_pair
 from ..foundations.data_plate import takes_program_arguments
 from ..foundations.device import rows_per_chunk as default_rows_per_chunk
+from ..foundations.distributed import SINGLE, Distributed
 from ..foundations.errors import ConventionError, OptionError
+from ..foundations.keyed_noise import KeyedNoise, point_seeds, stream_key
 from ..foundations.module_mode import evaluation_mode
 from ..foundations.pair_layout import PairLayout, per_datapoint
 from ..foundations.program_data import ProgramData
+from ..foundations.rng import seeded
 from ..foundations.statistics import log_mean_exp_with_se, mean_and_se
 from ..foundations.traces import (
     apply_mask,
     data_frame,
+    first_line,
     guide_is_a_function_of_x,
     in_particles,
     is_point_mass,
@@ -91,6 +95,23 @@ class AnnealedEvidence:
     def gap(self) -> torch.Tensor | None:
         """The AIS evidence gap log p̂(x) - ELBO, an estimate of KL(q(z|x) || p(z|x))."""
         return None if self.elbo is None else self.log_evidence - self.elbo
+
+    @classmethod
+    def concatenate(cls, parts: list[AnnealedEvidence]) -> AnnealedEvidence:
+        """The estimates of consecutive shares of the points, as one."""
+        if len(parts) == 1:
+            return parts[0]
+
+        def cat(name: str, dim: int = 0):
+            values = [getattr(p, name) for p in parts]
+            return None if values[0] is None else torch.cat(values, dim)
+
+        first = parts[0]
+        return cls(log_evidence=cat("log_evidence"), log_evidence_se=cat("log_evidence_se"),
+                   log_weights=cat("log_weights", 1), acceptance=cat("acceptance"),
+                   step_size=cat("step_size"), num_chains=first.num_chains,
+                   num_steps=first.num_steps, start=first.start, elbo=cat("elbo"),
+                   elbo_se=cat("elbo_se"), unit=first.unit)
 
     def summary(self) -> dict:
         out = {"method": "ais", "unit": self.unit, "num_data": len(self.log_evidence),
@@ -176,11 +197,50 @@ class AnnealingPath:
             shape[offset + width + frame.dim] = self.x.shape[0]
         return tuple(shape)
 
-    def initial_state(self) -> dict[str, torch.Tensor]:
-        """z_0 ~ base for every chain and point, in unconstrained space."""
-        trace = _base_draw(self.model, self.guide, self.x, self.start)
+    def point_dim(self, name: str, value: torch.Tensor) -> int | None:
+        """The dimension of a chain state's tensor for site ``name`` that indexes data points
+        (None where the chains' state is the whole data set's)."""
+        site = self.sites[name]
+        frame = data_frame(site, self.data_plate)
+        if not self.layout.per_datapoint or frame is None:
+            return None
+        return value.dim() - site["fn"].event_dim + frame.dim
+
+    def initial_state(self, key: int, first: int) -> dict[str, torch.Tensor]:
+        """z_0 ~ base for every chain and point, in unconstrained space.  Point n (the
+        ``first + n``-th of the call) draws alone, seeded from ``key`` and its index, so that
+        its start is the same in any batch and on any rank."""
+        if not self.layout.per_datapoint:
+            with seeded(point_seeds(key, 0, 1)[0], self.x.device):
+                return self._draws(self.x)
+        parts = []
+        for n, seed in enumerate(point_seeds(key, first, self.rows)):
+            with seeded(seed, self.x.device):
+                parts.append(self._draws(self.x[n: n + 1]))
+        state = {}
+        for name, value in parts[0].items():
+            try:
+                state[name] = torch.cat([p[name] for p in parts], self.point_dim(name, value))
+            except (RuntimeError, TypeError) as e:
+                raise ConventionError(
+                    f"AIS draws each point's starting z alone (its numbers must not depend on "
+                    f"the batch), but site '{name}' of one point does not stack with another's "
+                    f"along the data plate ({first_line(e)}): pass batch_size=1") from e
+        return state
+
+    def _draws(self, x) -> dict[str, torch.Tensor]:
+        trace = _base_draw(self.model, self.guide, x, self.start)
         return {name: self.transforms[name].inv(trace.nodes[name]["value"]).detach()
                 for name in self.transforms}
+
+    def noise(self, key: int, first: int, state: dict[str, torch.Tensor]) -> ChainNoise:
+        """The chains' momenta and acceptance draws, keyed by point (see ``keyed_noise``)."""
+        momentum = {name: KeyedNoise(stream_key(key, f"momentum/{name}"), v.shape,
+                                     self.point_dim(name, v), first, v.device)
+                    for name, v in state.items()}
+        accept = KeyedNoise(stream_key(key, "accept"), (self.chains, self.rows),
+                            1 if self.layout.per_datapoint else None, first, self.x.device)
+        return ChainNoise(momentum, accept)
 
     def state_at(self, latents: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Every chain at the same latent values (BDMC's reverse chains start at the latents
@@ -234,9 +294,8 @@ class ChainByChainPath(AnnealingPath):
             shape[1 + batch + frame.dim] = self.x.shape[0]
         return tuple(shape)
 
-    def initial_state(self) -> dict[str, torch.Tensor]:
-        draws = [_base_draw(self.model, self.guide, self.x, self.start)
-                 for _ in range(self.chains)]
+    def _draws(self, x) -> dict[str, torch.Tensor]:
+        draws = [_base_draw(self.model, self.guide, x, self.start) for _ in range(self.chains)]
         return {name: torch.stack([self.transforms[name].inv(t.nodes[name]["value"]).detach()
                                    for t in draws]) for name in self.transforms}
 
@@ -290,15 +349,20 @@ def _check_pair(model: Callable, guide: Callable, x: torch.Tensor, start: str,
     return layout, supports
 
 
-def initial_state(path: AnnealingPath, start: str) -> dict[str, torch.Tensor]:
-    """z_0 ~ base for every chain and point, in unconstrained space."""
-    return path.initial_state()
+@dataclass
+class ChainNoise:
+    """Where the chains' randomness comes from: each site's momenta and the acceptance
+    uniforms, keyed by data point."""
+
+    momentum: dict[str, KeyedNoise]
+    accept: KeyedNoise
 
 
-def anneal(path: AnnealingPath, u: dict[str, torch.Tensor], betas: torch.Tensor, leapfrog_steps: int,
-            step_size: float, progress: bool, desc: str):
+def anneal(path: AnnealingPath, u: dict[str, torch.Tensor], betas: torch.Tensor,
+           leapfrog_steps: int, step_size: float, progress: bool, desc: str, noise: ChainNoise):
     """Run the chains from state ``u`` along ``betas``; return log-weights [chains, N], mean
-    acceptance and final step sizes per chain and point, and the starting (joint - base)."""
+    acceptance and final step sizes per chain and point, and the starting (joint - base).
+    Every draw comes from ``noise``, so a point's chains are the same in any batch."""
     c, n = path.chains, path.rows
     eps = torch.full((c, n), step_size, dtype=path.x.dtype, device=path.x.device)
     running = torch.full_like(eps, TARGET_ACCEPTANCE)
@@ -342,7 +406,7 @@ def anneal(path: AnnealingPath, u: dict[str, torch.Tensor], betas: torch.Tensor,
         log_w += (beta - beta_prev) * ratio.double()
         # The potential and gradient at the current state under the new beta.
         u_pot, u_grad, ratio = potential(u, beta)
-        p0 = {k: torch.randn_like(v) for k, v in u.items()}
+        p0 = {k: noise.momentum[k].normal(t, v.dtype) for k, v in u.items()}
         h0 = u_pot + kinetic(p0)
         scale = {k: broadcast(eps, k, v) for k, v in u.items()}
         p = {k: p0[k] - 0.5 * scale[k] * u_grad[k] for k in u}
@@ -354,7 +418,7 @@ def anneal(path: AnnealingPath, u: dict[str, torch.Tensor], betas: torch.Tensor,
             p = {k: p[k] - factor * scale[k] * q_grad[k] for k in p}
         h1 = q_pot + kinetic(p)
         log_accept = (h0 - h1).nan_to_num(nan=-math.inf)
-        accept = torch.rand_like(log_accept).log() < log_accept
+        accept = noise.accept.uniform(t, log_accept.dtype).log() < log_accept
         keep = {k: broadcast(accept, k, v) for k, v in u.items()}
         u = {k: torch.where(keep[k], q[k], u[k]) for k in u}
         u_pot = torch.where(accept, q_pot, u_pot)
@@ -381,6 +445,8 @@ def annealed_evidence(
     data_plate: str | None = None,
     progress: bool = False,
     train_mode: bool = False,
+    seed: int | None = None,
+    distributed: Distributed = SINGLE,
 ) -> AnnealedEvidence:
     """AIS estimate of log p(x) for every data point of a pair of local latents; for a pair with
     global latents, of log p(x_1..N) of the whole data set (``unit == "data set"``, one value).
@@ -394,33 +460,63 @@ def annealed_evidence(
     :param batch_size: data points per pass; memory grows with ``num_chains * batch_size``
         (default: as many as keep that at evaluate's rows per chunk, 4096 on a CPU).
     :param train_mode: keep the pair's modules in training mode (else evaluation mode).
+    :param seed: every draw of point n is keyed by (seed, n): its estimate is the same whatever
+        the batch size and however many processes share the points (default: drawn from
+        torch's stream, so ``pyro.set_rng_seed`` fixes it).
+    :param distributed: under torchrun, each rank anneals its share of the points and every
+        rank gets all of them back, in order (a data set's chains are annealed whole).
     """
+    seed = distributed.common_seed(seed)
+    key = stream_key(seed, "ais")
     with evaluation_mode(model, guide, train_mode):
         batch_size, path = points_per_pass(model, guide, x, num_chains, start, data_plate,
                                            batch_size, "annealed_evidence", num_steps,
                                            leapfrog_steps, step_size)
-        betas = sigmoid_schedule(num_steps)
-        parts = []
-        for s in range(0, x.shape[0], batch_size):
-            xb = x[s: s + batch_size]
-            if s > 0:
-                path = annealing_path(model, guide, xb, num_chains, start, data_plate)
-            log_w, acceptance, eps, start_ratio, _ = anneal(
-                path, path.initial_state(), betas, leapfrog_steps, step_size, progress,
-                f"AIS {s}-{s + xb.shape[0]}")
-            parts.append((log_w, acceptance.mean(0), eps.mean(0), start_ratio.double()))
-    log_w = torch.cat([p[0] for p in parts], 1).cpu()
+        share = (distributed.shard(x.shape[0]) if path.layout.per_datapoint
+                 else slice(0, x.shape[0]))
+        local = None
+        # The first batch's path serves where this rank's first batch is that batch.
+        reuse = share.start == 0 and path.x.shape[0] == min(batch_size, share.stop)
+        if share.stop > share.start:
+            local = _anneal_points(
+                model, guide, x[share], share.start, key, path if reuse else None,
+                num_chains=num_chains, num_steps=num_steps, leapfrog_steps=leapfrog_steps,
+                start=start, step_size=step_size, batch_size=batch_size, data_plate=data_plate,
+                progress=progress and distributed.is_main)
+    parts = (distributed.gather(local) if path.layout.per_datapoint and distributed.enabled
+             else [local])
+    return AnnealedEvidence.concatenate([p for p in parts if p is not None])
+
+
+def _anneal_points(model: Callable, guide: Callable, x: ProgramData, first: int, key: int,
+                   path: AnnealingPath | None, *, num_chains: int, num_steps: int,
+                   leapfrog_steps: int, start: str, step_size: float, batch_size: int,
+                   data_plate: str, progress: bool) -> AnnealedEvidence:
+    """AIS on the points ``first ..`` of the call (``x``), ``batch_size`` at a time; ``path``:
+    that of the first batch, where it is built already."""
+    betas = sigmoid_schedule(num_steps)
+    parts = []
+    for s in range(0, x.shape[0], batch_size):
+        xb = x[s: s + batch_size]
+        if path is None or s > 0:
+            path = annealing_path(model, guide, xb, num_chains, start, data_plate)
+        u = path.initial_state(key, first + s)
+        log_w, acceptance, eps, start_ratio, _ = anneal(
+            path, u, betas, leapfrog_steps, step_size, progress,
+            f"AIS {first + s}-{first + s + xb.shape[0]}", path.noise(key, first + s, u))
+        parts.append((log_w.cpu(), acceptance.mean(0).cpu(), eps.mean(0).cpu(),
+                      start_ratio.double().cpu()))
+    log_w = torch.cat([p[0] for p in parts], 1)
     log_evidence, se = log_mean_exp_with_se(log_w)
     elbo = elbo_se = None
     if start == "guide":
-        draws = torch.cat([p[3] for p in parts], 1).cpu()
+        draws = torch.cat([p[3] for p in parts], 1)
         elbo = draws.mean(0)
         elbo_se = draws.std(0) / math.sqrt(num_chains) if num_chains > 1 else None
     return AnnealedEvidence(
         log_evidence=log_evidence, log_evidence_se=se, log_weights=log_w,
-        acceptance=torch.cat([p[1] for p in parts]).cpu(),
-        step_size=torch.cat([p[2] for p in parts]).cpu(), num_chains=num_chains,
-        num_steps=num_steps, start=start, elbo=elbo, elbo_se=elbo_se,
+        acceptance=torch.cat([p[1] for p in parts]), step_size=torch.cat([p[2] for p in parts]),
+        num_chains=num_chains, num_steps=num_steps, start=start, elbo=elbo, elbo_se=elbo_se,
         unit="data point" if path.layout.per_datapoint else "data set")
 
 
@@ -458,14 +554,20 @@ def points_per_pass(model: Callable, guide: Callable, x: torch.Tensor, chains: i
 def ais_beside_importance(model: Callable, guide: Callable, x: ProgramData, *,
                           num_samples: int, num_chains: int = 16, num_steps: int = 500,
                           start: str = "guide", batch_size: int | None = None,
-                          data_plate: str | None = None, progress: bool = False) -> dict:
+                          data_plate: str | None = None, progress: bool = False,
+                          seed: int | None = None,
+                          distributed: Distributed = SINGLE) -> dict:
     """AIS and importance sampling (K = ``num_samples``) on the same points: both summaries, the
-    per-point difference AIS - IS, and per point both estimates with IS's k-hat."""
+    per-point difference AIS - IS, and per point both estimates with IS's k-hat.  ``seed``
+    keys AIS (see ``annealed_evidence``); under torchrun both share the points out."""
+    # Before importance sampling draws: its draws on a rank depend on the rank's share.
+    seed = distributed.common_seed(seed)
     importance = evaluate(model, guide, x, num_samples=num_samples, batch_size=batch_size,
-                          data_plate=data_plate, progress=progress)
+                          data_plate=data_plate, progress=progress and distributed.is_main,
+                          distributed=distributed)
     ais = annealed_evidence(model, guide, x, num_chains=num_chains, num_steps=num_steps,
                             start=start, batch_size=batch_size, data_plate=data_plate,
-                            progress=progress)
+                            progress=progress, seed=seed, distributed=distributed)
     is_evidence = (importance.log_evidence if importance.unit == "data point" else
                    torch.tensor([importance.total.log_evidence], dtype=torch.float64))
     summary = importance.summary()
@@ -485,5 +587,6 @@ def ais_beside_importance(model: Callable, guide: Callable, x: ProgramData, *,
         "ais": ais_summary, "importance": summary,
         "ais_minus_is": mean_and_se(ais.log_evidence - is_evidence),
         "per_point": {"ais": ais.log_evidence.tolist(), "importance": is_evidence.tolist(),
-                      "khat": importance.khat.tolist()},
+                      # k-hat is undefined (NaN) with too few draws: null in JSON.
+                      "khat": [None if math.isnan(k) else k for k in importance.khat.tolist()]},
     }

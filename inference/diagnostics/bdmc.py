@@ -14,13 +14,16 @@ from pyro import poutine
 from pyro.distributions import Unit
 
 from ..foundations.data_plate import takes_program_arguments
+from ..foundations.distributed import SINGLE, Distributed
 from ..foundations.enumeration import marked_for_enumeration
 from ..foundations.errors import ConventionError
+from ..foundations.keyed_noise import stream_key
 from ..foundations.module_mode import evaluation_mode
 from ..foundations.program_data import ProgramData
+from ..foundations.rng import seeded
 from ..foundations.statistics import log_mean_exp_with_se, mean_and_se
-from ..foundations.traces import sample_sites
-from .ais import anneal, annealing_path, initial_state, points_per_pass, sigmoid_schedule
+from ..foundations.traces import data_frame, sample_sites
+from .ais import anneal, annealing_path, points_per_pass, sigmoid_schedule
 
 
 @dataclass
@@ -50,13 +53,33 @@ class BidirectionalBounds:
         return out
 
 
-def simulate(model: Callable, data: ProgramData) -> tuple[
-        Callable, ProgramData, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+@dataclass
+class Simulation:
     """Observations drawn from the generative program (every observed site uncondition-ed) on
-    the program's arguments ``data``: the model conditioned on them instead of the user's, the
-    arguments with each one an observed site holds as it is (``obs=x``) replaced by its
-    simulation (so that an encoder sees the simulated x), the observations, and the latents
-    that generated them."""
+    the program's arguments, the latents that generated them, and each value's dimension that
+    indexes data points (None: the value is the data set's)."""
+
+    model: Callable  # the user's, to condition on a slice of the observations
+    data: ProgramData  # the arguments, each one an observed site holds as is (obs=x) simulated
+    observations: dict[str, torch.Tensor]
+    latents: dict[str, torch.Tensor]
+    point_dims: dict[str, int | None]
+
+    def rows(self, start: int, stop: int) -> tuple[Callable, ProgramData, dict[str, torch.Tensor]]:
+        """Points ``start .. stop - 1``: the model conditioned on their simulated observations
+        (so that an encoder sees the simulated x), their arguments, their latents."""
+        def part(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {name: v if self.point_dims[name] is None
+                    else v.narrow(self.point_dims[name], start, stop - start)
+                    for name, v in values.items()}
+
+        conditioned = poutine.condition(poutine.uncondition(self.model),
+                                        data=part(self.observations))
+        return conditioned, self.data[start:stop], part(self.latents)
+
+
+def simulate(model: Callable, data: ProgramData, data_plate: str | None) -> Simulation:
+    """Draw the observations of ``model`` on its arguments ``data`` (see ``Simulation``)."""
     # A model that sums discrete states out draws them here: the data are simulated from the
     # whole program, and only its continuous latents start the reverse chains.
     drawing = getattr(model, "unenumerated", model)
@@ -75,8 +98,13 @@ def simulate(model: Callable, data: ProgramData) -> tuple[
                if name not in observed and not (summed and marked_for_enumeration(s))}
     replaced = {id(conditioned[name]["value"]): value for name, value in simulated.items()}
     data = data.replaced(lambda value: replaced.get(id(value), value))
-    return (poutine.condition(poutine.uncondition(model), data=simulated), data, simulated,
-            latents)
+    return Simulation(model, data, simulated, latents,
+                      {name: _point_dim(sites[name], data_plate) for name in sites})
+
+
+def _point_dim(site: dict, data_plate: str | None) -> int | None:
+    frame = data_frame(site, data_plate) if data_plate is not None else None
+    return None if frame is None else site["value"].dim() - site["fn"].event_dim + frame.dim
 
 
 @takes_program_arguments
@@ -94,36 +122,46 @@ def bdmc(
     data_plate: str | None = None,
     progress: bool = False,
     train_mode: bool = False,
+    seed: int | None = None,
+    distributed: Distributed = SINGLE,
 ) -> BidirectionalBounds:
     """Simulate ``len(x_like)`` points from the model and bracket their log p(x) with forward
-    and reverse AIS of the same setting (``batch_size`` points simulated and annealed at a
-    time, as in ``annealed_evidence``; a pair with global latents simulates its data set whole
-    and gets one bracket for log p(x_1..N)).  The pair's modules are in evaluation mode
-    throughout, unless ``train_mode``."""
+    and reverse AIS of the same setting (``batch_size`` points annealed at a time, as in
+    ``annealed_evidence``; a pair with global latents gets one bracket for log p(x_1..N)).
+    The data are simulated whole from ``seed`` and every chain is keyed by its point, so the
+    bounds do not depend on the batch size or on how many torchrun processes share the points
+    (``distributed``).  The pair's modules are in evaluation mode throughout, unless
+    ``train_mode``."""
+    seed = distributed.common_seed(seed)
+    forward_key, reverse_key = stream_key(seed, "bdmc/forward"), stream_key(seed, "bdmc/reverse")
     with evaluation_mode(model, guide, train_mode):
-        batch_size, _ = points_per_pass(model, guide, x_like, num_chains, start, data_plate,
-                                        batch_size, "bdmc", num_steps, leapfrog_steps,
-                                        step_size)
-        xs, lowers, uppers, lower_ses, upper_ses = [], [], [], [], []
-        for s in range(0, x_like.shape[0], batch_size):
-            xb = x_like[s: s + batch_size]
-            simulated_model, xb, x, exact = simulate(model, xb)
+        batch_size, path = points_per_pass(model, guide, x_like, num_chains, start, data_plate,
+                                           batch_size, "bdmc", num_steps, leapfrog_steps,
+                                           step_size)
+        per_point = path.layout.per_datapoint
+        with seeded(stream_key(seed, "bdmc/simulate"), x_like.device):
+            simulation = simulate(model, x_like, data_plate if per_point else None)
+        share = distributed.shard(x_like.shape[0]) if per_point else slice(0, x_like.shape[0])
+        betas = sigmoid_schedule(num_steps)
+        parts = []
+        for s in range(share.start, share.stop, batch_size):
+            simulated_model, xb, exact = simulation.rows(s, min(s + batch_size, share.stop))
             path = annealing_path(simulated_model, guide, xb, num_chains, start, data_plate)
-            forward, *_ = anneal(path, initial_state(path, start), sigmoid_schedule(num_steps),
-                                 leapfrog_steps, step_size, progress, "forward AIS")
+            u = path.initial_state(forward_key, s)
+            show = progress and distributed.is_main
+            forward, *_ = anneal(path, u, betas, leapfrog_steps, step_size, show,
+                                 "forward AIS", path.noise(forward_key, s, u))
             # Every chain starts at the latents that generated x: exact posterior draws.
-            reverse, *_ = anneal(path, path.state_at(exact), sigmoid_schedule(num_steps).flip(0),
-                                 leapfrog_steps, step_size, progress, "reverse AIS")
-            xs.append(x)
+            u = path.state_at(exact)
+            reverse, *_ = anneal(path, u, betas.flip(0), leapfrog_steps, step_size, show,
+                                 "reverse AIS", path.noise(reverse_key, s, u))
             lower, lower_se = log_mean_exp_with_se(forward.cpu())
             # Reverse weights estimate 1 / p(x): minus their log-mean-exp bounds log p(x) above.
             upper, upper_se = log_mean_exp_with_se(reverse.cpu())
-            lowers.append(lower)
-            uppers.append(-upper)
-            lower_ses.append(lower_se)
-            upper_ses.append(upper_se)
-    observations = xs[0] if len(xs) == 1 else {n: torch.cat([x[n] for x in xs]) for n in xs[0]}
-    return BidirectionalBounds(observations=observations, lower=torch.cat(lowers),
-                               upper=torch.cat(uppers), num_chains=num_chains,
-                               num_steps=num_steps, lower_se=torch.cat(lower_ses),
-                               upper_se=torch.cat(upper_ses))
+            parts.append((lower, -upper, lower_se, upper_se))
+    gathered = distributed.gather(parts) if per_point and distributed.enabled else [parts]
+    parts = [p for rank in gathered for p in rank]
+    lower, upper, lower_se, upper_se = (torch.cat([p[i] for p in parts]) for i in range(4))
+    return BidirectionalBounds(observations=simulation.observations, lower=lower, upper=upper,
+                               num_chains=num_chains, num_steps=num_steps, lower_se=lower_se,
+                               upper_se=upper_se)

@@ -57,13 +57,13 @@ from ..foundations.pair_layout import PairLayout
 from ..foundations.program_data import ProgramData
 from ..foundations.psis import importance_ess, khat_where_defined
 from ..foundations.statistics import importance_stats
+from .compiled_pass import CompiledPass
 from .defensive import MixtureSums, check_defensive, defensive_note, prior_draws, prior_particles
 from .passes import (
     batches,
     checked_arguments,
     first_layout,
     joint_chunks,
-    particles_of,
     vectorization_notes,
 )
 from .results import DATA_SET, DataSetTotals, Diagnostics, concatenate, first_points, on_cpu
@@ -91,6 +91,7 @@ def evaluate(
     surgery: bool = False,
     train_mode: bool = False,
     defensive: float = 0.0,
+    compiled: bool | None = None,
 ) -> Diagnostics:
     """Diagnose the guide of any model/guide pair that follows the conventions.
 
@@ -119,6 +120,9 @@ def evaluate(
     :param defensive: the prior's share of the proposal of log p(x) (``diagnostics.defensive``):
         beside the K draws from q, K a / (1 - a) from p(z), every one weighted against the
         mixture; a second opinion where q may miss a mode, which k-hat cannot see.  0: none.
+    :param compiled: compute the particles' terms with a compiled pass (``compiled_pass``),
+        checked against the eager pass on its first chunks: None (default) where the eager
+        pass would take over a minute, True wherever the pair allows it, False never.
     """
     batch_size = checked_arguments(x, num_samples, batch_size, "evaluate")
     if device is not None:
@@ -136,12 +140,17 @@ def evaluate(
         if distributed.enabled and first.per_datapoint:
             d = _evaluate_shared(model, guide, x, num_samples, batch_size, data_plate,
                                  rows_per_chunk, keep_log_weights, progress, distributed,
-                                 train_mode, defensive)
+                                 train_mode, defensive, compiled)
         else:
             with torch.no_grad():
-                estimate = _per_data_point if first.per_datapoint else _per_data_set
-                d = estimate(model, guide, x, first, num_samples, batch_size, data_plate,
-                             rows_per_chunk, keep_log_weights, progress, defensive, verified)
+                if first.per_datapoint:
+                    d = _per_data_point(model, guide, x, first, num_samples, batch_size,
+                                        data_plate, rows_per_chunk, keep_log_weights, progress,
+                                        defensive, verified, CompiledPass(data_plate, compiled))
+                else:
+                    d = _per_data_set(model, guide, x, first, num_samples, batch_size,
+                                      data_plate, rows_per_chunk, keep_log_weights, progress,
+                                      defensive, verified)
         if defensive:
             d.notes.append(defensive_note(defensive, num_samples))
             d.proposal_draws = num_samples + prior_draws(num_samples, defensive)
@@ -206,7 +215,7 @@ def layout_notes(layout: PairLayout, d: Diagnostics) -> list[str]:
 
 def _evaluate_shared(model, guide, x, num_samples, batch_size, data_plate, rows_per_chunk,
                      keep_log_weights, progress, distributed: Distributed,
-                     train_mode: bool, defensive: float) -> Diagnostics:
+                     train_mode: bool, defensive: float, compiled: bool | None) -> Diagnostics:
     """Each rank evaluates its share of the points; every rank gets all of them, in order."""
     share = x[distributed.shard(x.shape[0])]
     local = None
@@ -214,7 +223,7 @@ def _evaluate_shared(model, guide, x, num_samples, batch_size, data_plate, rows_
         local = evaluate(model, guide, share, num_samples=num_samples, batch_size=batch_size,
                          data_plate=data_plate, rows_per_chunk=rows_per_chunk,
                          keep_log_weights=keep_log_weights, progress=progress,
-                         train_mode=train_mode, defensive=defensive)
+                         train_mode=train_mode, defensive=defensive, compiled=compiled)
     parts = [d for d in distributed.gather(local) if d is not None]
     return concatenate(parts, num_samples)
 
@@ -281,9 +290,13 @@ class _Sums:
 def _per_data_point(model: Callable, guide: Callable, x: torch.Tensor, first: PairLayout,
                     num_samples: int, batch_size: int, data_plate: str, rows_per_chunk: int,
                     keep_log_weights: bool, progress: bool, defensive: float,
-                    verified: set) -> Diagnostics:
+                    verified: set, compiled: CompiledPass) -> Diagnostics:
     """Every batch of points with its own K draws, ``rows_per_chunk`` particles x points at a
-    time."""
+    time (by ``compiled``'s pass)."""
+    if first.subsample is None:
+        per_chunk = max(1, rows_per_chunk // first.rows(x[:batch_size]))
+        compiled.expect(x[:batch_size], per_chunk,
+                        (x.shape[0] // batch_size) * (num_samples // per_chunk))
     if progress:
         # Only then: fit evaluates every epoch, and a Ctrl-C that lands in a finished bar's
         # __del__ is printed and dropped by Python instead of stopping the run.
@@ -305,7 +318,7 @@ def _per_data_point(model: Callable, guide: Callable, x: torch.Tensor, first: Pa
         particles_per_chunk = max(1, rows_per_chunk // rows)
         for done in range(0, num_samples, particles_per_chunk):
             k = min(particles_per_chunk, num_samples - done)
-            terms, _ = particles_of(b.model, b.guide, b.x, layout, k, data_plate)
+            terms = compiled.particles(b.model, b.guide, b.x, layout, k)
             sums.add(terms.log_weight, terms.reconstruction, terms.kl, terms.latent_mean,
                      terms.guide_observed if layout.guide_observed else None)
             if mixture is not None:
@@ -325,6 +338,8 @@ def _per_data_point(model: Callable, guide: Callable, x: torch.Tensor, first: Pa
         bar.close()
     d = concatenate(parts, num_samples)
     d.notes.extend(vectorization_notes(first))
+    if compiled.note() is not None:
+        d.notes.append(compiled.note())
     return d
 
 

@@ -13,7 +13,8 @@ single-process context and every function here is a no-op.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -22,6 +23,8 @@ import torch.distributed as dist
 
 from .device import resolve_device
 from .errors import ElbogapError, OptionError
+from .keyed_noise import point_seeds, stream_key
+from .rng import seeded
 
 T = TypeVar("T")
 
@@ -104,6 +107,13 @@ class Distributed:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t.item() / self.world_size
 
+    def common_seed(self, seed: int | None) -> int:
+        """``seed``, or one drawn from torch's stream where it is None; rank 0's on every rank,
+        so that work keyed by it does not depend on the ranks' own streams."""
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()).item())
+        return self.gather(int(seed))[0]
+
     def gather(self, obj: object) -> list[object]:
         """Every rank's ``obj``, in rank order, on every rank."""
         if not self.enabled:
@@ -138,5 +148,45 @@ class Distributed:
             dist.barrier()
             dist.destroy_process_group()
 
+    def abort(self) -> None:
+        """Leave the process group at once, after an error: waiting at a barrier the others
+        never reach (they are inside a collective of the work) would hang every rank; closed
+        connections make theirs fail instead, and torchrun stops them."""
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+    @contextmanager
+    def session(self) -> Iterator[Distributed]:
+        """The work of a command: on success ``shutdown``, on an error ``abort``."""
+        try:
+            yield self
+        except BaseException:
+            self.abort()
+            raise
+        self.shutdown()
+
 
 SINGLE = Distributed()
+
+
+def over_point_groups(work: Callable[[int, int], T], num_points: int, group_size: int,
+                      seed: int, stream: str, distributed: Distributed = SINGLE,
+                      device: torch.device | str = "cpu") -> list[T]:
+    """``work(start, stop)`` on every group of ``group_size`` consecutive points, each group on
+    torch's streams seeded from ``seed`` and its first point, the groups dealt to the ranks in
+    turn; every rank gets every group's result, in order.  The groups and their seeds do not
+    depend on the number of ranks, so neither do the results.  ``seed`` must be the same on
+    every rank (``Distributed.common_seed``)."""
+    if group_size < 1:
+        raise OptionError("group_size", f"must be a positive integer, got {group_size}")
+    starts = list(range(0, num_points, group_size))
+    seeds = point_seeds(stream_key(seed, stream), 0, num_points)
+    mine = {}
+    for i, start in enumerate(starts):
+        if i % distributed.world_size == distributed.rank:
+            with seeded(seeds[start], device):
+                mine[i] = work(start, min(start + group_size, num_points))
+    results: dict[int, T] = {}
+    for part in distributed.gather(mine):
+        results.update(part)
+    return [results[i] for i in range(len(starts))]

@@ -41,3 +41,14 @@ def rng_preserved() -> Iterator[None]:
         yield
     finally:
         set_rng_state(saved)
+
+
+@contextmanager
+def seeded(seed: int, device: torch.device | str = "cpu") -> Iterator[None]:
+    """Run a block on torch's streams (the CPU's, and ``device``'s if a GPU) seeded by ``seed``,
+    every stream put back afterwards: draws that must not depend on what ran before them."""
+    device = torch.device(device)
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield

@@ -93,9 +93,9 @@ def diagnose(run: Run, x: torch.Tensor, split: str, *, num_samples: int,
              batch_size: int | None = 100, data_plate: str | None = None,
              progress: bool = False, distributed: Distributed = SINGLE,
              device: str | torch.device | None = None, defensive: float = 0.0,
-             train_mode: bool = False) -> Diagnosis:
+             train_mode: bool = False, compiled: bool | None = None) -> Diagnosis:
     """The run's pair on the points ``x`` of ``split``, with ``num_samples`` draws per point
-    (``defensive``, ``train_mode``: as ``evaluate`` takes them)."""
+    (``defensive``, ``train_mode``, ``compiled``: as ``evaluate`` takes them)."""
     plate = data_plate or run.options.data_plate
     if predicts(run, split):
         with torch.no_grad():
@@ -105,7 +105,7 @@ def diagnose(run: Run, x: torch.Tensor, split: str, *, num_samples: int,
         estimate = evaluate(run.model, run.guide, x, num_samples=num_samples,
                             batch_size=batch_size, data_plate=plate, progress=progress,
                             distributed=distributed, device=device, defensive=defensive,
-                            train_mode=train_mode)
+                            train_mode=train_mode, compiled=compiled)
     return Diagnosis(run, split, x, estimate)
 
 

@@ -20,6 +20,7 @@ from ..diagnostics.guide_draws import guide_inference_data
 from ..diagnostics.results import ACTIVE_UNIT_THRESHOLD, DATA_POINT, Diagnostics
 from ..diagnostics.surgery import elbo_surgery
 from ..foundations.atomic import write_json_atomic, write_text_atomic
+from ..foundations.distributed import SINGLE, Distributed
 from ..foundations.errors import ConventionError, OptionError, check_positive
 from ..foundations.module_mode import evaluation_mode
 from ..foundations.statistics import mean_and_se
@@ -134,23 +135,29 @@ class Report:
     tables: list[Table] = field(default_factory=list)
     figures: list[FigureItem] = field(default_factory=list)
     idata: object = None
+    distributed: Distributed = SINGLE
 
     @classmethod
-    def build(cls, run: Run, settings: ReportSettings | None = None, **kwargs) -> Report:
+    def build(cls, run: Run, settings: ReportSettings | None = None, *,
+              distributed: Distributed = SINGLE, **kwargs) -> Report:
         """Diagnose ``run`` afresh (``ReportSettings``' fields may be passed as keywords), with
-        the pair's modules in evaluation mode throughout (its fitting of q* too)."""
+        the pair's modules in evaluation mode throughout (its fitting of q* too).  Under
+        torchrun (``distributed``) every rank builds the report, each estimator sharing the
+        points out; AIS, BDMC and the gap's split are keyed by the seed, the same for any
+        number of ranks."""
         settings = settings or ReportSettings(**kwargs)
         settings.check()
         with evaluation_mode(run.model, run.guide):
-            return cls._build(run, settings)
+            return cls._build(run, settings, distributed)
 
     @classmethod
-    def _build(cls, run: Run, settings: ReportSettings) -> Report:
+    def _build(cls, run: Run, settings: ReportSettings, distributed: Distributed) -> Report:
         pyro.set_rng_seed(settings.seed)
         x = run.points(settings.max_points)
         plate = settings.data_plate or run.options.data_plate
         d = diagnose(run, x, run.split, num_samples=settings.num_samples, batch_size=100,
-                     data_plate=plate, progress=settings.progress).estimate
+                     data_plate=plate, progress=settings.progress and distributed.is_main,
+                     distributed=distributed).estimate
         if d.unit == DATA_POINT and not d.conditional and d.num_data > 1:
             try:
                 d.elbo_surgery = elbo_surgery(run.model, run.guide, x, data_plate=plate,
@@ -159,7 +166,8 @@ class Report:
                 d.notes.append(f"no ELBO surgery: {e}")
         summary = d.summary()
         split = run.split if d.unit == DATA_POINT else "train"
-        report = cls(run, settings, d, {"data": run.config["data"], "split": split, **summary})
+        report = cls(run, settings, d, {"data": run.config["data"], "split": split, **summary},
+                     distributed=distributed)
         report.notes.append(Note(
             f"The numbers below are a fresh estimate (K={settings.num_samples}, seed "
             f"{settings.seed}, {d.num_data} {split} points), not those of the run's "
@@ -280,7 +288,8 @@ class Report:
         xa = subset(run.data.test, s.ais_points) if held_out else run.points()
         where = "test points" if held_out else "training points (the data the guide was fitted to)"
         options = {"num_chains": s.ais_chains, "num_steps": s.ais_steps,
-                   "data_plate": self.plate, "progress": s.progress}
+                   "data_plate": self.plate, "progress": s.progress, "seed": s.seed,
+                   "distributed": self.distributed}
         if not held_out:
             # A guide with parameters per training point runs on its whole training set only.
             options["batch_size"] = len(xa)
@@ -296,7 +305,8 @@ class Report:
                 self.notes.append(Note(f"AIS starts from the prior: from the guide, {e}"))
         options["start"] = start
         a = self.numbers["ais"] = {**both["ais"], "ais_minus_is": both["ais_minus_is"]}
-        per_point = {key: np.asarray(values) for key, values in both["per_point"].items()}
+        per_point = {key: np.asarray(values, dtype=float)  # k-hat's None: NaN
+                     for key, values in both["per_point"].items()}
         rows = [("log p(x), AIS", *_fmt(a["log_evidence"])),
                 (f"log p(x), importance sampling K={s.num_samples}",
                  *_fmt(both["importance"]["log_evidence"])),
@@ -332,7 +342,8 @@ class Report:
         start = time.perf_counter()
         try:
             gaps = split_gap(run.model, run.guide, xa, steps=s.amortization_steps,
-                             num_samples=s.num_samples)
+                             num_samples=s.num_samples, seed=s.seed,
+                             distributed=self.distributed)
         except ConventionError as e:
             self.notes.append(Note(f"Amortization gap not computed: {e}", warning=True))
             return

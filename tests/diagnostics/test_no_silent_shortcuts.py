@@ -243,7 +243,7 @@ def test_defensive_importance_sampling_finds_the_other_mode(mixture_data):
 @pytest.mark.slow
 def test_ais_from_the_prior_runs_chain_by_chain_and_finds_both_modes(mixture_data):
     x, exact = mixture_data
-    a = annealed_evidence(mixture_model, mixture_guide, x, num_chains=24, num_steps=150,
+    a = annealed_evidence(mixture_model, mixture_guide, x, num_chains=16, num_steps=120,
                           start="prior")
     assert a.unit == "data set"
     assert abs(a.log_evidence[0].item() - exact) < max(4 * a.log_evidence_se[0].item(), 0.1)

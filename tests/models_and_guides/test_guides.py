@@ -145,7 +145,8 @@ def test_a_guide_fine_tuned_per_point_is_a_q_star_for_any_family():
     exact = lg.log_evidence(x).double()
     floor = lg.kl_to_posterior(x, *lg.optimal_mean_field(x)).double()
     reached = exact - gaps.elbo_local.double()  # KL(q* || posterior) per point
-    assert (reached > floor - 0.01).all()  # a mean-field q cannot beat its floor
+    # A mean-field q cannot beat its floor, but its ELBO is an estimate (SE ~0.005 here).
+    assert (reached > floor - 4 * gaps.local.elbo_se.double()).all()
     assert (reached - floor).mean() < 0.02  # and fine-tuning gets there
     assert gaps.amortization_gap.mean() > 0.1  # the shared encoder's wrong scales cost more
     for k, v in guide.state_dict().items():

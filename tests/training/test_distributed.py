@@ -1,5 +1,6 @@
 """Data-parallel training and evaluation: 2 processes, gloo over loopback."""
 
+import json
 import math
 import os
 import socket
@@ -143,7 +144,7 @@ def test_shards_cover_every_index_once():
 
 
 @pytest.mark.slow
-def test_torchrun_runs_fit_with_every_flag(tmp_path):
+def test_torchrun_runs_fit_evaluate_ais_bdmc_and_report(tmp_path):
     out = tmp_path / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                f"--master_port={free_port()}", str(ROOT / "scripts" / "fit.py"),
@@ -155,6 +156,35 @@ def test_torchrun_runs_fit_with_every_flag(tmp_path):
     assert (out / "diagnostics.json").is_file() and (out / "checkpoint.pt").is_file()
     config = (out / "config.json").read_text()
     assert '"processes": 2' in config
+    # AIS, BDMC and the report on the run, under torchrun and in one process: the keyed
+    # estimators' numbers are the same.
+    scripts = {"evaluate.py": ["--method", "ais", "--bdmc", "--points", "5", "--chains", "2",
+                               "--ais-steps", "4", "-K", "10", "--max-points", "20"],
+               "report.py": ["-K", "10", "--max-points", "20", "--ais-points", "4",
+                             "--ais-steps", "3", "--ais-chains", "2", "--amortization-points",
+                             "6", "--amortization-steps", "5", "--idata-points", "2",
+                             "--idata-draws", "10"]}
+    written = {}
+    for launcher in ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                      f"--master_port={free_port()}"], [sys.executable]):
+        for script, flags in scripts.items():
+            result = subprocess.run([*launcher, str(ROOT / "scripts" / script), str(out),
+                                     *flags, "--no-progress"],
+                                    capture_output=True, text=True, timeout=600)
+            assert result.returncode == 0, result.stderr[-3000:]
+            assert result.stdout.count("wrote") == (2 if script == "evaluate.py" else 1)
+        for name in ("ais-test-C2-T4.json", "bdmc-C2-T4.json", "report.json"):
+            written.setdefault(name, []).append(json.loads((out / name).read_text()))
+    (ais2, ais1), (bdmc2, bdmc1), (report2, report1) = written.values()
+    assert ais2["per_point"]["ais"] == pytest.approx(ais1["per_point"]["ais"], rel=1e-5)
+    assert [bdmc2[k] for k in ("lower", "upper")] == pytest.approx(
+        [bdmc1[k] for k in ("lower", "upper")], rel=1e-5)
+    assert report2["ais"]["log_evidence"] == pytest.approx(report1["ais"]["log_evidence"],
+                                                           rel=1e-5)
+    assert report2["bdmc"]["lower"] == pytest.approx(report1["bdmc"]["lower"], rel=1e-5)
+    for key in ("elbo_local", "elbo_amortized", "amortization_gap"):
+        assert report2["gap_decomposition"][key] == pytest.approx(
+            report1["gap_decomposition"][key], rel=1e-5), key
 
 
 def test_benchmark_contenders_compute_the_same_evidence():
@@ -177,3 +207,53 @@ def test_benchmark_contenders_compute_the_same_evidence():
     theirs = benchmark.hand_written_log_evidence(vae, enc, x, 3000, rows_per_chunk=500)
     assert (ours.khat < 0.5).all()
     assert ((ours.log_evidence - theirs).abs() < 4 * 2**0.5 * ours.log_evidence_se).all()
+
+
+def small_pair():
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    vae, enc = VAE(64, 3, (16,)), MeanFieldGuide(64, 3, (16,))
+    return vae, enc, small_digits().test[:7]
+
+
+ANNEALING = {"num_chains": 3, "num_steps": 6, "leapfrog_steps": 2, "seed": 11}
+
+
+def annealing_worker(rank, port, out):
+    from elbogap.diagnostics.ais import annealed_evidence
+    from elbogap.diagnostics.amortization import split_gap
+    from elbogap.diagnostics.bdmc import bdmc
+
+    ctx = join(rank, port)
+    vae, enc, x = small_pair()
+    # Each rank's own stream differs: nothing may depend on it.
+    pyro.set_rng_seed(100 + rank)
+    a = annealed_evidence(vae.model, enc.guide, x, distributed=ctx, **ANNEALING)
+    b = bdmc(vae.model, enc.guide, x, distributed=ctx, **ANNEALING)
+    g = split_gap(vae.model, enc.guide, x, steps=5, num_samples=20, seed=5, group_size=3,
+                  distributed=ctx)
+    torch.save({"ais": a.log_weights, "lower": b.lower, "upper": b.upper,
+                "local": g.elbo_local, "amortized": g.elbo_amortized}, Path(out) / f"rank{rank}.pt")
+    ctx.shutdown()
+
+
+def test_ais_bdmc_and_the_gap_split_on_two_ranks_equal_one_process(tmp_path):
+    """Each rank anneals and fits its share; every point's numbers are keyed by the seed and the
+    point alone, so two processes give the single process's numbers, on every rank."""
+    from elbogap.diagnostics.ais import annealed_evidence
+    from elbogap.diagnostics.amortization import split_gap
+    from elbogap.diagnostics.bdmc import bdmc
+
+    ranks = spawn(annealing_worker, tmp_path)
+    vae, enc, x = small_pair()
+    pyro.set_rng_seed(7)
+    torch.set_num_threads(1)
+    single = {"ais": annealed_evidence(vae.model, enc.guide, x, **ANNEALING).log_weights}
+    b = bdmc(vae.model, enc.guide, x, **ANNEALING)
+    single.update(lower=b.lower, upper=b.upper)
+    g = split_gap(vae.model, enc.guide, x, steps=5, num_samples=20, seed=5, group_size=3)
+    single.update(local=g.elbo_local, amortized=g.elbo_amortized)
+    assert single["ais"].shape == (3, 7) and single["lower"].shape == (7,)
+    for result in ranks:
+        for name, value in single.items():
+            torch.testing.assert_close(result[name], value, rtol=1e-6, atol=1e-6, msg=name)
