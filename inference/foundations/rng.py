@@ -33,6 +33,33 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
 
 
+def rng_state_as_tensors(state: dict) -> dict:
+    """``rng_state()`` in tensors and plain values only, so that a checkpoint holding it loads
+    with ``torch.load(weights_only=True)`` (NumPy's key array would need unpickling code)."""
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    version, words, gauss_next = state["python"]
+    out = {"torch": state["torch"],
+           "python": {"version": version, "words": torch.tensor(words, dtype=torch.int64),
+                      "gauss_next": gauss_next},
+           "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)),
+                     "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)}}
+    if "cuda" in state:
+        out["cuda"] = state["cuda"]
+    return out
+
+
+def rng_state_from_tensors(saved: dict) -> dict:
+    """The inverse of ``rng_state_as_tensors``."""
+    py, npy = saved["python"], saved["numpy"]
+    state = {"torch": saved["torch"],
+             "python": (py["version"], tuple(py["words"].tolist()), py["gauss_next"]),
+             "numpy": (npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"],
+                       npy["has_gauss"], npy["cached"])}
+    if "cuda" in saved:
+        state["cuda"] = saved["cuda"]
+    return state
+
+
 @contextmanager
 def rng_preserved() -> Iterator[None]:
     """Run a block (a trace that creates parameters, say) without moving any random stream."""

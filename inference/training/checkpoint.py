@@ -1,5 +1,11 @@
 """Checkpoints of Pyro's parameter store and optimizer, restored into any model/guide pair.
 
+A checkpoint is data, never code: tensors and plain containers only (the random streams'
+states too, as tensors), read with ``torch.load(weights_only=True)``.  A run directory is what
+people share, and a pickle may carry a command that unpickling runs; a file that needs more
+than tensors and plain containers (written before this format, or crafted) is refused with the
+way to convert one that is trusted (``convert_trusted_checkpoint``).
+
 Parameters are saved by their param-store names in unconstrained form.  Restoring first runs the
 pair once so that every ``pyro.param``/``pyro.module`` parameter exists, then copies the saved
 values in place: the tensors stay the very ones the nn.Modules hold, so restoring works for
@@ -9,6 +15,7 @@ modules and bare ``pyro.param`` sites alike.
 from __future__ import annotations
 
 import io
+import pickle
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,7 +25,12 @@ import torch
 from ..foundations.atomic import write_atomic
 from ..foundations.errors import ConfigError
 from ..foundations.program_data import as_program_data, bound_program
-from ..foundations.rng import rng_preserved, rng_state
+from ..foundations.rng import (
+    rng_preserved,
+    rng_state,
+    rng_state_as_tensors,
+    rng_state_from_tensors,
+)
 from ..foundations.traces import trace_pair
 from .parameters import pair_parameters
 
@@ -32,8 +44,9 @@ def save_checkpoint(path: str | Path, optimizer_state: dict | None = None,
     state = {
         "params": {name: p.detach().clone() for name, p in params.items()},
         "optimizer": optimizer_state,
-        "rng": rng_state(),
-        **extra,
+        "rng": rng_state_as_tensors(rng_state()),
+        **{k: ([rng_state_as_tensors(s) for s in v] if k == "rng_per_rank" and v else v)
+           for k, v in extra.items()},
     }
 
     def write(f):
@@ -53,13 +66,7 @@ def load_checkpoint(
     """Load parameters saved by ``save_checkpoint`` into the pair; return the whole state
     (its ``optimizer`` entry is for ``ElboStep.load_state_dict``).  ``x_example`` is data the
     pair runs on, which creates its parameters: for an autoguide, the data it was built for."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no checkpoint file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # torch raises several types for a damaged file
-        raise ConfigError(f"{path}: not a readable checkpoint ({e})") from None
+    state = read_checkpoint(path)
     # Running the pair draws random numbers; a restore must not change the random stream.
     with rng_preserved(), torch.no_grad():
         trace_pair(bound_program(model), bound_program(guide), as_program_data(x_example))
@@ -80,3 +87,56 @@ def load_checkpoint(
                 )
             current[name].copy_(value)
     return state
+
+
+CONVERT = ("if you trust whoever wrote it, convert it once with python -c \"from "
+           "elbogap.training.checkpoint import convert_trusted_checkpoint as c; c('{path}')\"")
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """A checkpoint's contents, read as data: tensors and plain containers only."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no checkpoint file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise ConfigError(f"{path}: not a readable checkpoint ({_first(e)})") from None
+        raise ConfigError(
+            f"{path}: holds objects other than tensors and plain containers (written by an "
+            "elbogap before 2026-11-30, or crafted): loading it would run code it carries, so "
+            f"it is not loaded; {CONVERT.format(path=path)}") from None
+    except Exception as e:  # torch raises several types for a truncated or damaged file
+        raise ConfigError(f"{path}: not a readable checkpoint ({_first(e)})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("params"), dict):
+        raise ConfigError(f"{path}: not an elbogap checkpoint (no 'params' table of tensors)")
+    if isinstance(state.get("rng"), dict) and isinstance(state["rng"].get("numpy"), dict):
+        state["rng"] = rng_state_from_tensors(state["rng"])
+    if state.get("rng_per_rank"):
+        state["rng_per_rank"] = [rng_state_from_tensors(s) for s in state["rng_per_rank"]]
+    return state
+
+
+def convert_trusted_checkpoint(path: str | Path) -> None:
+    """Rewrite a checkpoint of the older format (or any you trust) as data only.  This runs
+    whatever the file carries: only for files whose author you trust."""
+    path = Path(path)
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    for key in ("rng",):
+        if isinstance(state.get(key), dict) and isinstance(state[key].get("numpy"), tuple):
+            state[key] = rng_state_as_tensors(state[key])
+    if state.get("rng_per_rank") and isinstance(state["rng_per_rank"][0].get("numpy"), tuple):
+        state["rng_per_rank"] = [rng_state_as_tensors(s) for s in state["rng_per_rank"]]
+
+    def write(f):
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        f.write(buffer.getvalue())
+
+    write_atomic(path, write)
+    read_checkpoint(path)  # it must now load as data
+
+
+def _first(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

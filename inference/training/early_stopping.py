@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ..foundations.errors import OptionError
-from .checkpoint import save_checkpoint
+from .checkpoint import read_checkpoint, save_checkpoint
 from .options import FitOptions
 from .plan import EvaluationPlan
 from .schedule import epochs_since_best
@@ -48,7 +48,7 @@ class EarlyStopping:
         if self.best_epoch == history[-1]["epoch"]:
             self.best = {name: p.detach().clone() for name, p in current.items()}
         elif path is not None and path.is_file():
-            self.best = torch.load(path, map_location="cpu", weights_only=False)["params"]
+            self.best = read_checkpoint(path)["params"]
         else:
             raise OptionError("patience", f"{{option}}: the run's best epoch was "
                               f"{self.best_epoch}, but its parameters are not in {path}")
