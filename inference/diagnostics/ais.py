@@ -47,7 +47,7 @@ from ..foundations.rng import seeded
 from ..foundations.statistics import log_mean_exp_with_se, mean_and_se
 from ..foundations.traces import (
     apply_mask,
-    data_frame,
+    data_dim,
     first_line,
     guide_is_a_function_of_x,
     in_particles,
@@ -192,19 +192,16 @@ class AnnealingPath:
         shape = [1] * site_value.dim()
         offset = site_value.dim() - site["fn"].event_dim - width
         shape[offset] = self.chains
-        frame = data_frame(site, self.data_plate)
         if self.layout.per_datapoint:
-            shape[offset + width + frame.dim] = self.x.shape[0]
+            shape[data_dim(site, site_value, self.data_plate)] = self.x.shape[0]
         return tuple(shape)
 
     def point_dim(self, name: str, value: torch.Tensor) -> int | None:
         """The dimension of a chain state's tensor for site ``name`` that indexes data points
         (None where the chains' state is the whole data set's)."""
-        site = self.sites[name]
-        frame = data_frame(site, self.data_plate)
-        if not self.layout.per_datapoint or frame is None:
+        if not self.layout.per_datapoint:
             return None
-        return value.dim() - site["fn"].event_dim + frame.dim
+        return data_dim(self.sites[name], value, self.data_plate)
 
     def initial_state(self, key: int, first: int) -> dict[str, torch.Tensor]:
         """z_0 ~ base for every chain and point, in unconstrained space.  Point n (the
@@ -288,10 +285,9 @@ class ChainByChainPath(AnnealingPath):
     def rows_shape(self, site_value: torch.Tensor, site: dict) -> tuple[int, ...]:
         shape = [1] * site_value.dim()
         shape[0] = self.chains
-        frame = data_frame(site, self.data_plate)
-        if self.layout.per_datapoint and frame is not None:
-            batch = site_value.dim() - 1 - site["fn"].event_dim
-            shape[1 + batch + frame.dim] = self.x.shape[0]
+        dim = data_dim(site, site_value, self.data_plate)
+        if self.layout.per_datapoint and dim is not None:
+            shape[dim] = self.x.shape[0]
         return tuple(shape)
 
     def _draws(self, x) -> dict[str, torch.Tensor]:

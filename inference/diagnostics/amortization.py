@@ -34,6 +34,7 @@ from .results import Diagnostics, concatenate
 # many processes share the points.  25: on the digits VAE, 50 points in groups of 25 cost what
 # one group of 50 does (1.9 s against 2.3 s), in groups of 10 twice as much.
 GROUP_SIZE = 25
+FINETUNE_LR = 1e-3  # finetuned_gap's step size, also where split_gap falls back to it
 
 
 class NoLocalFamily(ConventionError):
@@ -189,14 +190,24 @@ def split_gap(model: Callable, guide: Callable, x: ProgramData, *, steps: int = 
     The points are fitted and evaluated in groups of ``group_size``, each on its own seed
     (from ``seed``; default: drawn from torch's stream), dealt to the torchrun ranks in turn
     (``distributed``): the numbers do not depend on how many processes share them."""
+    return _in_groups(lambda xs, evidence: _split_gap(
+        model, guide, xs, steps, num_samples, data_plate, evidence),
+        x, log_evidence, seed, "split_gap", distributed, group_size)
+
+
+def _in_groups(decompose: Callable, x: ProgramData, log_evidence: torch.Tensor | None,
+               seed: int | None, stream: str, distributed: Distributed,
+               group_size: int) -> GapDecomposition:
+    """``decompose(points, their log_evidence)`` on groups of points (``over_point_groups``),
+    as one decomposition."""
     seed = distributed.common_seed(seed)
 
     def group(start: int, stop: int) -> GapDecomposition:
-        return _split_gap(model, guide, x[start:stop], steps, num_samples, data_plate,
-                          None if log_evidence is None else log_evidence[start:stop])
+        return decompose(x[start:stop],
+                         None if log_evidence is None else log_evidence[start:stop])
 
     return GapDecomposition.concatenate(over_point_groups(
-        group, x.shape[0], group_size, seed, "split_gap", distributed, x.device))
+        group, x.shape[0], group_size, seed, stream, distributed, x.device))
 
 
 def _split_gap(model: Callable, guide: Callable, x: ProgramData, steps: int, num_samples: int,
@@ -204,7 +215,7 @@ def _split_gap(model: Callable, guide: Callable, x: ProgramData, steps: int, num
     try:
         sites = {n: LocalSite(**v) for n, v in normal_sites(model, guide, x, data_plate).items()}
     except NoLocalFamily:
-        return _finetuned_gap(model, guide, x, steps, num_samples, data_plate, 1e-3,
+        return _finetuned_gap(model, guide, x, steps, num_samples, data_plate, FINETUNE_LR,
                               log_evidence)
     local = LocalMeanFieldGuide(sites)
     fit_local_guide(model, local.guide, local.parameters(), x, steps=steps)
@@ -217,7 +228,8 @@ def _split_gap(model: Callable, guide: Callable, x: ProgramData, steps: int, num
 
 @takes_program_arguments
 def finetuned_gap(model: Callable, guide: Callable, x: ProgramData, *, steps: int = 500,
-                  num_samples: int = 1000, data_plate: str | None = None, lr: float = 1e-3,
+                  num_samples: int = 1000, data_plate: str | None = None,
+                  lr: float = FINETUNE_LR,
                   log_evidence: torch.Tensor | None = None, seed: int | None = None,
                   distributed: Distributed = SINGLE, group_size: int = GROUP_SIZE
                   ) -> GapDecomposition:
@@ -225,21 +237,16 @@ def finetuned_gap(model: Callable, guide: Callable, x: ProgramData, *, steps: in
     parameters fine-tuned by SVI on x_n alone (Cremer et al. 2018 optimize a flow's parameters
     per point the same way), then put back.  One point at a time: ``steps`` SVI steps each;
     groups of points on their own seeds and ranks, as in ``split_gap``."""
-    seed = distributed.common_seed(seed)
-
-    def group(start: int, stop: int) -> GapDecomposition:
-        return _finetuned_gap(model, guide, x[start:stop], steps, num_samples, data_plate, lr,
-                              None if log_evidence is None else log_evidence[start:stop])
-
-    return GapDecomposition.concatenate(over_point_groups(
-        group, x.shape[0], group_size, seed, "finetuned_gap", distributed, x.device))
+    return _in_groups(lambda xs, evidence: _finetuned_gap(
+        model, guide, xs, steps, num_samples, data_plate, lr, evidence),
+        x, log_evidence, seed, "finetuned_gap", distributed, group_size)
 
 
 def _finetuned_gap(model: Callable, guide: Callable, x: ProgramData, steps: int,
                    num_samples: int, data_plate: str | None, lr: float,
                    log_evidence: torch.Tensor | None) -> GapDecomposition:
     amortized = evaluate(model, guide, x, num_samples=num_samples, data_plate=data_plate)
-    elbo_local, local_evidence, local = [], [], []
+    per_point = []
     for n in range(x.shape[0]):
         point = x[n: n + 1]
         with poutine.trace(param_only=True) as params:
@@ -253,12 +260,9 @@ def _finetuned_gap(model: Callable, guide: Callable, x: ProgramData, steps: int,
             with torch.no_grad():
                 for t, value in zip(tensors, saved, strict=True):
                     t.copy_(value)
-        elbo_local.append(d.elbo)
-        local_evidence.append(d.log_evidence)
-        local.append(d)
-    elbo_local = torch.cat(elbo_local)
-    if log_evidence is None:
-        log_evidence = torch.cat(local_evidence)
+        per_point.append(d)
+    local = concatenate(per_point, num_samples)
     return GapDecomposition.of(
-        amortized, elbo_local, log_evidence, concatenate(local, num_samples),
+        amortized, local.elbo, local.log_evidence if log_evidence is None else log_evidence,
+        local,
         q_star="the guide with all its parameters fine-tuned on each point")

@@ -22,7 +22,7 @@ from ..foundations.module_mode import evaluation_mode
 from ..foundations.program_data import ProgramData
 from ..foundations.rng import seeded
 from ..foundations.statistics import log_mean_exp_with_se, mean_and_se
-from ..foundations.traces import data_frame, sample_sites
+from ..foundations.traces import data_dim, sample_sites
 from .ais import anneal, annealing_path, points_per_pass, sigmoid_schedule
 
 
@@ -99,12 +99,7 @@ def simulate(model: Callable, data: ProgramData, data_plate: str | None) -> Simu
     replaced = {id(conditioned[name]["value"]): value for name, value in simulated.items()}
     data = data.replaced(lambda value: replaced.get(id(value), value))
     return Simulation(model, data, simulated, latents,
-                      {name: _point_dim(sites[name], data_plate) for name in sites})
-
-
-def _point_dim(site: dict, data_plate: str | None) -> int | None:
-    frame = data_frame(site, data_plate) if data_plate is not None else None
-    return None if frame is None else site["value"].dim() - site["fn"].event_dim + frame.dim
+                      {name: data_dim(s, s["value"], data_plate) for name, s in sites.items()})
 
 
 @takes_program_arguments

@@ -47,6 +47,13 @@ def data_frame(site: dict, data_plate: str):
     return None
 
 
+def data_dim(site: dict, value: torch.Tensor, data_plate: str | None) -> int | None:
+    """The dimension of ``value`` (the site's value, or a tensor laid out as it is with
+    dimensions added on the left) that the data plate indexes; None for a site outside it."""
+    frame = data_frame(site, data_plate)
+    return None if frame is None else value.dim() - site["fn"].event_dim + frame.dim
+
+
 def base_distribution(fn):
     """The distribution under Independent, mask and expand wrappers."""
     while isinstance(fn, Independent | MaskedDistribution | ExpandedDistribution):

@@ -41,20 +41,32 @@ def save_checkpoint(path: str | Path, optimizer_state: dict | None = None,
     ``path`` atomically."""
     if params is None:
         params = dict(pyro.get_param_store().named_parameters())
-    state = {
+    _write(path, _streams({
         "params": {name: p.detach().clone() for name, p in params.items()},
         "optimizer": optimizer_state,
-        "rng": rng_state_as_tensors(rng_state()),
-        **{k: ([rng_state_as_tensors(s) for s in v] if k == "rng_per_rank" and v else v)
-           for k, v in extra.items()},
-    }
+        "rng": rng_state(),
+        **extra,
+    }, rng_state_as_tensors))
 
+
+def _write(path: str | Path, state: dict) -> None:
     def write(f):
         buffer = io.BytesIO()
         torch.save(state, buffer)
         f.write(buffer.getvalue())
 
     write_atomic(path, write)
+
+
+def _streams(state: dict, convert: Callable[[dict], dict]) -> dict:
+    """``state`` with the random streams' states it holds (``rng``, ``rng_per_rank``)
+    converted: to tensors for writing, back for restoring."""
+    state = dict(state)
+    if isinstance(state.get("rng"), dict):
+        state["rng"] = convert(state["rng"])
+    if state.get("rng_per_rank"):
+        state["rng_per_rank"] = [convert(s) for s in state["rng_per_rank"]]
+    return state
 
 
 def load_checkpoint(
@@ -111,11 +123,8 @@ def read_checkpoint(path: str | Path) -> dict:
         raise ConfigError(f"{path}: not a readable checkpoint ({_first(e)})") from None
     if not isinstance(state, dict) or not isinstance(state.get("params"), dict):
         raise ConfigError(f"{path}: not an elbogap checkpoint (no 'params' table of tensors)")
-    if isinstance(state.get("rng"), dict) and isinstance(state["rng"].get("numpy"), dict):
-        state["rng"] = rng_state_from_tensors(state["rng"])
-    if state.get("rng_per_rank"):
-        state["rng_per_rank"] = [rng_state_from_tensors(s) for s in state["rng_per_rank"]]
-    return state
+    # Read with weights_only, the streams can only be in the form of tensors.
+    return _streams(state, rng_state_from_tensors)
 
 
 def convert_trusted_checkpoint(path: str | Path) -> None:
@@ -123,18 +132,11 @@ def convert_trusted_checkpoint(path: str | Path) -> None:
     whatever the file carries: only for files whose author you trust."""
     path = Path(path)
     state = torch.load(path, map_location="cpu", weights_only=False)
-    for key in ("rng",):
-        if isinstance(state.get(key), dict) and isinstance(state[key].get("numpy"), tuple):
-            state[key] = rng_state_as_tensors(state[key])
-    if state.get("rng_per_rank") and isinstance(state["rng_per_rank"][0].get("numpy"), tuple):
-        state["rng_per_rank"] = [rng_state_as_tensors(s) for s in state["rng_per_rank"]]
+    def as_tensors(streams: dict) -> dict:  # those still as rng_state() has them
+        return (rng_state_as_tensors(streams) if isinstance(streams.get("numpy"), tuple)
+                else streams)
 
-    def write(f):
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        f.write(buffer.getvalue())
-
-    write_atomic(path, write)
+    _write(path, _streams(state, as_tensors))
     read_checkpoint(path)  # it must now load as data
 
 
