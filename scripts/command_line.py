@@ -83,6 +83,14 @@ def add_device_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
                              "under torchrun, LOCAL_RANK) when CUDA is available, else the CPU")
 
 
+def add_trust_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--trust-model-file``: load a run whose model file cannot be checked against it."""
+    parser.add_argument("--trust-model-file", action="store_true",
+                        help="load a run whose model file (config.json's model, path.py:name) "
+                             "changed since the run, or whose config holds no sha256 of it: "
+                             "the file as it is now is imported and run")
+
+
 def add_common_flags(parser: argparse.ArgumentParser, progress: bool = True) -> None:
     """``--no-progress`` (where the command shows progress) and ``--debug``."""
     if progress:

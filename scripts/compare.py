@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from elbogap import compare
-from elbogap.cli.command_line import HelpFormatter, add_common_flags, run_main
+from elbogap.cli.command_line import HelpFormatter, add_common_flags, add_trust_flag, run_main
 from elbogap.foundations.errors import ConfigError, check_positive
 
 
@@ -26,6 +26,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--amortization-steps", type=int, default=500,
                    help="SVI steps fitting q* for --amortization-points")
     p.add_argument("--seed", type=int, default=0, help="the same draws' seed for every run")
+    add_trust_flag(p)
     add_common_flags(p, progress=False)
     return p
 
@@ -39,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     comparison = compare(args.run_dirs, num_samples=args.num_samples, points=args.points,
                          seed=args.seed, surgery=args.surgery,
                          amortization_points=args.amortization_points,
-                         amortization_steps=args.amortization_steps)
+                         amortization_steps=args.amortization_steps,
+                         trust_model_file=args.trust_model_file)
     table = comparison.table()
     width = max(len(row[0]) for row in table.rows)
     print(f"{'':<{width}}  " + "  ".join(f"{n:>18}" for n in comparison.names))

@@ -11,7 +11,13 @@ import sys
 import pyro
 
 from elbogap import bdmc, diagnose, load_run, subset
-from elbogap.cli.command_line import HelpFormatter, add_common_flags, add_device_flag, run_main
+from elbogap.cli.command_line import (
+    HelpFormatter,
+    add_common_flags,
+    add_device_flag,
+    add_trust_flag,
+    run_main,
+)
 from elbogap.diagnostics.ais import ais_beside_importance
 from elbogap.foundations.atomic import write_json_atomic
 from elbogap.foundations.distributed import Distributed
@@ -59,6 +65,7 @@ def parser() -> argparse.ArgumentParser:
                    help="where the chains start (prior: for guides without a density)")
     a.add_argument("--points", type=int, default=100,
                    help="points for --method ais and --bdmc (a fixed random subset, seed 0)")
+    add_trust_flag(p)
     add_common_flags(p)
     return p
 
@@ -70,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                    points=args.points)
     ctx = Distributed.from_environment(args.device)
     with ctx.session():
-        run = load_run(args.run_dir)
+        run = load_run(args.run_dir, trust_model_file=args.trust_model_file)
         # After the pair is built (its initial weights draw from the same stream).
         pyro.set_rng_seed(args.seed + ctx.rank)
         k = args.num_samples or run.config["num_samples"]

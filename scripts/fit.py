@@ -14,6 +14,7 @@ from elbogap.cli.command_line import (
     add_common_flags,
     add_device_flag,
     add_training_controls,
+    add_trust_flag,
     parse_hidden_dims,
     run_main,
 )
@@ -22,7 +23,7 @@ from elbogap.data.readers import BINARIZATIONS
 from elbogap.foundations.distributed import Distributed
 from elbogap.foundations.errors import ConfigError
 from elbogap.presentation.table import format_run_summary
-from elbogap.runs.run_directory import run_settings
+from elbogap.runs.run_directory import changed_settings, run_settings
 from elbogap.training.fitting import CHECKPOINT
 
 
@@ -93,13 +94,14 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its "
                    "checkpoint with its own settings; with --out RUN_DIR too, start it there if "
                    "it has none yet (safe under torchrun restarts)")
+    add_trust_flag(p)
     add_common_flags(p)
     return p
 
 
 # What --resume may change; every other setting is the run's own.
 RESUME_FLAGS = {"resume", "out", "epochs", "no_progress", "debug", "threads",
-                "time_budget_minutes", "device"}
+                "time_budget_minutes", "device", "trust_model_file"}
 
 
 def check_flags(args: argparse.Namespace) -> None:
@@ -117,25 +119,25 @@ def check_flags(args: argparse.Namespace) -> None:
         raise ConfigError(f"--resume {args.resume}: no such run directory (mistyped?). To start a "
                           "run there that restarts then resume (torchrun --max-restarts), pass "
                           f"--out {args.resume} too")
-    defaults = parser().parse_args([])
-    ignored = ["--" + name.replace("_", "-") for name, value in vars(args).items()
-               if name not in RESUME_FLAGS and value != getattr(defaults, name)]
-    if ignored and (Path(args.resume) / CHECKPOINT).is_file():
+    defaults = vars(parser().parse_args([]))
+    given = {k: v for k, v in vars(args).items() if k not in RESUME_FLAGS and v != defaults[k]}
+    if ignored := changed_settings(Path(args.resume), given):
         raise ConfigError(f"--resume continues the run with its own settings, so "
-                          f"{', '.join(ignored)} would be ignored: leave them out, or start a new "
-                          "run with --out")
+                          f"{', '.join('--' + n.replace('_', '-') for n in ignored)} would be "
+                          "ignored: leave them out, or start a new run with --out")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    check_flags(args)
     if args.hidden_dims is not None:
         args.hidden_dims = parse_hidden_dims(args.hidden_dims)
+    check_flags(args)
     budget = args.time_budget_minutes * 60 if args.time_budget_minutes is not None else None
     ctx = Distributed.from_environment(args.device, threads=args.threads)
     with ctx.session():
         if args.resume and (Path(args.resume) / CHECKPOINT).is_file():
-            run, options = resumed_run(args.resume, args.epochs, budget, ctx)
+            run, options = resumed_run(args.resume, args.epochs, budget, ctx,
+                                       trust_model_file=args.trust_model_file)
             ctx.say(f"resuming {run.dir} after epoch {run.state['epoch']} of {options.epochs}")
         else:
             if args.resume:

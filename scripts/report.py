@@ -11,7 +11,13 @@ import sys
 from dataclasses import fields
 
 from elbogap import Report, ReportSettings, load_run, move_pair, resolve_device
-from elbogap.cli.command_line import HelpFormatter, add_common_flags, add_device_flag, run_main
+from elbogap.cli.command_line import (
+    HelpFormatter,
+    add_common_flags,
+    add_device_flag,
+    add_trust_flag,
+    run_main,
+)
 from elbogap.foundations.distributed import Distributed
 
 
@@ -43,6 +49,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=s.seed,
                    help="fixes every draw (the report's numbers are a fresh estimate)")
     add_device_flag(p)
+    add_trust_flag(p)
     add_common_flags(p)
     return p
 
@@ -56,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     # rank 0 writes it.
     ctx = Distributed.from_environment(args.device)
     with ctx.session():
-        run = load_run(args.run_dir)
+        run = load_run(args.run_dir, trust_model_file=args.trust_model_file)
         move_pair(run.model, run.guide, resolve_device(args.device))
         report = Report.build(run, settings, distributed=ctx)
         written = ctx.on_main(report.write)

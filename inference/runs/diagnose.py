@@ -33,6 +33,7 @@ from ..presentation.figures import (
     save_figure,
 )
 from .pairs import exact_comparison, exact_means
+from .recorded import DIAGNOSTICS
 from .run_directory import Run
 
 SPLITS = ("test", "train", "validation")
@@ -160,7 +161,7 @@ def final_summary(run: Run, progress: bool = True,
                                 batch_size=config["eval_batch_size"])
     if held_out is not None:
         summary["held_out_predictive"] = held_out
-    write_json_atomic(run.dir / "diagnostics.json", summary)
+    write_json_atomic(run.dir / DIAGNOSTICS, summary)
     for name, fig in run_figures(run, summary["kl_per_dim"]).items():
         save_figure(fig, run.dir / name)
     return summary

@@ -8,7 +8,6 @@ A run directory holds ``config.json`` (how to rebuild data and pair), ``checkpoi
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
@@ -21,21 +20,16 @@ from ..data.catalog import load_dataset
 from ..data.dataset import Dataset
 from ..foundations.atomic import write_json_atomic
 from ..foundations.distributed import SINGLE, Distributed
-from ..foundations.errors import ConfigError, OptionError, check_positive
+from ..foundations.errors import ConfigError, ElbogapError, OptionError, check_positive
 from ..foundations.program_data import as_program_data
 from ..training.checkpoint import load_checkpoint
 from ..training.fitting import CHECKPOINT, METRICS, FitResult, fit
 from ..training.options import FitOptions
 from ..training.plan import diagnosed_points, plan_evaluation
+from .config_file import CONFIG, MODEL_DIGEST, RUN_DEFAULTS, read_config
 from .pairs import Pair, build_pair, default_guide, exact_means
-
-CONFIG = "config.json"
-# Settings of a run besides FitOptions: data, pair and the final evaluation.
-RUN_DEFAULTS = {"data": "digits", "data_dir": None, "binarize": "dynamic", "model": "vae",
-                "guide": None, "likelihood": "auto", "likelihood_scale": None,
-                "latent_dim": None, "hidden_dims": None, "num_samples": 1000,
-                "test_points": None, "eval_batch_size": 100, "val_fraction": None,
-                "flows": None}
+from .recorded import read_final_summary, read_history
+from .user_code import check_model_file, file_digest, is_file_spec
 
 
 @dataclass
@@ -73,34 +67,44 @@ class Run:
     @property
     def history(self) -> list[dict]:
         """The records of ``metrics.jsonl``, one per epoch."""
-        path = self.dir / METRICS
-        if not path.is_file():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return read_history(self.dir / METRICS)
+
+    @property
+    def summary(self) -> dict:
+        """The run's final evaluation, as ``diagnostics.json`` holds it."""
+        return read_final_summary(self.dir)
 
 
-def read_config(run_dir: Path) -> dict:
-    path = Path(run_dir) / CONFIG
-    if not path.is_file():
-        raise ConfigError(f"{run_dir}: no {CONFIG}; is it a run directory of scripts/fit.py?")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-
-
-def load_run(run_dir: str | Path) -> Run:
+def load_run(run_dir: str | Path, *, trust_model_file: bool = False) -> Run:
     """The run in ``run_dir``: its config, data, model and guide with the checkpoint's
-    parameters, and the checkpoint's state (optimizer, epoch, random streams)."""
+    parameters, and the checkpoint's state (optimizer, epoch, random streams).
+
+    Every file is read as data.  A model given as a Python file (``path.py:name``) is code,
+    though: it is imported only when it is the file the run was fitted with (its sha256 in the
+    config), unless ``trust_model_file``, and loading says so in a line on stderr."""
     run_dir = Path(run_dir)
     config = read_config(run_dir)
+    config_path = run_dir / CONFIG
+    if is_file_spec(config["model"]):
+        check_model_file(config["model"], config.get(MODEL_DIGEST), config_path, trust_model_file)
     pyro.clear_param_store()
-    data = run_data(config)
-    pair = build_pair(config, data.data_dim)
-    run = Run(run_dir, config, data, pair)
+    try:
+        data = run_data(config)
+        pair = build_pair(config, data.data_dim)
+        run = Run(run_dir, config, data, pair)
+        run.options.check(data.train.shape[0], config["processes"])
+    except OptionError as e:
+        raise ConfigError(f"{config_path}: {e.for_flags(_CONFIG_NAMES)}") from None
+    except ElbogapError as e:
+        raise ConfigError(f"{config_path}: {e}") from None
     # A guide with parameters per training point is rebuilt on the training set.
     run.state = load_checkpoint(run_dir / CHECKPOINT, pair.model, pair.guide, run.points(2))
     return run
+
+
+# A setting of a loaded run is named by its key in config.json.
+_CONFIG_NAMES = {f.name: f"fit_options.{f.name}" for f in fields(FitOptions)} | {
+    "path": "data_dir"}
 
 
 def run_data(config: dict) -> Dataset:
@@ -138,17 +142,47 @@ def run_config(data: Dataset, settings: dict) -> dict:
     if config["latent_dim"] is None:
         config["latent_dim"] = 3 if data.name == "synthetic" else 10 if small else 50
     model = config["model"]
-    if ":" in model and model.rsplit(":", 1)[0].endswith(".py"):
-        path, _, name = model.rpartition(":")
-        config["model"] = f"{Path(path).resolve()}:{name}"
+    if is_file_spec(model):
+        config["model"] = _resolved(model)
+        if Path(model.rpartition(":")[0]).is_file():
+            # What loading the run later checks before it runs the file again.
+            config[MODEL_DIGEST] = file_digest(model.rpartition(":")[0])
     config["guide"] = config["guide"] or default_guide(model)
     if config["flows"] is not None and config["guide"] != "iaf":
         raise OptionError("flows", f"{{option}} is for the iaf guide, not {config['guide']!r}")
     if config["data_dir"] is not None:
-        config["data_dir"] = str(Path(config["data_dir"]).resolve())
+        config["data_dir"] = _resolved(config["data_dir"])
     check_positive(**{name: config[name] for name in
                       ("num_samples", "test_points", "eval_batch_size")})
     return config
+
+
+def _resolved(path: str) -> str:
+    """A path as a config holds it: absolute (``path.py:name``: its file's path)."""
+    if is_file_spec(path):
+        file, _, name = path.rpartition(":")
+        return f"{Path(file).resolve()}:{name}"
+    return str(Path(path).resolve())
+
+
+def changed_settings(run_dir: Path, settings: Mapping[str, object]) -> list[str]:
+    """The names of ``settings`` (a run's settings, as ``run_settings`` takes them) whose value
+    is not the one the run in ``run_dir`` holds, paths compared as its config writes them; none
+    while it has no checkpoint.  A restart repeats the command that started the run (torchrun
+    --max-restarts): settings that restate the run are no news, only those that would change it."""
+    if not settings or not (run_dir / CHECKPOINT).is_file():
+        return []
+    config = read_config(run_dir)
+    held = {**config, **config["fit_options"]}
+    changed = []
+    for name, value in settings.items():
+        if name == "data_dir" or name == "model" and is_file_spec(value):
+            value = _resolved(value)
+        elif name == "hidden_dims" and value is not None:
+            value = list(value)
+        if name not in held or held[name] != value:
+            changed.append(name)
+    return changed
 
 
 def check_likelihood(likelihood: str, data: Dataset) -> None:
@@ -206,7 +240,7 @@ def new_run(settings: dict, out: str | Path | None = None, overwrite: bool = Fal
     config = run_config(data, settings)
     check_likelihood(config["likelihood"], data)
     pair = build_pair(config, data.data_dim)
-    options = FitOptions(**{f.name: config[f.name] for f in fields(FitOptions)})
+    options = FitOptions(**{f.name: config.pop(f.name) for f in fields(FitOptions)})
     options.check(data.train.shape[0], distributed.world_size)
     # Where the fitted pair can be diagnosed (a clear error now if the pair breaks a rule).
     config["evaluated_on"] = plan_evaluation(pair.model, pair.guide, data, options).split
@@ -220,17 +254,31 @@ def new_run(settings: dict, out: str | Path | None = None, overwrite: bool = Fal
 
 def resumed_run(run_dir: str | Path, epochs: int | None = None,
                 time_budget: float | None = None,
-                distributed: Distributed = SINGLE) -> tuple[Run, FitOptions]:
+                distributed: Distributed = SINGLE, *,
+                trust_model_file: bool = False) -> tuple[Run, FitOptions]:
     """The run in ``run_dir``, ready to continue from its checkpoint with its own settings
-    (``epochs`` may raise the total, ``time_budget`` in seconds bounds this session)."""
-    run = load_run(run_dir)
+    (``epochs`` may raise the total, ``time_budget`` in seconds bounds this session).  What a
+    crash leaves is repaired: a half record at the end of ``metrics.jsonl`` is dropped, the
+    temporary files of writes cut short are removed."""
+    run = load_run(run_dir, trust_model_file=trust_model_file)
     options = run.options
     if epochs is not None:
         options.epochs = epochs
     if time_budget is not None:
         options.time_budget = time_budget
     options.check(run.data.train.shape[0], distributed.world_size)
-    run.state["history"] = run.history
+    history = read_history(run.dir / METRICS, drop_half_line=True)
+    if len(history) < run.state["epoch"]:
+        # The records steer training (learning-rate plateaus, early stopping, step counters):
+        # without them the resumed run would not be the run it continues.
+        raise ConfigError(
+            f"{run.dir / METRICS}: holds the records of epochs 1 to {len(history)}, but the "
+            f"checkpoint is of epoch {run.state['epoch']}: the run cannot continue as it was; "
+            "start a new one")
+    run.state["history"] = history
+    if distributed.is_main:
+        for leftover in run.dir.glob(".*.tmp"):
+            leftover.unlink(missing_ok=True)  # write_atomic's, of a write a kill cut short
     return run, options
 
 

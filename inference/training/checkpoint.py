@@ -113,18 +113,30 @@ def read_checkpoint(path: str | Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Weights only load failed" not in str(e):
-            raise ConfigError(f"{path}: not a readable checkpoint ({_first(e)})") from None
+        # Torch names the global a pickle asks for; other refusals are of bytes that are no pickle.
+        if "Weights only load failed" not in str(e) or "GLOBAL" not in str(e):
+            raise ConfigError(f"{path}: not a readable checkpoint (truncated or corrupted: "
+                              f"{_damage(e)})") from None
         raise ConfigError(
             f"{path}: holds objects other than tensors and plain containers (written by an "
             "elbogap before 2026-11-30, or crafted): loading it would run code it carries, so "
             f"it is not loaded; {CONVERT.format(path=path)}") from None
     except Exception as e:  # torch raises several types for a truncated or damaged file
         raise ConfigError(f"{path}: not a readable checkpoint ({_first(e)})") from None
-    if not isinstance(state, dict) or not isinstance(state.get("params"), dict):
+    if not isinstance(state, dict) or not isinstance(state.get("params"), dict) or not all(
+            isinstance(k, str) and torch.is_tensor(v) for k, v in state["params"].items()):
         raise ConfigError(f"{path}: not an elbogap checkpoint (no 'params' table of tensors)")
+    for key, kind, what in (("epoch", int, "an integer"), ("optimizer", dict, "a table"),
+                            ("rng", dict, "a table of tensors")):
+        if key in state and state[key] is not None and not isinstance(state[key], kind):
+            raise ConfigError(f"{path}: its '{key}' must be {what}, got "
+                              f"{type(state[key]).__name__}")
     # Read with weights_only, the streams can only be in the form of tensors.
-    return _streams(state, rng_state_from_tensors)
+    try:
+        return _streams(state, rng_state_from_tensors)
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise ConfigError(f"{path}: its random streams' states are damaged ({_first(e)})"
+                          ) from None
 
 
 def convert_trusted_checkpoint(path: str | Path) -> None:
@@ -138,6 +150,13 @@ def convert_trusted_checkpoint(path: str | Path) -> None:
 
     _write(path, _streams(state, as_tensors))
     read_checkpoint(path)  # it must now load as data
+
+
+def _damage(e: Exception) -> str:
+    """What torch found wrong with the bytes: its WeightsUnpickler's reason when it gives one."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    reason = next((line for line in lines if line.startswith("Unsupported operand")), None)
+    return reason or _first(e)
 
 
 def _first(e: Exception) -> str:

@@ -243,6 +243,9 @@ def test_resume_refuses_flags_it_would_ignore_and_abbreviations(tmp_path, capsys
                                                  "--batch-size", "10", "--epochs", "4"])
     err = capsys.readouterr().err
     assert code == 2 and "--batch-size, --lr would be ignored" in err
+    # A restart repeats the command that started the run: the run's own settings are no news.
+    assert fit_script.command([*FAST, "--resume", run_dir, "--out", run_dir]) == 0
+    assert "resuming" in capsys.readouterr().out
     result = run("fit.py", "--epoch", "3", "--out", str(tmp_path / "other"))
     assert result.returncode == 2 and "unrecognized arguments: --epoch 3" in result.stderr
 
