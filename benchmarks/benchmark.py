@@ -457,6 +457,10 @@ def scaling_section(args) -> list[dict]:
         rows.append({"vary": "K", "k": k, "n": args.scaling_n_fixed,
                      **run_probe({"contender": "elbogap evaluate", "k": k,
                                   "n": args.scaling_n_fixed})})
+    # Memory in K: one point, K up to 10^7 (a point's draws are reduced as they come).
+    for k in args.memory_k:
+        rows.append({"vary": "K, one point", "k": k, "n": 1,
+                     **run_probe({"contender": "elbogap evaluate", "k": k, "n": 1})})
     for n in args.scaling_n:
         rows.append({"vary": "N", "k": args.scaling_k_fixed, "n": n,
                      **run_probe({"contender": "elbogap evaluate", "k": args.scaling_k_fixed,
@@ -535,6 +539,7 @@ def configure(args) -> None:
     args.scaling_n_fixed = 4 if quick else 20
     args.scaling_n = (2, 8) if quick else (10, 100, 1000)
     args.scaling_k_fixed = 20 if quick else 1000
+    args.memory_k = (1000, 10_000) if quick else tuple(10**e for e in range(3, 8))
     args.dp_global_batch = 32 if quick else 256
     args.dp_steps, args.dp_warmup = (3, 1) if quick else (60, 10)
 

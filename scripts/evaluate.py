@@ -29,6 +29,7 @@ from elbogap.presentation.table import (
     format_run_summary,
 )
 from elbogap.runs.diagnose import predicts, split_points
+from elbogap.runs.ownership import own
 
 
 def parser() -> argparse.ArgumentParser:
@@ -77,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
                    points=args.points)
     ctx = Distributed.from_environment(args.device)
     with ctx.session():
+        # It writes into the run directory: not while another process (a fit) owns it.
+        ctx.on_main(lambda: own(args.run_dir, "scripts/evaluate.py"))
         run = load_run(args.run_dir, trust_model_file=args.trust_model_file)
         # After the pair is built (its initial weights draw from the same stream).
         pyro.set_rng_seed(args.seed + ctx.rank)

@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from elbogap import FitOptions, final_summary, new_run, resumed_run, train
+from elbogap import FitOptions, final_summary, new_run, train
 from elbogap.cli.command_line import (
     HelpFormatter,
     add_common_flags,
@@ -23,8 +23,7 @@ from elbogap.data.readers import BINARIZATIONS
 from elbogap.foundations.distributed import Distributed
 from elbogap.foundations.errors import ConfigError
 from elbogap.presentation.table import format_run_summary
-from elbogap.runs.run_directory import changed_settings, run_settings
-from elbogap.training.fitting import CHECKPOINT
+from elbogap.runs.run_directory import changed_settings, continued_run, run_settings
 
 
 def parser() -> argparse.ArgumentParser:
@@ -101,7 +100,7 @@ def parser() -> argparse.ArgumentParser:
 
 # What --resume may change; every other setting is the run's own.
 RESUME_FLAGS = {"resume", "out", "epochs", "no_progress", "debug", "threads",
-                "time_budget_minutes", "device", "trust_model_file"}
+                "time_budget_minutes", "device", "trust_model_file", "overwrite"}
 
 
 def check_flags(args: argparse.Namespace) -> None:
@@ -135,14 +134,15 @@ def main(argv: list[str] | None = None) -> int:
     budget = args.time_budget_minutes * 60 if args.time_budget_minutes is not None else None
     ctx = Distributed.from_environment(args.device, threads=args.threads)
     with ctx.session():
-        if args.resume and (Path(args.resume) / CHECKPOINT).is_file():
-            run, options = resumed_run(args.resume, args.epochs, budget, ctx,
-                                       trust_model_file=args.trust_model_file)
-            ctx.say(f"resuming {run.dir} after epoch {run.state['epoch']} of {options.epochs}")
+        continued = args.resume and continued_run(args.resume, args.epochs, budget, ctx,
+                                                  trust_model_file=args.trust_model_file,
+                                                  overwrite=args.overwrite)
+        if continued:
+            run, options = continued
         else:
             if args.resume:
-                ctx.say(f"no checkpoint in {args.resume} yet: starting the run there")
-                args.out, args.overwrite = args.resume, True
+                ctx.say(f"no run in {args.resume} yet: starting it there")
+                args.out = args.resume
             settings = {**run_settings(vars(args)), "time_budget": budget}
             run, options = new_run(settings, args.out, args.overwrite, ctx)
             ctx.say(f"run directory: {run.dir}" + (f" ({ctx.world_size} processes)"

@@ -19,6 +19,7 @@ from elbogap.cli.command_line import (
     run_main,
 )
 from elbogap.foundations.distributed import Distributed
+from elbogap.runs.ownership import own
 
 
 def parser() -> argparse.ArgumentParser:
@@ -63,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     # rank 0 writes it.
     ctx = Distributed.from_environment(args.device)
     with ctx.session():
+        # It writes into the run directory: not while another process (a fit) owns it.
+        ctx.on_main(lambda: own(args.run_dir, "scripts/report.py"))
         run = load_run(args.run_dir, trust_model_file=args.trust_model_file)
         move_pair(run.model, run.guide, resolve_device(args.device))
         report = Report.build(run, settings, distributed=ctx)

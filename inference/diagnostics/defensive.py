@@ -18,16 +18,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import pyro
 import torch
 
 from ..foundations.errors import ConventionError, OptionError
 from ..foundations.pair_layout import PairLayout
-from ..foundations.psis import importance_ess, khat_where_defined
-from ..foundations.statistics import log_mean_exp_with_se
 from ..foundations.traces import trace_pair_from_prior
+from ..foundations.weight_moments import WeightMoments
 from .results import Diagnostics
 from .terms import ParticleTerms, particle_terms
 
@@ -65,41 +64,37 @@ def prior_particles(model: Callable, guide: Callable, x: torch.Tensor, layout: P
         for g, m in passes])
 
 
-@dataclass
 class MixtureSums:
-    """The particles of both shares, each as (log p(x, z) - log q, log q, log p(z)) per row."""
+    """The mixture's weights log p(x, z) - log m(z) of both shares' particles, reduced as they
+    come (``elbogap.foundations.weight_moments``): ``num_samples`` K from q, and the K_p of
+    ``prior_draws`` from the prior."""
 
-    alpha: float
-    log_w: list[torch.Tensor] = field(default_factory=list)
-    log_q: list[torch.Tensor] = field(default_factory=list)
-    log_prior: list[torch.Tensor] = field(default_factory=list)
+    def __init__(self, alpha: float, num_samples: int, keep_log_weights: bool = False):
+        self.alpha = alpha
+        self.moments = WeightMoments(num_samples + prior_draws(num_samples, alpha))
+        self.log_w: list[torch.Tensor] | None = [] if keep_log_weights else None
 
     def add(self, log_w: torch.Tensor, log_q: torch.Tensor, log_prior: torch.Tensor) -> None:
-        self.log_w.append(log_w)
-        self.log_q.append(log_q)
-        self.log_prior.append(log_prior)
-
-    def weights(self) -> torch.Tensor:
-        """log p(x, z) - log m(z) of every particle, ``[K + K_p, rows]``."""
-        log_w, log_q, log_prior = (torch.cat(t) for t in (self.log_w, self.log_q,
-                                                          self.log_prior))
+        """Particles as (log p(x, z) - log q, log q, log p(z)) per row."""
         log_m = torch.logaddexp(math.log1p(-self.alpha) + log_q,
                                 math.log(self.alpha) + log_prior)
-        return log_w + log_q - log_m
+        mix = log_w + log_q - log_m
+        self.moments.add(mix)
+        if self.log_w is not None:
+            self.log_w.append(mix)
 
-    def apply(self, d: Diagnostics, keep_log_weights: bool) -> Diagnostics:
+    def apply(self, d: Diagnostics) -> Diagnostics:
         """``d`` with its evidence, gap, k-hat and ESS those of the mixture's weights (its
         ELBO and KL stay those of q's own draws)."""
-        mix = self.weights()
-        log_evidence, se = log_mean_exp_with_se(mix)
+        log_evidence, se = self.moments.log_mean_exp(), self.moments.log_mean_exp_se()
         return replace(
             d, log_evidence=log_evidence, log_evidence_se=se,
             evidence_gap=log_evidence - d.elbo,
             # The shares are drawn apart; q's draws are in both terms and their errors
             # correlate positively, so the sum of variances bounds the gap's.
             evidence_gap_se=(se.pow(2) + d.elbo_se.pow(2)).sqrt(),
-            khat=khat_where_defined(mix), ess=importance_ess(mix),
-            log_weights=mix if keep_log_weights else None)
+            khat=self.moments.khat(), ess=self.moments.ess(),
+            log_weights=torch.cat(self.log_w) if self.log_w is not None else None)
 
 
 def defensive_note(alpha: float, num_samples: int) -> str:

@@ -39,9 +39,7 @@ Standard errors are Monte Carlo errors over the K draws (delta method for the lo
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
@@ -55,8 +53,7 @@ from ..foundations.errors import ConventionError
 from ..foundations.module_mode import evaluation_mode
 from ..foundations.pair_layout import PairLayout
 from ..foundations.program_data import ProgramData
-from ..foundations.psis import importance_ess, khat_where_defined
-from ..foundations.statistics import importance_stats
+from ..foundations.weight_moments import WeightMoments
 from .compiled_pass import CompiledPass
 from .defensive import MixtureSums, check_defensive, defensive_note, prior_draws, prior_particles
 from .passes import (
@@ -69,9 +66,6 @@ from .passes import (
 from .results import DATA_SET, DataSetTotals, Diagnostics, concatenate, first_points, on_cpu
 from .surgery import elbo_surgery
 from .terms import KLTerm, ParticleTerms
-
-# Below this many draws the ELBO uses the analytic KL alone (see _with_control_variate).
-MIN_SAMPLES_CONTROL_VARIATE = 20
 
 
 @takes_program_arguments
@@ -228,19 +222,20 @@ def _evaluate_shared(model, guide, x, num_samples, batch_size, data_plate, rows_
     return concatenate(parts, num_samples)
 
 
-@dataclass
 class _Sums:
-    """An estimate's particles, added chunk by chunk: log-weights and per-particle ELBO terms
-    ``[K, rows]``, and summed over particles the KL of each unit ``[rows, D]`` and E_q[z | x]
-    ``[rows, D]``.  Rows are data points, or the one row of a data set."""
+    """An estimate's particles, added chunk by chunk and reduced as they come, so that memory
+    stays bounded in K (``elbogap.foundations.weight_moments``): the moments and tail of the
+    log-weights and of the per-particle ELBO terms, and summed over particles the KL of each
+    unit ``[rows, D]``, E_q[z | x] ``[rows, D]`` and the guide's observed term.  Rows are data
+    points, or the one row of a data set.  The log-weights themselves only if kept."""
 
-    log_w: list[torch.Tensor] = field(default_factory=list)
-    elbo: list[torch.Tensor] = field(default_factory=list)
-    reconstruction: list[torch.Tensor] = field(default_factory=list)
-    guide_observed: list[torch.Tensor] = field(default_factory=list)
-    kl: dict[str, torch.Tensor] = field(default_factory=dict)
-    kl_method: dict[str, str] = field(default_factory=dict)
-    latent_mean: dict[str, torch.Tensor] = field(default_factory=dict)
+    def __init__(self, num_samples: int, keep_log_weights: bool = False):
+        self.num_samples, self.moments = num_samples, WeightMoments(num_samples)
+        self.log_w: list[torch.Tensor] | None = [] if keep_log_weights else None
+        self.guide_observed: torch.Tensor | None = None
+        self.kl: dict[str, torch.Tensor] = {}
+        self.kl_method: dict[str, str] = {}
+        self.latent_mean: dict[str, torch.Tensor] = {}
 
     def add(self, log_w: torch.Tensor, reconstruction: torch.Tensor, kl: dict[str, KLTerm],
             latent_mean: dict[str, torch.Tensor] | None = None,
@@ -251,39 +246,39 @@ class _Sums:
             self.kl[name] = summed if name not in self.kl else self.kl[name] + summed
             self.kl_method[name] = term.method
             kl_total = kl_total + term.value.sum(-1)
-        self.log_w.append(log_w)
-        self.elbo.append(reconstruction - kl_total)
-        self.reconstruction.append(reconstruction)
+        self.moments.add(log_w, reconstruction - kl_total, reconstruction)
+        if self.log_w is not None:
+            self.log_w.append(log_w)
         if guide_observed is not None:
-            self.guide_observed.append(guide_observed)
+            summed = guide_observed.sum(0)
+            self.guide_observed = (summed if self.guide_observed is None
+                                   else self.guide_observed + summed)
         for name, m in (latent_mean or {}).items():
             summed = m.sum(0)
             self.latent_mean[name] = summed if name not in self.latent_mean \
                 else self.latent_mean[name] + summed
 
-    def estimate(self, num_samples: int, rows: int, keep_log_weights: bool) -> Diagnostics:
+    def estimate(self, rows: int) -> Diagnostics:
         """Every estimate of the rows, from all ``num_samples`` particles."""
-        log_w = torch.cat(self.log_w)
-        elbo_k = _with_control_variate(torch.cat(self.elbo), log_w)
-        kl_per_dim = {name: s / num_samples for name, s in self.kl.items()}
+        k, moments = self.num_samples, self.moments
+        kl_per_dim = {name: s / k for name, s in self.kl.items()}
         kl_sites = {name: v.sum(1) for name, v in kl_per_dim.items()}
         kl_prior = (sum(kl_sites.values()) if kl_sites
                     else torch.zeros(rows, dtype=torch.float64))
-        elbo = elbo_k.mean(0)
-        stats = importance_stats(log_w, elbo_k)
-        recon_k = torch.cat(self.reconstruction)
-        recon_se = (recon_k.std(0) / math.sqrt(num_samples) if num_samples > 1
-                    else torch.full_like(elbo, float("nan")))
+        elbo = moments.elbo()
+        reconstruction, reconstruction_se = moments.reconstruction()
+        log_evidence = moments.log_mean_exp()
         return Diagnostics(
-            elbo=elbo, elbo_se=stats["elbo_se"], reconstruction=recon_k.mean(0),
-            reconstruction_se=recon_se, kl_prior=kl_prior, log_evidence=stats["log_evidence"],
-            log_evidence_se=stats["log_evidence_se"],
-            evidence_gap=stats["log_evidence"] - elbo, evidence_gap_se=stats["evidence_gap_se"],
+            elbo=elbo["elbo"], elbo_se=elbo["elbo_se"], reconstruction=reconstruction,
+            reconstruction_se=reconstruction_se, kl_prior=kl_prior, log_evidence=log_evidence,
+            log_evidence_se=moments.log_mean_exp_se(),
+            evidence_gap=log_evidence - elbo["elbo"], evidence_gap_se=elbo["evidence_gap_se"],
             kl_sites=kl_sites, kl_per_dim=kl_per_dim, kl_method=dict(self.kl_method),
-            khat=khat_where_defined(log_w), ess=importance_ess(log_w),
-            latent_mean={name: s / num_samples for name, s in self.latent_mean.items()},
-            num_samples=num_samples, log_weights=log_w if keep_log_weights else None,
-            guide_observed=(torch.cat(self.guide_observed).mean(0) if self.guide_observed
+            khat=moments.khat(), ess=moments.ess(),
+            latent_mean={name: s / k for name, s in self.latent_mean.items()},
+            num_samples=k,
+            log_weights=torch.cat(self.log_w) if self.log_w is not None else None,
+            guide_observed=(self.guide_observed / k if self.guide_observed is not None
                             else None))
 
 
@@ -299,9 +294,10 @@ def _per_data_point(model: Callable, guide: Callable, x: torch.Tensor, first: Pa
                         (x.shape[0] // batch_size) * (num_samples // per_chunk))
     if progress:
         # Only then: fit evaluates every epoch, and a Ctrl-C that lands in a finished bar's
-        # __del__ is printed and dropped by Python instead of stopping the run.
-        step = first.subsample or batch_size
-        bar = tqdm(total=len(range(0, x.shape[0], step)), desc="evaluate", unit="batch")
+        # __del__ is printed and dropped by Python instead of stopping the run.  It counts
+        # draws (points x K): one batch of a large K is long.
+        bar = tqdm(total=x.shape[0] * num_samples, desc="evaluate", unit="draw",
+                   unit_scale=True)
     parts = []
     for b in batches(model, guide, x, batch_size, first, data_plate):
         layout = (first if b.start == 0
@@ -313,8 +309,9 @@ def _per_data_point(model: Callable, guide: Callable, x: torch.Tensor, first: Pa
                 f"batch from row {b.start}: a pair's global latents must be the same in "
                 "every batch"
             )
-        sums, rows = _Sums(), layout.rows(b.x)
-        mixture = MixtureSums(defensive) if defensive else None
+        sums, rows = _Sums(num_samples, keep_log_weights), layout.rows(b.x)
+        mixture = (MixtureSums(defensive, num_samples, keep_log_weights) if defensive
+                   else None)
         particles_per_chunk = max(1, rows_per_chunk // rows)
         for done in range(0, num_samples, particles_per_chunk):
             k = min(particles_per_chunk, num_samples - done)
@@ -323,17 +320,17 @@ def _per_data_point(model: Callable, guide: Callable, x: torch.Tensor, first: Pa
                      terms.guide_observed if layout.guide_observed else None)
             if mixture is not None:
                 mixture.add(terms.log_weight, terms.log_q, terms.log_prior)
-        part = sums.estimate(num_samples, rows, keep_log_weights)
+            if progress:
+                bar.update(k * b.keep)
+        part = sums.estimate(rows)
         if mixture is not None:
             k_p = prior_draws(num_samples, defensive)
             for done in range(0, k_p, particles_per_chunk):
                 terms = prior_particles(b.model, b.guide, b.x, layout,
                                         min(particles_per_chunk, k_p - done), data_plate)
                 mixture.add(terms.log_weight, terms.log_q, terms.log_prior)
-            part = mixture.apply(part, keep_log_weights)
+            part = mixture.apply(part)
         parts.append(first_points(part, b.keep))
-        if progress:
-            bar.update()
     if progress:
         bar.close()
     d = concatenate(parts, num_samples)
@@ -350,8 +347,8 @@ def _per_data_set(model: Callable, guide: Callable, x: torch.Tensor, first: Pair
     """Joint importance sampling over every latent variable of the data set: each draw of the
     global sites is shared by every batch, and its weight sums the whole data set."""
     n = x.shape[0]
-    sums = _Sums()
-    mixture = MixtureSums(defensive) if defensive else None
+    sums = _Sums(num_samples, keep_log_weights)
+    mixture = MixtureSums(defensive, num_samples, keep_log_weights) if defensive else None
     for k, chunk in joint_chunks(model, guide, x, first, batch_size, num_samples, data_plate,
                                  rows_per_chunk, progress):
         log_w = torch.zeros(k, dtype=torch.float64)
@@ -379,7 +376,7 @@ def _per_data_set(model: Callable, guide: Callable, x: torch.Tensor, first: Pair
                  guide_observed=guide_obs.unsqueeze(1) if first.guide_observed else None)
         if mixture is not None:
             mixture.add(log_w.unsqueeze(1), log_q.unsqueeze(1), log_prior.unsqueeze(1))
-    whole = sums.estimate(num_samples, 1, keep_log_weights)
+    whole = sums.estimate(1)
     if mixture is not None:
         # The prior's draws of the global sites must meet every point: one pass over x.
         layout = first if batch_size >= n else inspect_pair(model, guide, x, data_plate)
@@ -391,7 +388,7 @@ def _per_data_set(model: Callable, guide: Callable, x: torch.Tensor, first: Pair
                 (terms.global_log_weight + terms.log_weight.sum(1)).unsqueeze(1),
                 (terms.global_log_q + terms.log_q.sum(1)).unsqueeze(1),
                 (_global_prior(terms) + terms.log_prior.sum(1)).unsqueeze(1))
-        whole = mixture.apply(whole, keep_log_weights)
+        whole = mixture.apply(whole)
     elbo, kl_prior = float(whole.elbo[0]), float(whole.kl_prior[0])
     total = DataSetTotals(
         num_data=n, elbo=elbo, elbo_se=float(whole.elbo_se[0]),
@@ -434,23 +431,3 @@ def _global_note(layout: PairLayout, n: int, data_plate: str | None) -> str:
 
 def _is_global_unit(name: str, layout: PairLayout) -> bool:
     return any(part in layout.global_sites for part in name.split(" + "))
-
-
-def _with_control_variate(elbo_k: torch.Tensor, log_w: torch.Tensor) -> torch.Tensor:
-    """Per-particle ELBO terms ``e_k - gamma c_k``, with c_k the Monte Carlo KL's deviation.
-
-    c_k = [log q(z_k) - log p(z_k)] - KL_analytic has mean exactly zero, and e_k - c_k is the
-    log-weight.  gamma, fitted per data point by least squares, interpolates between the
-    analytic-KL estimator (gamma = 0, best for a poor guide) and the log-weight mean (gamma = 1,
-    exact for a perfect guide, whose log-weights are constant).  Fitting it on the same draws
-    biases the mean by O(1/K), so it is only used from ``MIN_SAMPLES_CONTROL_VARIATE`` draws on.
-    """
-    if elbo_k.shape[0] < MIN_SAMPLES_CONTROL_VARIATE:
-        return elbo_k
-    c = elbo_k - log_w
-    c_centred = c - c.mean(0)
-    var_c = c_centred.pow(2).sum(0)
-    cov = ((elbo_k - elbo_k.mean(0)) * c_centred).sum(0)
-    gamma = torch.where(var_c > 0, cov / var_c.clamp_min(1e-300), torch.zeros_like(var_c))
-    return elbo_k - gamma * c
-

@@ -9,11 +9,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from .errors import ElbogapError
+
+
+class WriteError(ElbogapError, OSError):
+    """A file could not be written (a full disk, a quota, no permission)."""
+
 
 def write_atomic(path: str | Path, write: Callable[[IO[bytes]], Any]) -> None:
-    """Call ``write`` on a temporary file beside ``path``, flush it to disk, then rename it."""
+    """Call ``write`` on a temporary file beside ``path``, flush it to disk, then rename it.
+    The temporary file has a name of its own (``mkstemp``: created anew, never an existing
+    file or a link followed), and renaming replaces ``path`` itself, never a link's target.
+    A failure leaves ``path`` as it was and raises ``WriteError`` naming it."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise WriteError(f"{path}: cannot write it ({e.strerror or e})") from None
     try:
         # mkstemp makes the file private (0600); the result should be an ordinary file.
         umask = os.umask(0)
@@ -24,6 +36,12 @@ def write_atomic(path: str | Path, write: Callable[[IO[bytes]], Any]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, ElbogapError):
+            raise
+        raise WriteError(f"{path}: cannot write it ({e.strerror or e}); the file there is as "
+                         "it was") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -37,41 +37,71 @@ def import_arviz():
     return arviz
 
 
-def _psis_backend():
-    """``f(log_weights (N, K)) -> k-hat (N,)`` from whichever ArviZ line is installed.
-
-    ArviZ 0.x (Python 3.11) has ``arviz.psislw`` taking the log-weights as they are.  ArviZ 1.x
-    moved it to ``arviz_stats.base.array_stats.psislw``, which follows the LOO convention of
-    taking log-likelihoods and negates them itself: it must be handed -log_weights.  Both use
-    the last axis, and r_eff = 1 because importance draws are independent.
-    """
-    arviz = import_arviz()
-    if hasattr(arviz, "psislw"):
-        return lambda lw: np.asarray(arviz.psislw(lw, reff=1.0)[1])
-    from arviz_stats.base import array_stats
-
-    return lambda lw: np.asarray(array_stats.psislw(-lw, r_eff=1, axis=-1)[1])
+def tail_length(num_samples: int) -> int:
+    """How many of the largest log-weights PSIS reads: its tail and the cutoff below it."""
+    return min(num_samples, math.ceil(min(0.2 * num_samples, 3 * math.sqrt(num_samples))) + 1)
 
 
 def pareto_khat(log_weights: torch.Tensor) -> torch.Tensor:
     """k-hat of the importance weights of each data point; ``log_weights`` is ``[K, N]``.
 
-    Constant weights (a guide equal to the posterior) have no tail to fit, and ArviZ rejects
-    them: their k-hat is -inf, the limit of bounded weights.  Weights equal up to the rounding
-    of float32 log-densities (a spread below ``CONSTANT_SPREAD`` nats, more for log-weights of
-    large magnitude, whose rounding is larger) are constant too: a Pareto tail fitted to
-    rounding is fitted to noise.
+    Constant weights (a guide equal to the posterior) have no tail to fit: their k-hat is
+    -inf, the limit of bounded weights.  Weights equal up to the rounding of float32
+    log-densities (a spread below ``CONSTANT_SPREAD`` nats, more for log-weights of large
+    magnitude, whose rounding is larger) are constant too: a Pareto tail fitted to rounding is
+    fitted to noise.
     """
-    lw = log_weights.detach().double().T.cpu().numpy()
-    spread = lw.max(1) - lw.min(1)
-    constant = spread <= CONSTANT_SPREAD * (1.0 + 1e-2 * np.abs(lw).max(1))
-    khat = np.full(lw.shape[0], -math.inf)
-    if (~constant).any():
-        with warnings.catch_warnings():
-            # ArviZ warns per point when k-hat is large; the summary reports that once.
-            warnings.simplefilter("ignore")
-            khat[~constant] = _psis_backend()(lw[~constant])
+    lw = log_weights.detach().double()
+    top = lw.topk(tail_length(lw.shape[0]), dim=0).values
+    return khat_from_tail(top, lw.max(0).values, lw.min(0).values, lw.shape[0])
+
+
+def khat_from_tail(top: torch.Tensor, maximum: torch.Tensor, minimum: torch.Tensor,
+                   num_samples: int) -> torch.Tensor:
+    """k-hat per row from its ``tail_length(num_samples)`` largest log-weights ``top``
+    ``[L, rows]`` and the extremes of all of them (weights constant to rounding: -inf).  What
+    PSIS reads is only that tail, so a running top-k (``WeightMoments``) gives the k-hat of
+    the whole array, with no ArviZ version in between (1.x moved and re-signed psislw)."""
+    top, hi, lo = (t.detach().double().cpu().numpy() for t in (top, maximum, minimum))
+    spread = hi - lo
+    constant = spread <= CONSTANT_SPREAD * (1.0 + 1e-2 * np.maximum(np.abs(hi), np.abs(lo)))
+    khat = np.full(top.shape[1], -math.inf)
+    m = math.ceil(min(0.2 * num_samples, 3 * math.sqrt(num_samples)))
+    for row in np.flatnonzero(~constant):
+        khat[row] = _psis_khat(np.sort(top[:, row])[::-1], m)
     return torch.from_numpy(khat)
+
+
+def _psis_khat(descending: np.ndarray, m: int) -> float:
+    """PSIS's k-hat (Vehtari et al. 2024, as ArviZ 0.x's psislw with r_eff = 1) from the
+    largest m + 1 log-weights, in descending order."""
+    if len(descending) <= m:  # fewer than 5 draws: no tail to fit (as ArviZ)
+        return math.inf
+    x = descending - descending[0]
+    cutoff = max(x[m], np.log(np.finfo(float).tiny))
+    tail = x[x > cutoff]
+    if len(tail) <= 4:
+        return math.inf
+    return _gpd_shape(np.sort(np.exp(tail) - np.exp(cutoff)))
+
+
+def _gpd_shape(ascending: np.ndarray) -> float:
+    """The generalized Pareto shape of a sorted sample: Zhang & Stephens' (2009) empirical
+    Bayes estimate with the weakly informative prior that PSIS adds (ArviZ's _gpdfit)."""
+    n = len(ascending)
+    m_est = 30 + int(n ** 0.5)
+    b = 1 - np.sqrt(m_est / (np.arange(1, m_est + 1, dtype=float) - 0.5))
+    b /= 3 * ascending[int(n / 4 + 0.5) - 1]
+    b += 1 / ascending[-1]
+    k = np.log1p(-b[:, None] * ascending).mean(axis=1)
+    len_scale = n * (np.log(-(b / k)) - k - 1)
+    with np.errstate(over="ignore"):  # exp overflowing to inf: a weight of 0, as meant
+        weights = 1 / np.exp(len_scale - len_scale[:, None]).sum(axis=1)
+    real = weights >= 10 * np.finfo(float).eps
+    weights, b = weights[real], b[real]
+    b_post = np.sum(b * weights / weights.sum())
+    k_post = np.log1p(-b_post * ascending).mean()
+    return float((n * k_post + 10 * 0.5) / (n + 10))
 
 
 def khat_where_defined(log_weights: torch.Tensor) -> torch.Tensor:

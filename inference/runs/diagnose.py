@@ -139,7 +139,8 @@ def final_evaluation_seconds(run: Run, x: torch.Tensor, processes: int = 1) -> f
 def final_summary(run: Run, progress: bool = True,
                   distributed: Distributed = SINGLE) -> dict | None:
     """Diagnose the trained pair (``num_samples`` draws, ``test_points`` points) and write
-    ``diagnostics.json`` and the figures; the summary (None on ranks other than the first)."""
+    ``diagnostics.json`` and the figures, then give up the run directory (its last write);
+    the summary (None on ranks other than the first)."""
     config = run.config
     x = run.points(config.get("test_points"))
     if distributed.is_main:
@@ -164,6 +165,7 @@ def final_summary(run: Run, progress: bool = True,
     write_json_atomic(run.dir / DIAGNOSTICS, summary)
     for name, fig in run_figures(run, summary["kl_per_dim"]).items():
         save_figure(fig, run.dir / name)
+    run.release()  # the run's last write
     return summary
 
 

@@ -8,6 +8,8 @@ A run directory holds ``config.json`` (how to rebuild data and pair), ``checkpoi
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
@@ -27,6 +29,7 @@ from ..training.fitting import CHECKPOINT, METRICS, FitResult, fit
 from ..training.options import FitOptions
 from ..training.plan import diagnosed_points, plan_evaluation
 from .config_file import CONFIG, MODEL_DIGEST, RUN_DEFAULTS, read_config
+from .ownership import own, release
 from .pairs import Pair, build_pair, default_guide, exact_means
 from .recorded import read_final_summary, read_history
 from .user_code import check_model_file, file_digest, is_file_spec
@@ -68,6 +71,12 @@ class Run:
     def history(self) -> list[dict]:
         """The records of ``metrics.jsonl``, one per epoch."""
         return read_history(self.dir / METRICS)
+
+    def release(self) -> None:
+        """Give up this process's ownership of the run directory (``elbogap.runs.ownership``),
+        which ``new_run`` and ``resumed_run`` take and ``final_summary`` gives up: other
+        processes (scripts/evaluate.py, say) may then write into it."""
+        release(self.dir)
 
     @property
     def summary(self) -> dict:
@@ -168,9 +177,9 @@ def _resolved(path: str) -> str:
 def changed_settings(run_dir: Path, settings: Mapping[str, object]) -> list[str]:
     """The names of ``settings`` (a run's settings, as ``run_settings`` takes them) whose value
     is not the one the run in ``run_dir`` holds, paths compared as its config writes them; none
-    while it has no checkpoint.  A restart repeats the command that started the run (torchrun
+    while it has no config.  A restart repeats the command that started the run (torchrun
     --max-restarts): settings that restate the run are no news, only those that would change it."""
-    if not settings or not (run_dir / CHECKPOINT).is_file():
+    if not settings or not (run_dir / CONFIG).is_file():
         return []
     config = read_config(run_dir)
     held = {**config, **config["fit_options"]}
@@ -201,11 +210,13 @@ def check_likelihood(likelihood: str, data: Dataset) -> None:
 
 
 def prepare_run_dir(run_dir: Path, overwrite: bool = False) -> Path:
-    """Make ``run_dir`` ready for a new run: refuse one that holds a run (unless
-    ``overwrite``), or that cannot be written."""
+    """Make ``run_dir`` ready for a new run, owned by this process: refuse one that another
+    process owns, or that holds a run (unless ``overwrite``: the old run is then moved aside
+    whole, and removed, before anything is written), or that cannot be written."""
     if run_dir.is_file():
         raise OptionError("out", f"{{option}} {run_dir}: is a file, not a directory")
-    held = {p.name for p in run_dir.iterdir()} if run_dir.is_dir() else set()
+    own(run_dir, "scripts/fit.py")
+    held = visible_files(run_dir)
     if held == {CONFIG}:
         # A run that failed before its first epoch (its config is all it wrote): nothing to keep.
         print(f"note: {run_dir} holds only the config of a run that never completed an epoch; "
@@ -214,6 +225,8 @@ def prepare_run_dir(run_dir: Path, overwrite: bool = False) -> Path:
         raise OptionError(
             "out", f"{{option}} {run_dir}: already holds a run; pass overwrite=True (--overwrite) "
             "to replace it, or another {option}")
+    elif held:
+        _move_aside(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"
@@ -221,7 +234,31 @@ def prepare_run_dir(run_dir: Path, overwrite: bool = False) -> Path:
         probe.unlink()
     except OSError as e:
         raise OptionError("out", f"{{option}} {run_dir}: cannot write there ({e.strerror})") from None
+    _remove_leftovers(run_dir)
     return run_dir
+
+
+def visible_files(run_dir: Path) -> set[str]:
+    """What a run directory holds, without its hidden files (a write's temporary file)."""
+    return ({p.name for p in run_dir.iterdir() if not p.name.startswith(".")}
+            if run_dir.is_dir() else set())
+
+
+def _move_aside(run_dir: Path) -> None:
+    """Rename the old run away in one step, then remove it: a kill at any moment leaves either
+    the old run whole or none of it, never its checkpoint under a new config."""
+    aside = run_dir.parent / f".{run_dir.name}.replaced-{os.getpid()}"
+    try:
+        os.rename(run_dir, aside)
+    except OSError as e:
+        raise OptionError("out", f"{{option}} {run_dir}: cannot move the old run aside "
+                                 f"({e.strerror})") from None
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _remove_leftovers(run_dir: Path) -> None:
+    for leftover in run_dir.glob(".*.tmp"):
+        leftover.unlink(missing_ok=True)  # write_atomic's, of a write a kill cut short
 
 
 def default_run_dir(config: dict) -> Path:
@@ -260,6 +297,8 @@ def resumed_run(run_dir: str | Path, epochs: int | None = None,
     (``epochs`` may raise the total, ``time_budget`` in seconds bounds this session).  What a
     crash leaves is repaired: a half record at the end of ``metrics.jsonl`` is dropped, the
     temporary files of writes cut short are removed."""
+    if distributed.is_main:
+        own(run_dir, "scripts/fit.py --resume")
     run = load_run(run_dir, trust_model_file=trust_model_file)
     options = run.options
     if epochs is not None:
@@ -267,19 +306,64 @@ def resumed_run(run_dir: str | Path, epochs: int | None = None,
     if time_budget is not None:
         options.time_budget = time_budget
     options.check(run.data.train.shape[0], distributed.world_size)
-    history = read_history(run.dir / METRICS, drop_half_line=True)
-    if len(history) < run.state["epoch"]:
+    # The records that belong to the checkpoint (metrics.jsonl is written just before it:
+    # one more is the epoch a kill cut short, redone now).
+    records = run.state.get("records", run.state["epoch"])
+    history = read_history(run.dir / METRICS, drop_half_line=True)[:records]
+    if len(history) < records:
         # The records steer training (learning-rate plateaus, early stopping, step counters):
         # without them the resumed run would not be the run it continues.
         raise ConfigError(
             f"{run.dir / METRICS}: holds the records of epochs 1 to {len(history)}, but the "
-            f"checkpoint is of epoch {run.state['epoch']}: the run cannot continue as it was; "
+            f"checkpoint is of epoch {records}: the run cannot continue as it was; "
             "start a new one")
     run.state["history"] = history
     if distributed.is_main:
-        for leftover in run.dir.glob(".*.tmp"):
-            leftover.unlink(missing_ok=True)  # write_atomic's, of a write a kill cut short
+        _remove_leftovers(run.dir)
     return run, options
+
+
+def continued_run(run_dir: str | Path, epochs: int | None = None,
+                  time_budget: float | None = None, distributed: Distributed = SINGLE, *,
+                  trust_model_file: bool = False,
+                  overwrite: bool = False) -> tuple[Run, FitOptions] | None:
+    """What ``--resume RUN_DIR`` continues: the run from its checkpoint (``resumed_run``); a
+    run with a config but no checkpoint yet (killed before its first epoch ended) started
+    again from its own settings, never defaults; None where ``run_dir`` holds no run (a first
+    start of a command that restarts).  A directory that holds results but neither checkpoint
+    nor config is refused, as is one with results and a config but no checkpoint (its
+    checkpoint was lost), unless ``overwrite``."""
+    run_dir = Path(run_dir)
+    if distributed.is_main:
+        # Owned before anything is read: no other process changes it meanwhile.
+        own(run_dir, "scripts/fit.py --resume")
+    if (run_dir / CHECKPOINT).is_file():
+        run, options = resumed_run(run_dir, epochs, time_budget, distributed,
+                                   trust_model_file=trust_model_file)
+        distributed.say(f"resuming {run.dir} after epoch {run.state['epoch']} of "
+                        f"{options.epochs}")
+        return run, options
+    held = visible_files(run_dir)
+    if CONFIG not in held:
+        if held - {METRICS}:
+            raise ConfigError(f"{run_dir}: holds {sorted(held)} but no {CONFIG}: not a run to "
+                              "continue; start it elsewhere, or remove those files")
+        return None
+    if held - {CONFIG, METRICS} and not overwrite:
+        raise ConfigError(
+            f"{run_dir}: holds {sorted(held - {CONFIG, METRICS})} but no {CHECKPOINT} to "
+            "continue from; pass --overwrite (overwrite=True) to start the run again from its "
+            "own settings, or put the checkpoint back")
+    config = read_config(run_dir)
+    if is_file_spec(config["model"]):
+        check_model_file(config["model"], config.get(MODEL_DIGEST), run_dir / CONFIG,
+                         trust_model_file)
+    settings = {**{k: config[k] for k in RUN_DEFAULTS}, **config["fit_options"]}
+    settings.update({k: v for k, v in (("epochs", epochs), ("time_budget", time_budget))
+                     if v is not None})
+    distributed.say(f"no checkpoint in {run_dir} yet: starting the run again from its own "
+                    "settings (config.json)")
+    return new_run(settings, run_dir, overwrite=True, distributed=distributed)
 
 
 def train(run: Run, options: FitOptions, distributed: Distributed = SINGLE) -> FitResult:

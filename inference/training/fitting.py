@@ -181,7 +181,7 @@ class _Training:
                 tqdm.write(f"the run stopped early after epoch {state['epoch']} (no better "
                            f"validation ELBO for {stopped['patience']} epochs since epoch "
                            f"{stopped['best_epoch']}): nothing left to train")
-        history = [r for r in state.get("history", []) if r["epoch"] < first_epoch]
+        history = state.get("history", [])[:state.get("records", state["epoch"])]
         self.result.history = history
         if history:
             # The step counters the records carry go on from where they were.
@@ -272,7 +272,9 @@ class _Training:
         write_text_atomic(self.run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in history))
         save_checkpoint(self.run_dir / CHECKPOINT, self.step.state_dict(),
                         params=pair_parameters(self.model, self.guide), epoch=record["epoch"],
-                        rng_per_rank=rng_per_rank, stopped_early=record.get("early_stop"))
+                        rng_per_rank=rng_per_rank, stopped_early=record.get("early_stop"),
+                        # How many records of metrics.jsonl this checkpoint goes with.
+                        records=len(history))
 
     def postfix(self, record: dict) -> dict[str, str]:
         shown = {"train_objective": f"{record['train_objective']:.2f}"}

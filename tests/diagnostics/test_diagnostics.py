@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from elbogap.diagnostics.evaluation import evaluate, importance_stats
+from elbogap.diagnostics.evaluation import evaluate
 from elbogap.foundations.errors import ConfigError, ConventionError
+from elbogap.foundations.statistics import importance_stats
 from tests.pairs import (
     plated_features_guide,
     plated_features_model,

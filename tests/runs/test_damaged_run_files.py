@@ -69,6 +69,8 @@ def test_a_written_config_holds_each_setting_once_and_loads(run_dir):
     (lambda c: c.update(latent_dim=3.0), "latent_dim must be an integer, got 3.0"),
     (lambda c: c.update(latent_dim=0), "latent_dim must be a positive integer, got 0"),
     (lambda c: c.update(hidden_dims=[400, "x"]), "hidden_dims must be a list of integers"),
+    (lambda c: c.update(hidden_dims=200), "hidden_dims must be a list of integers, got 200"),
+    (lambda c: c["fit_options"].update(epoch=3), "fit_options has unknown keys ['epoch']"),
     (lambda c: c.update(likelihood="poisson"), "likelihood must be one of ['bernoulli', "
                                                "'gaussian', \"the model's\"], got \"poisson\""),
     (lambda c: c.update(data_dir=7), "data_dir must be a string or null, got 7"),
@@ -105,6 +107,22 @@ def test_a_config_that_is_not_a_settings_object(copy, text, expected):
 def test_a_config_of_the_earlier_format_with_settings_repeated_at_the_top_still_loads(copy):
     edit_config(copy, lambda c: c.update(c["fit_options"]))
     assert load_run(copy).options.epochs == 2
+
+
+def test_ais_with_too_few_draws_for_k_hat_writes_null_not_nan(run_dir, tmp_path):
+    """K < 25 leaves k-hat undefined: the JSON says null (NaN is not JSON), and the command
+    ends normally after its work."""
+    shutil.copytree(run_dir, tmp_path / "run")
+    result = script("scripts/evaluate.py", str(tmp_path / "run"), "--method", "ais", "-K",
+                    "10", "--points", "3", "--chains", "2", "--ais-steps", "3", "--no-progress")
+    assert result.returncode == 0, result.stderr[-2000:]
+    (written,) = (tmp_path / "run").glob("ais-*.json")
+
+    def not_json(constant):
+        raise AssertionError(f"{written}: {constant} is not JSON")
+
+    numbers = json.loads(written.read_text(), parse_constant=not_json)
+    assert numbers["per_point"]["khat"] == [None, None, None]
 
 
 @pytest.mark.parametrize("damage, expected", [
@@ -226,6 +244,7 @@ def file_run(tmp_path) -> tuple[Path, Path]:
     run, options = new_run({**SETTINGS, "model": f"{model_file}:make", "guide": None,
                             "epochs": 1}, out)
     train(run, options)
+    run.release()  # for the scripts below, which take the run directory over
     return out, model_file
 
 
