@@ -18,7 +18,7 @@ from elbogap.training.fitting import CHECKPOINT
 ROOT = Path(__file__).resolve().parents[2]
 
 
-RUN = ["--epochs", "12", "--num-samples", "20", "--eval-every", "3", "--eval-samples", "10",
+RUN = ["--epochs", "8", "--num-samples", "20", "--eval-every", "2", "--eval-samples", "10",
        "--no-progress"]
 
 

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from elbogap import final_summary
 from elbogap.runs.ownership import lock_path
-from elbogap.runs.run_directory import new_run
+from elbogap.runs.run_directory import new_run, train
 from tests.cli.test_scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -113,8 +114,10 @@ def test_a_full_disk_is_one_line_and_leaves_the_files_as_they_were(tmp_path):
     """Writes beyond a size limit fail (EFBIG, as a full disk fails with ENOSPC): each command
     ends with one line naming the file, and what was there stays whole."""
     run = tmp_path / "run"
-    done = finished("scripts/fit.py", *FAST, "--out", str(run))
-    assert done.returncode == 0, done.stderr
+    fitted, options = new_run({"epochs": 2, "num_samples": 20, "eval_samples": 10,
+                               "eval_points": 50, "progress": False}, run)
+    train(fitted, options)
+    final_summary(fitted, progress=False)  # (which gives the run up for the scripts below)
     before = {p.name: p.read_bytes() for p in run.iterdir()}
     commands = {
         "fit": ["scripts/fit.py", *FAST, "--out", str(tmp_path / "other")],

@@ -257,3 +257,59 @@ def test_ais_bdmc_and_the_gap_split_on_two_ranks_equal_one_process(tmp_path):
     for result in ranks:
         for name, value in single.items():
             torch.testing.assert_close(result[name], value, rtol=1e-6, atol=1e-6, msg=name)
+
+
+# Rank 1 of the first attempt dies (SIGKILL) once two epochs are recorded; torchrun then stops
+# rank 0 and starts both again with the same command.
+DIES_ONCE = """
+import os, pathlib, signal, sys, threading, time
+from elbogap.cli.fit import command
+
+out = pathlib.Path(sys.argv[sys.argv.index("--out") + 1])
+if os.environ["RANK"] == "1" and os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
+    def die_after_two_epochs():
+        while True:
+            metrics = out / "metrics.jsonl"
+            if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(0.01)
+    threading.Thread(target=die_after_two_epochs, daemon=True).start()
+sys.exit(command(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_restarts_the_run_with_the_command_that_started_it(tmp_path):
+    """The README's pattern (c10d rendezvous, --max-restarts, --out D --resume D with the run's
+    own flags repeated, TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 against pytorch#135712): a rank
+    killed mid-run, both restarted, the run ends with the numbers of a run never interrupted."""
+    flags = ["--epochs", "4", "--batch-size", "50", "--num-samples", "20", "--eval-samples",
+             "10", "--eval-every", "2", "--no-progress", "--seed", "3"]
+    wrapper = tmp_path / "dies_once.py"
+    wrapper.write_text(DIES_ONCE)
+    env = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    runs = {}
+    for name, script in (("whole", ROOT / "scripts" / "fit.py"), ("restarted", wrapper)):
+        out = tmp_path / name
+        result = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+             "--max-restarts=1", "--rdzv-backend=c10d",
+             f"--rdzv-endpoint=localhost:{free_port()}", str(script), *flags,
+             "--out", str(out), "--resume", str(out)],
+            capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = out, result
+    out, result = runs["restarted"]
+    assert "no run in" in result.stdout and "resuming" in result.stdout, result.stdout
+    # Rank 0, stopped by torchrun, released the run or left it to be taken over: either way
+    # nothing of its ownership remains.
+    assert not (tmp_path / ".restarted.lock").exists()
+    whole = runs["whole"][0]
+
+    def records(run_dir):
+        return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+                for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+    assert records(out) == records(whole)
+    assert (json.loads((out / "diagnostics.json").read_text())
+            == json.loads((whole / "diagnostics.json").read_text()))
