@@ -345,7 +345,7 @@ def continued_run(run_dir: str | Path, epochs: int | None = None,
         return run, options
     held = visible_files(run_dir)
     if CONFIG not in held:
-        if held - {METRICS}:
+        if held:
             raise ConfigError(f"{run_dir}: holds {sorted(held)} but no {CONFIG}: not a run to "
                               "continue; start it elsewhere, or remove those files")
         return None
