@@ -1,9 +1,10 @@
 """The command-line scripts end to end, as a user runs them."""
 
+import contextlib
 import importlib
+import io
 import json
 import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -55,11 +56,16 @@ def load_script(name):
     return importlib.import_module(f"elbogap.cli.{name}")
 
 
-def run(script, *args, cwd=None):
-    return subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / script), *args],
-        capture_output=True, text=True, cwd=cwd, timeout=300,
-    )
+def run(script, *args):
+    """``scripts/SCRIPT`` run in this process (no interpreter start-up): its exit code and
+    what it printed, as a finished subprocess would give them (argparse's exits included)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = load_script(script.removesuffix(".py")).command(list(args))
+        except SystemExit as e:
+            code = e.code
+    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="module")
