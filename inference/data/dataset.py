@@ -48,6 +48,13 @@ class Dataset:
     # Rows held out of the training set to watch during training instead of the test set.
     validation: torch.Tensor | ProgramData | None = None
 
+    def __repr__(self) -> str:
+        # The splits' shapes, not their values: a notebook cell shows a line, not a tensor dump.
+        splits = ", ".join(f"{name} {tuple(split.shape)}" for name, split in
+                           (("train", self.train), ("test", self.test),
+                            ("validation", self.validation)) if split is not None)
+        return f"Dataset({self.name!r}: {splits}; likelihood {self.likelihood})"
+
     @property
     def data_dim(self) -> int:
         """Values per data point (of every per-point argument, for a program's arguments)."""

@@ -392,6 +392,10 @@ class Report:
     def _repr_html_(self) -> str:
         return self.html()
 
+    def __repr__(self) -> str:
+        return (f"<Report of {self.subtitle}: {len(self.tables)} tables, {len(self.figures)} "
+                "figures; .write() saves report.html and report.json>")
+
     def write(self, run_dir: str | Path | None = None) -> list[Path]:
         """report.html, report.json (and inference_data.nc) in ``run_dir`` (default: the run's)."""
         run_dir = Path(run_dir) if run_dir is not None else self.run.dir

@@ -72,6 +72,12 @@ class Run:
         """The records of ``metrics.jsonl``, one per epoch."""
         return read_history(self.dir / METRICS)
 
+    def __repr__(self) -> str:
+        c = self.config
+        epoch = f"epoch {self.state['epoch']} of " if self.state else "epochs: "
+        return (f"Run('{self.dir}': data {c['data']}, model {c['model']}, guide {c['guide']}, "
+                f"{epoch}{c['fit_options']['epochs']}, diagnosed on {self.split})")
+
     def release(self) -> None:
         """Give up this process's ownership of the run directory (``elbogap.runs.ownership``),
         which ``new_run`` and ``resumed_run`` take and ``final_summary`` gives up: other

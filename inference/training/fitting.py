@@ -53,6 +53,15 @@ class FitResult:
     step: ElboStep | None = None
     plan: EvaluationPlan | None = None
 
+    def __repr__(self) -> str:
+        if not self.history:
+            return "FitResult(no epoch trained)"
+        last = self.history[-1]
+        shown = ", ".join(f"{key} {last[key]:.3f}" for key in
+                          ("train_objective", "test_elbo", "validation_elbo")
+                          if isinstance(last.get(key), float))
+        return f"FitResult({len(self.history)} epochs; last epoch {last['epoch']}: {shown})"
+
 
 def fit(
     model: Callable,

@@ -32,6 +32,7 @@ from elbogap import (
 from elbogap.data.dataset import Dataset
 from elbogap.foundations.device import modules_of, rows_per_chunk
 from elbogap.runs.pairs import registered_guides, registered_models
+from elbogap.training.fitting import FitResult
 from tests.real_programs import cvae
 
 matplotlib.use("Agg")
@@ -85,6 +86,18 @@ def test_diagnostics_read_as_a_table_and_plot_themselves(run_dir):
     assert len(kl.axes[0].patches) == run.config["latent_dim"]
 
 
+def test_the_objects_a_notebook_shows_are_one_line_each(run_dir):
+    run = load_run(run_dir)
+    assert repr(run) == (f"Run('{run_dir}': data digits, model vae, guide mean-field, epoch 2 "
+                         "of 2, diagnosed on test)")
+    assert repr(run.data) == ("Dataset('digits': train (1500, 64), test (297, 64); likelihood "
+                              f"{run.data.likelihood})")
+    result = FitResult(history=run.history)
+    last = run.history[-1]
+    assert repr(result) == (f"FitResult(2 epochs; last epoch 2: train_objective "
+                            f"{last['train_objective']:.3f}, test_elbo {last['test_elbo']:.3f})")
+
+
 def test_report_builds_from_python_and_writes_what_the_script_writes(run_dir, tmp_path):
     run = load_run(run_dir)
     report = Report.build(run, num_samples=30, max_points=40, amortization_points=4,
@@ -92,6 +105,8 @@ def test_report_builds_from_python_and_writes_what_the_script_writes(run_dir, tm
                           ais_steps=10, ais_chains=4, progress=False)
     page = report._repr_html_()
     assert "Gap decomposition" in page and "Reliability of the evidence estimate" in page
+    # A notebook cell that ends in the object shows a line, not its contents (HTML aside).
+    assert repr(report).startswith(f"<Report of run {run_dir}") and len(repr(report)) < 300
     assert "AIS beside importance sampling" in page and "BDMC bracket" in page
     assert "ELBO surgery" in page and "approximation gap with AIS" in page
     written = report.write(tmp_path)
