@@ -71,17 +71,14 @@ class MixtureSums:
 
     def __init__(self, alpha: float, num_samples: int, keep_log_weights: bool = False):
         self.alpha = alpha
-        self.moments = WeightMoments(num_samples + prior_draws(num_samples, alpha))
-        self.log_w: list[torch.Tensor] | None = [] if keep_log_weights else None
+        self.moments = WeightMoments(num_samples + prior_draws(num_samples, alpha),
+                                     keep_log_weights)
 
     def add(self, log_w: torch.Tensor, log_q: torch.Tensor, log_prior: torch.Tensor) -> None:
         """Particles as (log p(x, z) - log q, log q, log p(z)) per row."""
         log_m = torch.logaddexp(math.log1p(-self.alpha) + log_q,
                                 math.log(self.alpha) + log_prior)
-        mix = log_w + log_q - log_m
-        self.moments.add(mix)
-        if self.log_w is not None:
-            self.log_w.append(mix)
+        self.moments.add(log_w + log_q - log_m)
 
     def apply(self, d: Diagnostics) -> Diagnostics:
         """``d`` with its evidence, gap, k-hat and ESS those of the mixture's weights (its
@@ -94,7 +91,7 @@ class MixtureSums:
             # correlate positively, so the sum of variances bounds the gap's.
             evidence_gap_se=(se.pow(2) + d.elbo_se.pow(2)).sqrt(),
             khat=self.moments.khat(), ess=self.moments.ess(),
-            log_weights=torch.cat(self.log_w) if self.log_w is not None else None)
+            log_weights=self.moments.log_weights())
 
 
 def defensive_note(alpha: float, num_samples: int) -> str:

@@ -230,8 +230,8 @@ class _Sums:
     points, or the one row of a data set.  The log-weights themselves only if kept."""
 
     def __init__(self, num_samples: int, keep_log_weights: bool = False):
-        self.num_samples, self.moments = num_samples, WeightMoments(num_samples)
-        self.log_w: list[torch.Tensor] | None = [] if keep_log_weights else None
+        self.num_samples = num_samples
+        self.moments = WeightMoments(num_samples, keep_log_weights)
         self.guide_observed: torch.Tensor | None = None
         self.kl: dict[str, torch.Tensor] = {}
         self.kl_method: dict[str, str] = {}
@@ -247,8 +247,6 @@ class _Sums:
             self.kl_method[name] = term.method
             kl_total = kl_total + term.value.sum(-1)
         self.moments.add(log_w, reconstruction - kl_total, reconstruction)
-        if self.log_w is not None:
-            self.log_w.append(log_w)
         if guide_observed is not None:
             summed = guide_observed.sum(0)
             self.guide_observed = (summed if self.guide_observed is None
@@ -277,7 +275,7 @@ class _Sums:
             khat=moments.khat(), ess=moments.ess(),
             latent_mean={name: s / k for name, s in self.latent_mean.items()},
             num_samples=k,
-            log_weights=torch.cat(self.log_w) if self.log_w is not None else None,
+            log_weights=moments.log_weights(),
             guide_observed=(self.guide_observed / k if self.guide_observed is not None
                             else None))
 

@@ -37,9 +37,14 @@ def import_arviz():
     return arviz
 
 
+def _tail_cut(num_samples: int) -> int:
+    """The length of the tail PSIS fits: the largest ceil(min(K/5, 3 sqrt(K))) weights."""
+    return math.ceil(min(0.2 * num_samples, 3 * math.sqrt(num_samples)))
+
+
 def tail_length(num_samples: int) -> int:
     """How many of the largest log-weights PSIS reads: its tail and the cutoff below it."""
-    return min(num_samples, math.ceil(min(0.2 * num_samples, 3 * math.sqrt(num_samples))) + 1)
+    return min(num_samples, _tail_cut(num_samples) + 1)
 
 
 def pareto_khat(log_weights: torch.Tensor) -> torch.Tensor:
@@ -66,7 +71,7 @@ def khat_from_tail(top: torch.Tensor, maximum: torch.Tensor, minimum: torch.Tens
     spread = hi - lo
     constant = spread <= CONSTANT_SPREAD * (1.0 + 1e-2 * np.maximum(np.abs(hi), np.abs(lo)))
     khat = np.full(top.shape[1], -math.inf)
-    m = math.ceil(min(0.2 * num_samples, 3 * math.sqrt(num_samples)))
+    m = _tail_cut(num_samples)
     for row in np.flatnonzero(~constant):
         khat[row] = _psis_khat(np.sort(top[:, row])[::-1], m)
     return torch.from_numpy(khat)

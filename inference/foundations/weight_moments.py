@@ -28,17 +28,21 @@ MIN_SAMPLES_CONTROL_VARIATE = 20
 class WeightMoments:
     """Running sums over the particles of each row (a data point, or a data set):
     ``add(log_w, elbo=None, reconstruction=None)`` with ``[k, rows]`` chunks, then the
-    estimates.  ``num_samples`` is the K the chunks add up to (it fixes the tail's length)."""
+    estimates.  ``num_samples`` is the K the chunks add up to (it fixes the tail's length);
+    with ``keep_log_weights`` the log-weights are kept whole as well (``log_weights()``)."""
 
-    def __init__(self, num_samples: int):
-        self.num_samples, self.count = num_samples, 0
+    def __init__(self, num_samples: int, keep_log_weights: bool = False):
+        self.count = 0
         self.tail_length = tail_length(num_samples)
         self.sums: dict[str, torch.Tensor] = {}
         self.shift: dict[str, torch.Tensor] = {}
+        self.kept: list[torch.Tensor] | None = [] if keep_log_weights else None
 
     def add(self, log_w: torch.Tensor, elbo: torch.Tensor | None = None,
             reconstruction: torch.Tensor | None = None) -> None:
         lw = log_w.detach().double()
+        if self.kept is not None:
+            self.kept.append(log_w)
         if self.count == 0:
             rows = lw.shape[1:]
             self.max = torch.full(rows, -math.inf, dtype=torch.float64, device=lw.device)
@@ -81,6 +85,10 @@ class WeightMoments:
         self.sums[name] = self.sums[name] * rescale + value if name in self.sums else value
 
     # -- estimates -------------------------------------------------------------------------
+
+    def log_weights(self) -> torch.Tensor | None:
+        """Every log-weight added, ``[K, rows]``, where they were kept (else None)."""
+        return torch.cat(self.kept) if self.kept is not None else None
 
     def log_mean_exp(self) -> torch.Tensor:
         """log of the mean weight: the importance-sampling estimate of log p(x)."""
