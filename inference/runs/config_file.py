@@ -18,6 +18,7 @@ from ..data.catalog import DATASETS
 from ..data.readers import BINARIZATIONS
 from ..foundations.errors import ConfigError
 from ..training.options import FitOptions
+from .recorded import read_json
 
 CONFIG = "config.json"
 # Settings of a run besides FitOptions: data, pair and the final evaluation.
@@ -50,10 +51,7 @@ def read_config(run_dir: str | Path) -> dict:
     path = Path(run_dir) / CONFIG
     if not path.is_file():
         raise ConfigError(f"{run_dir}: no {CONFIG}; is it a run directory of scripts/fit.py?")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    config = read_json(path)
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: expected a JSON object of a run's settings, got "
                           f"{_json_type(config)}")

@@ -53,6 +53,14 @@ def read_history(path: str | Path, *, drop_half_line: bool = False) -> list[dict
     return records
 
 
+def read_json(path: Path) -> object:
+    """A JSON file of a run, or one line saying it is not valid JSON."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+
+
 def read_final_summary(run_dir: str | Path) -> dict:
     """The run's final evaluation, ``diagnostics.json``."""
     path = Path(run_dir) / DIAGNOSTICS
@@ -61,10 +69,7 @@ def read_final_summary(run_dir: str | Path) -> dict:
             f"{path}: missing: the run's final evaluation was never written (training "
             f"interrupted, or still going); finish the run with scripts/fit.py --resume {run_dir}, "
             f"or evaluate it as it is with scripts/evaluate.py {run_dir}")
-    try:
-        summary = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    summary = read_json(path)
     if not (isinstance(summary, dict) and "num_data" in summary):
         raise ConfigError(f"{path}: expected the JSON object of a run's final evaluation "
                           "(with its num_data, elbo, ...)")

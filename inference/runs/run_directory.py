@@ -159,9 +159,9 @@ def run_config(data: Dataset, settings: dict) -> dict:
     model = config["model"]
     if is_file_spec(model):
         config["model"] = _resolved(model)
-        if Path(model.rpartition(":")[0]).is_file():
+        if (file := Path(model.rpartition(":")[0])).is_file():
             # What loading the run later checks before it runs the file again.
-            config[MODEL_DIGEST] = file_digest(model.rpartition(":")[0])
+            config[MODEL_DIGEST] = file_digest(file)
     config["guide"] = config["guide"] or default_guide(model)
     if config["flows"] is not None and config["guide"] != "iaf":
         raise OptionError("flows", f"{{option}} is for the iaf guide, not {config['guide']!r}")

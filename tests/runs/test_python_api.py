@@ -3,11 +3,7 @@ a table, its plots, the report, registries, devices, validation splits, conditio
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-import io
 import json
-import subprocess
 from pathlib import Path
 
 import matplotlib
@@ -33,6 +29,7 @@ from elbogap.data.dataset import Dataset
 from elbogap.foundations.device import modules_of, rows_per_chunk
 from elbogap.runs.pairs import registered_guides, registered_models
 from elbogap.training.fitting import FitResult
+from tests.cli.test_scripts import run
 from tests.real_programs import cvae
 
 matplotlib.use("Agg")
@@ -42,12 +39,8 @@ FAST = ["--epochs", "2", "--num-samples", "50", "--eval-samples", "10", "--eval-
 
 
 def script(name, *args):
-    """A command run in this process (no interpreter start-up, ~2.5 s each): its exit code and
-    what it printed, as a finished subprocess would give them."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = importlib.import_module(f"elbogap.cli.{name}").command(list(args))
-    return subprocess.CompletedProcess([name, *args], code, out.getvalue(), err.getvalue())
+    """``scripts/NAME.py`` run in this process (``tests.cli.test_scripts.run``)."""
+    return run(f"{name}.py", *args)
 
 
 @pytest.fixture(scope="module")
