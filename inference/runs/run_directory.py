@@ -24,7 +24,7 @@ from ..foundations.atomic import write_json_atomic
 from ..foundations.distributed import SINGLE, Distributed
 from ..foundations.errors import ConfigError, ElbogapError, OptionError, check_positive
 from ..foundations.program_data import as_program_data
-from ..training.checkpoint import load_checkpoint
+from ..training.checkpoint import checkpoint_records, load_checkpoint
 from ..training.fitting import CHECKPOINT, METRICS, FitResult, fit
 from ..training.options import FitOptions
 from ..training.plan import diagnosed_points, plan_evaluation
@@ -314,7 +314,7 @@ def resumed_run(run_dir: str | Path, epochs: int | None = None,
     options.check(run.data.train.shape[0], distributed.world_size)
     # The records that belong to the checkpoint (metrics.jsonl is written just before it:
     # one more is the epoch a kill cut short, redone now).
-    records = run.state.get("records", run.state["epoch"])
+    records = checkpoint_records(run.state)
     history = read_history(run.dir / METRICS, drop_half_line=True)[:records]
     if len(history) < records:
         # The records steer training (learning-rate plateaus, early stopping, step counters):

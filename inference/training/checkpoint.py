@@ -101,6 +101,12 @@ def load_checkpoint(
     return state
 
 
+def checkpoint_records(state: dict) -> int:
+    """How many records of metrics.jsonl a checkpoint's state goes with (one per epoch where
+    the checkpoint predates the count)."""
+    return state.get("records", state["epoch"])
+
+
 CONVERT = ("if you trust whoever wrote it, convert it once with python -c \"from "
            "elbogap.training.checkpoint import convert_trusted_checkpoint as c; c('{path}')\"")
 

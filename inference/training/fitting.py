@@ -27,7 +27,7 @@ from ..foundations.device import CPU, move_pair, resolve_device
 from ..foundations.distributed import SINGLE, Distributed
 from ..foundations.errors import ElbogapError
 from ..foundations.rng import rng_state, set_rng_state
-from .checkpoint import save_checkpoint
+from .checkpoint import checkpoint_records, save_checkpoint
 from .early_stopping import EarlyStopping
 from .elbo_step import ELBO_ESTIMATORS, ElboStep
 from .options import FitOptions
@@ -190,7 +190,7 @@ class _Training:
                 tqdm.write(f"the run stopped early after epoch {state['epoch']} (no better "
                            f"validation ELBO for {stopped['patience']} epochs since epoch "
                            f"{stopped['best_epoch']}): nothing left to train")
-        history = state.get("history", [])[:state.get("records", state["epoch"])]
+        history = state.get("history", [])[:checkpoint_records(state)]
         self.result.history = history
         if history:
             # The step counters the records carry go on from where they were.
