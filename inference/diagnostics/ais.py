@@ -43,6 +43,7 @@ from ..foundations.keyed_noise import KeyedNoise, point_seeds, stream_key
 from ..foundations.module_mode import evaluation_mode
 from ..foundations.pair_layout import PairLayout, per_datapoint
 from ..foundations.program_data import ProgramData
+from ..foundations.psis import KHAT_UNRELIABLE
 from ..foundations.rng import seeded
 from ..foundations.statistics import log_mean_exp_with_se, mean_and_se
 from ..foundations.traces import (
@@ -579,10 +580,37 @@ def ais_beside_importance(model: Callable, guide: Callable, x: ProgramData, *,
                 else torch.tensor([importance.total.elbo], dtype=torch.float64))
         ais_summary["elbo"] = mean_and_se(elbo)
         ais_summary["evidence_gap"] = mean_and_se(ais.log_evidence - elbo)
-    return {
+    difference = ais.log_evidence - is_evidence
+    out = {
         "ais": ais_summary, "importance": summary,
-        "ais_minus_is": mean_and_se(ais.log_evidence - is_evidence),
+        "ais_minus_is": mean_and_se(difference),
         "per_point": {"ais": ais.log_evidence.tolist(), "importance": is_evidence.tolist(),
                       # k-hat is undefined (NaN) with too few draws: null in JSON.
                       "khat": [None if math.isnan(k) else k for k in importance.khat.tolist()]},
     }
+    high = importance.khat.cpu() > KHAT_UNRELIABLE
+    if importance.unit == "data point" and int(high.sum()) >= 2:
+        out["where_khat_high"] = agreement_where_khat_high(difference.cpu()[high])
+    return out
+
+
+def agreement_where_khat_high(difference: torch.Tensor) -> dict:
+    """AIS - importance sampling on the points whose k-hat is > 0.7, and what it says of
+    k-hat's warning there: AIS converges whatever the weights' tail, so agreement within Monte
+    Carlo error says k-hat overstated the problem, AIS above says it did not."""
+    entry = {"num_points": int(difference.shape[0]), **mean_and_se(difference)}
+    mean, se = entry["mean"], entry["se"] or 0.0
+    if abs(mean) <= 2 * se:
+        entry["reading"] = (f"on the {entry['num_points']} points with k-hat > "
+                            f"{KHAT_UNRELIABLE}, AIS agrees with importance sampling "
+                            f"({mean:+.3f} ± {se:.3f}): there k-hat overstated the problem")
+    elif mean > 0:
+        entry["reading"] = (f"on the {entry['num_points']} points with k-hat > "
+                            f"{KHAT_UNRELIABLE}, AIS is higher by {mean:.3f} ± {se:.3f}: "
+                            "importance sampling underestimates log p(x) there, as k-hat warned")
+    else:
+        entry["reading"] = (f"on the {entry['num_points']} points with k-hat > "
+                            f"{KHAT_UNRELIABLE}, AIS is lower by {-mean:.3f} ± {se:.3f}: AIS "
+                            "has not converged there (more steps), so neither estimate settles "
+                            "them")
+    return entry

@@ -58,9 +58,8 @@ class PosteriorPredictive:
             "ess": {"mean": float(self.ess.mean()), "min": float(self.ess.min())},
         }
         if self.num_samples >= MIN_SAMPLES_KHAT:
-            khat = khat_summary(self.khat)
-            khat["verdict"] = khat["verdict"].replace("evidence", "predictive density")
-            out["khat"] = khat
+            out["khat"] = khat_summary(self.khat, ess=self.ess, num_samples=self.num_samples,
+                                       subject="predictive density")
         return out
 
 

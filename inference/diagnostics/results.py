@@ -156,7 +156,8 @@ class Diagnostics:
                 name: [float(v) for v in value.sum(0)] for name, value in self.kl_per_dim.items()
             }
         if self.num_samples >= MIN_SAMPLES_KHAT:
-            out["khat"] = khat_summary(self.khat, self.unit)
+            out["khat"] = khat_summary(self.khat, self.unit, self.ess,
+                                       self.proposal_draws or self.num_samples)
         out["ess"] = {"mean": float(self.ess.mean()), "min": float(self.ess.min()),
                       "of": self.proposal_draws or self.num_samples}
         out["active_units"] = active_units_summary(self)

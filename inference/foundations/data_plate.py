@@ -24,6 +24,7 @@ from pyro.poutine.trace_struct import Trace
 from .conventions import traced
 from .enumeration import enumerating, marked_for_enumeration
 from .errors import ConfigError, ConventionError
+from .parameter_scope import in_scope_of
 from .program_data import ProgramData, bound_program
 from .rng import rng_preserved
 from .traces import PARTICLE_PLATE, sample_sites
@@ -197,13 +198,15 @@ def takes_program_arguments(fn: Callable) -> Callable:
         if empty:
             raise ConfigError(f"{fn.__name__} got an empty data set "
                               f"({_names(empty)} has 0 rows)")
-        program = program_pair(pair[0], pair[1] if len(pair) > 1 else None, args,
-                               {k: v for k, v in kwargs.items() if k not in options},
-                               own.pop("data_plate", None))
-        if "data_plate" in options:
-            own["data_plate"] = program.data_plate
-        bound_pair = (program.model, program.guide)[: len(pair)]
-        return fn(*bound_pair, program.data, **own)
+        # A loaded run's pair is diagnosed on its own parameters (``parameter_scope``).
+        with in_scope_of(*pair):
+            program = program_pair(pair[0], pair[1] if len(pair) > 1 else None, args,
+                                   {k: v for k, v in kwargs.items() if k not in options},
+                                   own.pop("data_plate", None))
+            if "data_plate" in options:
+                own["data_plate"] = program.data_plate
+            bound_pair = (program.model, program.guide)[: len(pair)]
+            return fn(*bound_pair, program.data, **own)
 
     call.__signature__ = signature.replace(parameters=[
         *programs, inspect.Parameter("args", inspect.Parameter.VAR_POSITIONAL),

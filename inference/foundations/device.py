@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .errors import OptionError
+from .parameter_scope import in_scope_of, unscoped
 
 DEVICES = "auto, cpu, cuda or cuda:INDEX"
 CPU = torch.device("cpu")
@@ -64,7 +65,7 @@ def modules_of(fn: Callable) -> list[nn.Module]:
 
     def visit(obj, depth=0):
         # A program bound to its arguments (``program_data.bound``) names the user's callable.
-        obj = getattr(obj, "program", obj)
+        obj = unscoped(getattr(obj, "program", obj))
         if isinstance(obj, nn.Module):
             if all(obj is not m for m in found):
                 found.append(obj)
@@ -96,7 +97,7 @@ def move_pair(model: Callable, guide: Callable, device: torch.device) -> None:
     for module in modules:
         module.to(device)
     store = pyro.get_param_store()
-    with torch.no_grad():
+    with torch.no_grad(), in_scope_of(model, guide):
         for name, value in list(store._params.items()):
             if value.device == device:
                 continue

@@ -4,6 +4,16 @@ k-hat is the shape of a generalized Pareto distribution fitted to the largest im
 weights (PSIS; Vehtari, Simpson, Gelman, Yao & Gabry 2024).  Yao, Vehtari, Simpson & Gelman
 (2018) read it as: k < 0.5 good, 0.5 <= k <= 0.7 usable (slow convergence), k > 0.7 unreliable
 (the estimate of log p(x), and so the gap, may be far off however large K is).
+
+Beside the effective sample size, one reading changes.  A point whose weights are nearly equal
+(ESS >= ``ESS_NEARLY_ALL`` of K) can still get k-hat > 0.7: the log-weight is unbounded in a
+region of tiny mass (a guide normal in log z against a Gamma posterior, whose log-density in
+log z falls off linearly, not quadratically), which K draws barely reach.  The Pareto fit then
+rests on the one or two draws that landed there, and it jumps with K (3.70 at K = 1000 and
+0.28 at K = 4000 on one such point) while the estimate hardly moves (AIS agreeing to
+0.003 ± 0.003 nats).  Such a k-hat is called *unstable*, not a verdict on the estimate: the
+summary counts those points apart, and a larger K or AIS settles them.  Where most weight sits
+on few draws (low ESS), k-hat > 0.7 is read as before.
 """
 
 from __future__ import annotations
@@ -25,6 +35,8 @@ CONSTANT_SPREAD = 1e-4
 # PSIS fits the largest ceil(min(K/5, 3 sqrt(K))) weights and needs at least 5 of them (ArviZ
 # returns +inf below that): from K = 25 on there is a tail to fit.
 MIN_SAMPLES_KHAT = 25
+# ESS at least this share of K: weights nearly equal (a k-hat > 0.7 there is unstable).
+ESS_NEARLY_ALL = 0.9
 
 
 def import_arviz():
@@ -122,36 +134,61 @@ def importance_ess(log_weights: torch.Tensor) -> torch.Tensor:
     return torch.exp(2 * torch.logsumexp(lw, 0) - torch.logsumexp(2 * lw, 0))
 
 
-def khat_summary(khat: torch.Tensor, unit: str = "data point") -> dict:
-    """Shares of points in each reliability band, and a plain verdict."""
+def khat_summary(khat: torch.Tensor, unit: str = "data point", ess: torch.Tensor | None = None,
+                 num_samples: int | None = None, subject: str = "evidence") -> dict:
+    """Shares of points in each reliability band, and a plain verdict.  With each point's
+    ``ess`` of ``num_samples`` draws, k-hat > 0.7 on nearly equal weights is counted apart as
+    unstable (``share_unstable``, within ``share_unreliable``; see the module's docstring).
+    ``subject`` is what the weights estimate ("evidence", or "predictive density")."""
+    one, every = _ESTIMATES[subject]
     n = khat.numel()
     if unit != "data point":
         return _joint_khat_summary(float(khat[0]))
-    bad = int((khat > KHAT_UNRELIABLE).sum())
+    high = khat > KHAT_UNRELIABLE
+    unstable = torch.zeros_like(high)
+    if ess is not None and num_samples:
+        unstable = high & (ess.to(khat.device) >= ESS_NEARLY_ALL * num_samples)
+    bad, wobbly = int((high & ~unstable).sum()), int(unstable.sum())
     ok = int(((khat >= KHAT_GOOD) & (khat <= KHAT_UNRELIABLE)).sum())
     finite = khat[torch.isfinite(khat)]
+    verdicts = []
     if bad:
-        verdict = (
+        verdicts.append(
             f"{bad} of {n} points ({100 * bad / n:.1f} %) have k-hat > {KHAT_UNRELIABLE}: their "
-            "log p(x) and evidence gap are NOT reliable (the guide's tails are too light for "
+            f"{every} are NOT reliable (the guide's tails are too light for "
             "importance sampling); treat those numbers as lower bounds"
         )
+    if wobbly:
+        verdicts.append(
+            f"{wobbly} of {n} points ({100 * wobbly / n:.1f} %) have k-hat > {KHAT_UNRELIABLE} "
+            f"on nearly equal weights (ESS >= {ESS_NEARLY_ALL:.0%} of K): k-hat unstable there "
+            "(its Pareto fit rests on the few draws that reach a far tail, and changes with "
+            f"K), not a sign that their {one} is off; a larger K or AIS settles them"
+        )
+    if verdicts:
+        verdict = "; ".join(verdicts)
     elif ok:
         verdict = (
             f"all points have k-hat <= {KHAT_UNRELIABLE}; {ok} in [{KHAT_GOOD}, "
             f"{KHAT_UNRELIABLE}] converge slowly: use a large K ({UNSEEN_MODES})"
         )
     else:
-        verdict = (f"all points have k-hat < {KHAT_GOOD}: the evidence estimates are reliable "
+        verdict = (f"all points have k-hat < {KHAT_GOOD}: the {subject} estimates are reliable "
                    f"where the guide covers the posterior's modes ({UNSEEN_MODES})")
     return {
         "median": float(finite.median()) if finite.numel() else None,
         "max": float(finite.max()) if finite.numel() else None,
         "share_good": float((khat < KHAT_GOOD).double().mean()),
         "share_ok": ok / n,
-        "share_unreliable": bad / n,
+        "share_unreliable": (bad + wobbly) / n,
+        "share_unstable": wobbly / n,
         "verdict": verdict,
     }
+
+
+# What the weights of a subject estimate, for one point and for every point's verdict.
+_ESTIMATES = {"evidence": ("log p(x)", "log p(x) and evidence gap"),
+              "predictive density": ("log predictive density", "log predictive densities")}
 
 
 def _joint_khat_summary(k: float) -> dict:
@@ -168,4 +205,5 @@ def _joint_khat_summary(k: float) -> dict:
     finite = math.isfinite(k)
     return {"median": k if finite else None, "max": k if finite else None,
             "share_good": float(k < KHAT_GOOD), "share_ok": float(KHAT_GOOD <= k <= KHAT_UNRELIABLE),
-            "share_unreliable": float(k > KHAT_UNRELIABLE), "verdict": verdict}
+            "share_unreliable": float(k > KHAT_UNRELIABLE), "share_unstable": 0.0,
+            "verdict": verdict}

@@ -142,6 +142,8 @@ def format_annealed(summary: dict, importance: dict | None = None) -> str:
                  f"{a['log_evidence_mc_se']:.3f})")
     if importance is not None and importance.get("khat"):
         lines.append(f"importance sampling's Pareto k-hat: {importance['khat']['verdict']}")
+    if "where_khat_high" in summary:
+        lines.append(summary["where_khat_high"]["reading"])
     return "\n".join(lines)
 
 

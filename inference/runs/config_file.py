@@ -32,8 +32,8 @@ RUN_DEFAULTS = {"data": "digits", "data_dir": None, "binarize": "dynamic", "mode
 # no None where a default applies), then what fit found and used.
 CONFIG_KEYS: dict[str, object] = {
     "data": str, "data_dir": str | None, "binarize": str, "model": str, "guide": str,
-    "likelihood": str, "likelihood_scale": float | None, "latent_dim": int,
-    "hidden_dims": list[int], "num_samples": int, "test_points": int | None,
+    "likelihood": str, "likelihood_scale": float | None, "latent_dim": int | None,
+    "hidden_dims": list[int] | None, "num_samples": int, "test_points": int | None,
     "eval_batch_size": int, "val_fraction": float | None, "flows": int | None,
     "evaluated_on": str, "processes": int, "fit_options": dict,
 }

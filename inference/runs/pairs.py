@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import inspect
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from importlib.metadata import entry_points
 
@@ -20,6 +20,7 @@ import torch
 from pyro.infer import autoguide
 
 from ..foundations.errors import ConfigError, OptionError
+from ..foundations.parameter_scope import ParameterScope, scoped
 from .user_code import is_file_spec, load_object
 
 MODEL_GROUP, GUIDE_GROUP = "elbogap.models", "elbogap.guides"
@@ -56,12 +57,19 @@ def registered_guides() -> Mapping[str, Callable]:
 
 @dataclass
 class Pair:
-    """The model and guide callables, and for registered ones the objects that own them."""
+    """The model and guide callables, and for registered ones the objects that own them;
+    ``guide_name`` is what a run's config records: a registered guide's or autoguide's name,
+    or FACTORY_GUIDE."""
 
     model: Callable
     guide: Callable
     model_object: object = None
     guide_object: object = None
+    guide_name: str = ""
+
+    def in_scope(self, scope: ParameterScope) -> Pair:
+        """The pair with model and guide run on ``scope``'s parameters."""
+        return replace(self, model=scoped(self.model, scope), guide=scoped(self.guide, scope))
 
     def exact(self, x: torch.Tensor) -> dict[str, torch.Tensor] | None:
         """Closed-form diagnostics, when the model has them and the guide exposes q's loc/scale."""
@@ -98,6 +106,20 @@ def default_guide(model_spec: str) -> str:
     return getattr(registered_models().get(model_spec), "default_guide", "mean-field")
 
 
+# The guide of a pair a user's factory returns, as a run's config names it.
+FACTORY_GUIDE = "the factory's"
+
+
+# The settings a user's factory is called with where they are given.
+USER_SETTINGS = ("latent_dim", "hidden_dims", "likelihood", "likelihood_scale", "flows")
+
+
+def is_user_factory(spec: str) -> bool:
+    """Whether a model spec names a user's factory (a file's or a module's) rather than a
+    registered model."""
+    return is_file_spec(spec) or _is_module_spec(spec)
+
+
 def _call_with_accepted(factory: Callable, **kwargs):
     """Call ``factory`` with the keyword arguments its signature accepts."""
     try:
@@ -129,27 +151,64 @@ def _load_factory(spec: str) -> Callable:
     return factory
 
 
-def _user_pair(spec: str, guide: str | None, kwargs: dict) -> Pair:
-    pair = _call_with_accepted(_load_factory(spec), **kwargs)
+def _user_pair(spec: str, guide: str | None, given: dict, new: bool) -> Pair:
+    """The pair a user's factory returns, called with ``data_dim`` where it takes it and with
+    the settings that were ``given`` (never this project's defaults, which would override the
+    factory's own).  For a ``new`` run, a given setting the factory does not take, or a guide
+    that is not an autoguide, is refused rather than dropped (configs written before this rule
+    recorded such settings: they load as they were fitted, without them)."""
+    factory = _load_factory(spec)
+    name = spec.rpartition(":")[2]
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        params = None
+    if new and params is not None and not any(p.kind is p.VAR_KEYWORD
+                                              for p in params.values()):
+        for setting in given:
+            if setting != "data_dim" and setting not in params:
+                raise OptionError(setting, f"{{option}}: {name} in {spec.rpartition(':')[0]} "
+                                           f"takes no {setting} (it takes "
+                                           f"{', '.join(params) or 'no arguments'})")
+        for setting, p in params.items():
+            if setting in USER_SETTINGS and setting not in given and p.default is p.empty:
+                raise OptionError(setting, f"{{option}} is needed: {name} in "
+                                           f"{spec.rpartition(':')[0]} takes {setting} without "
+                                           "a default")
+    try:
+        pair = _call_with_accepted(factory, **given)
+    except Exception as e:  # the user's code: its failure is theirs, said in one line
+        raise ConfigError(f"model {spec}: {name}(...) raised {type(e).__name__}: "
+                          f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                          ) from None
+    if new and guide is not None and guide != FACTORY_GUIDE and guide not in AUTOGUIDES:
+        raise OptionError("guide", f"{{option}} {guide!r}: a model of one's own takes its guide "
+                                   f"from its factory, or one of {sorted(AUTOGUIDES)}")
     if callable(pair) and not isinstance(pair, tuple):
         # A factory may return the model alone: the guide is then an autoguide.
-        guide = guide or "auto-normal"
-        if guide not in AUTOGUIDES:
-            raise OptionError("guide", f"model {spec} returns a model alone: {{option}} must be "
-                                       f"one of {sorted(AUTOGUIDES)}, got {guide!r}")
-        return Pair(pair, AUTOGUIDES[guide](pair))
+        guide = guide if guide in AUTOGUIDES else "auto-normal"
+        return Pair(pair, AUTOGUIDES[guide](pair), guide_name=guide)
     if not isinstance(pair, tuple) or len(pair) != 2 or not all(callable(f) for f in pair):
         raise OptionError("model", f"{{option}} {spec}: must return a model, or a (model, "
                                    f"guide) pair of callables, got {type(pair).__name__}")
     if guide in AUTOGUIDES:
-        return Pair(pair[0], AUTOGUIDES[guide](pair[0]))
-    return Pair(*pair)
+        return Pair(pair[0], AUTOGUIDES[guide](pair[0]), guide_name=guide)
+    return Pair(*pair, guide_name=FACTORY_GUIDE)
 
 
-def build_pair(config: dict, data_dim: int) -> Pair:
+def build_pair(config: dict, data_dim: int, *, new: bool = False) -> Pair:
     """The model and guide ``config`` names (``model``, ``guide``, ``latent_dim``,
     ``hidden_dims``, ``likelihood``, ``likelihood_scale``, ``flows``), sized for data of
-    ``data_dim``; factories get the keyword arguments their signatures accept."""
+    ``data_dim``; registered factories get the keyword arguments their signatures accept, a
+    user's factory ``data_dim`` and the settings given (not None), checked against its
+    signature for a ``new`` run."""
+    spec, guide_name = config["model"], config.get("guide")
+    if is_user_factory(spec):
+        given = {k: config.get(k) for k in USER_SETTINGS}
+        given = {k: tuple(v) if k == "hidden_dims" else v for k, v in given.items()
+                 if v is not None and v != "the model's"}
+        _check_sizes(given)
+        return _user_pair(spec, guide_name, {"data_dim": data_dim, **given}, new)
     kwargs = {
         "data_dim": data_dim,
         "latent_dim": config["latent_dim"],
@@ -159,14 +218,7 @@ def build_pair(config: dict, data_dim: int) -> Pair:
     }
     if config.get("flows") is not None:
         kwargs["flows"] = config["flows"]
-    if kwargs["likelihood_scale"] is not None and not kwargs["likelihood_scale"] > 0:
-        raise OptionError("likelihood_scale",
-                          f"must be positive, got {kwargs['likelihood_scale']}")
-    if config["latent_dim"] < 1:
-        raise OptionError("latent_dim", f"must be a positive integer, got {config['latent_dim']}")
-    spec, guide_name = config["model"], config.get("guide")
-    if is_file_spec(spec) or _is_module_spec(spec):
-        return _user_pair(spec, guide_name, kwargs)
+    _check_sizes(kwargs)
     models, guides = registered_models(), registered_guides()
     if spec not in models:
         raise OptionError("model", f"{{option}} {spec!r}: unknown; expected one of "
@@ -178,8 +230,17 @@ def build_pair(config: dict, data_dim: int) -> Pair:
     try:
         model = _call_with_accepted(models[spec], **kwargs)
         if guide_name in AUTOGUIDES:
-            return Pair(model.model, AUTOGUIDES[guide_name](model.model), model)
+            return Pair(model.model, AUTOGUIDES[guide_name](model.model), model,
+                        guide_name=guide_name)
         guide = _call_with_accepted(guides[guide_name], **kwargs, model=model)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model {spec!r} with guide {guide_name!r}: {e}") from None
-    return Pair(model.model, guide.guide, model, guide)
+    return Pair(model.model, guide.guide, model, guide, guide_name)
+
+
+def _check_sizes(settings: dict) -> None:
+    scale, latent = settings.get("likelihood_scale"), settings.get("latent_dim")
+    if scale is not None and not scale > 0:
+        raise OptionError("likelihood_scale", f"must be positive, got {scale}")
+    if latent is not None and latent < 1:
+        raise OptionError("latent_dim", f"must be a positive integer, got {latent}")

@@ -175,7 +175,8 @@ class Report:
         report.notes += [Note(n) for n in d.notes]
         if "khat" in summary:
             report.notes.append(Note(f"Pareto k-hat: {summary['khat']['verdict']}.",
-                                     warning=summary["khat"]["share_unreliable"] > 0))
+                                     warning=summary["khat"]["share_unreliable"]
+                                     > summary["khat"].get("share_unstable", 0)))
         report.figures = [FigureItem(*caption(name, run.history), figure_png(fig))
                           for name, fig in run_figures(run, summary["kl_per_dim"]).items()]
         if d.unit == DATA_POINT:
@@ -305,6 +306,10 @@ class Report:
                 self.notes.append(Note(f"AIS starts from the prior: from the guide, {e}"))
         options["start"] = start
         a = self.numbers["ais"] = {**both["ais"], "ais_minus_is": both["ais_minus_is"]}
+        if "where_khat_high" in both:
+            a["where_khat_high"] = both["where_khat_high"]
+            self.notes.append(Note(f"AIS beside importance sampling: "
+                                   f"{both['where_khat_high']['reading']}."))
         per_point = {key: np.asarray(values, dtype=float)  # k-hat's None: NaN
                      for key, values in both["per_point"].items()}
         rows = [("log p(x), AIS", *_fmt(a["log_evidence"])),

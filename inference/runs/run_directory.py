@@ -12,6 +12,7 @@ import os
 import shutil
 import time
 from collections.abc import Mapping
+from contextlib import AbstractContextManager as ContextManager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from ..data.dataset import Dataset
 from ..foundations.atomic import write_json_atomic
 from ..foundations.distributed import SINGLE, Distributed
 from ..foundations.errors import ConfigError, ElbogapError, OptionError, check_positive
+from ..foundations.parameter_scope import ParameterScope
 from ..foundations.program_data import as_program_data
 from ..training.checkpoint import checkpoint_records, load_checkpoint
 from ..training.fitting import CHECKPOINT, METRICS, FitResult, fit
@@ -30,19 +32,25 @@ from ..training.options import FitOptions
 from ..training.plan import diagnosed_points, plan_evaluation
 from .config_file import CONFIG, MODEL_DIGEST, RUN_DEFAULTS, read_config
 from .ownership import own, release
-from .pairs import Pair, build_pair, default_guide, exact_means
+from .pairs import Pair, build_pair, default_guide, exact_means, is_user_factory
 from .recorded import read_final_summary, read_history
 from .user_code import check_model_file, file_digest, is_file_spec
 
 
 @dataclass
 class Run:
-    """A run directory's config, data, pair (parameters restored) and checkpoint state."""
+    """A run directory's config, data, pair (parameters restored) and checkpoint state.
+
+    The pair keeps its parameters in a param store of its own (``scope``): ``model`` and
+    ``guide`` run with it, whatever other runs are loaded beside it; code of one's own that
+    reads Pyro's param store (``pyro.param("W")``, an optimizer step) runs in ``with
+    run.parameters():``."""
 
     dir: Path
     config: dict
     data: Dataset
     pair: Pair
+    scope: ParameterScope
     state: dict | None = None
 
     @property
@@ -78,6 +86,11 @@ class Run:
         return (f"Run('{self.dir}': data {c['data']}, model {c['model']}, guide {c['guide']}, "
                 f"{epoch}{c['fit_options']['epochs']}, diagnosed on {self.split})")
 
+    def parameters(self) -> ContextManager[ParameterScope]:
+        """A block in which Pyro's global param store holds this run's parameters (and, after
+        it, what it held before)."""
+        return self.scope.active()
+
     def release(self) -> None:
         """Give up this process's ownership of the run directory (``elbogap.runs.ownership``),
         which ``new_run`` and ``resumed_run`` take and ``final_summary`` gives up: other
@@ -102,11 +115,10 @@ def load_run(run_dir: str | Path, *, trust_model_file: bool = False) -> Run:
     config_path = run_dir / CONFIG
     if is_file_spec(config["model"]):
         check_model_file(config["model"], config.get(MODEL_DIGEST), config_path, trust_model_file)
-    pyro.clear_param_store()
     try:
         data = run_data(config)
-        pair = build_pair(config, data.data_dim)
-        run = Run(run_dir, config, data, pair)
+        pair, scope = _scoped_pair(config, data.data_dim)
+        run = Run(run_dir, config, data, pair, scope)
         run.options.check(data.train.shape[0], config["processes"])
     except OptionError as e:
         raise ConfigError(f"{config_path}: {e.for_flags(_CONFIG_NAMES)}") from None
@@ -120,6 +132,16 @@ def load_run(run_dir: str | Path, *, trust_model_file: bool = False) -> Run:
 # A setting of a loaded run is named by its key in config.json.
 _CONFIG_NAMES = {f.name: f"fit_options.{f.name}" for f in fields(FitOptions)} | {
     "path": "data_dir"}
+
+
+def _scoped_pair(config: dict, data_dim: int, new: bool = False
+                 ) -> tuple[Pair, ParameterScope]:
+    """The pair a config names, with a param store of its own: runs loaded side by side never
+    share parameters, whatever their pairs name them (``foundations.parameter_scope``)."""
+    scope = ParameterScope()
+    with scope.active():
+        pair = build_pair(config, data_dim, new=new)
+    return pair.in_scope(scope), scope
 
 
 def run_data(config: dict) -> Dataset:
@@ -142,28 +164,36 @@ def run_config(data: Dataset, settings: dict) -> dict:
     """A new run's config: ``settings`` (keys of ``RUN_DEFAULTS`` and ``FitOptions``, None
     meaning "the default") completed with defaults that depend on the data: latent_dim 50
     (10 for data of < 400 values, 3 for synthetic), hidden_dims (400,) ((200,) for small data),
-    the likelihood the data set suits, the model's own guide."""
+    the likelihood the data set suits, the model's own guide.  A user's factory
+    (``path.py:name``, ``package.module:name``) keeps its own defaults: what was not given
+    stays None (likelihood "the model's"), and its guide is recorded once the pair is built
+    (``Pair.guide_name``)."""
     config = {**RUN_DEFAULTS, **{f.name: f.default for f in fields(FitOptions)}}
     config.update({k: v for k, v in settings.items() if v is not None})
     unknown = set(config) - set(RUN_DEFAULTS) - {f.name for f in fields(FitOptions)}
     if unknown:
         raise ConfigError(f"unknown run settings {sorted(unknown)}")
-    small = data.data_dim < 400
-    if config["likelihood"] == "auto":
-        config["likelihood"] = data.likelihood
-    if config["hidden_dims"] is None:
-        config["hidden_dims"] = [200] if small else [400]
-    config["hidden_dims"] = list(config["hidden_dims"])
-    if config["latent_dim"] is None:
-        config["latent_dim"] = 3 if data.name == "synthetic" else 10 if small else 50
     model = config["model"]
+    if is_user_factory(model):
+        if config["likelihood"] == "auto":
+            config["likelihood"] = "the model's"
+    else:
+        small = data.data_dim < 400
+        if config["likelihood"] == "auto":
+            config["likelihood"] = data.likelihood
+        if config["hidden_dims"] is None:
+            config["hidden_dims"] = [200] if small else [400]
+        if config["latent_dim"] is None:
+            config["latent_dim"] = 3 if data.name == "synthetic" else 10 if small else 50
+        config["guide"] = config["guide"] or default_guide(model)
+    if config["hidden_dims"] is not None:
+        config["hidden_dims"] = list(config["hidden_dims"])
     if is_file_spec(model):
         config["model"] = _resolved(model)
         if (file := Path(model.rpartition(":")[0])).is_file():
             # What loading the run later checks before it runs the file again.
             config[MODEL_DIGEST] = file_digest(file)
-    config["guide"] = config["guide"] or default_guide(model)
-    if config["flows"] is not None and config["guide"] != "iaf":
+    if config["flows"] is not None and config["guide"] not in ("iaf", None):
         raise OptionError("flows", f"{{option}} is for the iaf guide, not {config['guide']!r}")
     if config["data_dir"] is not None:
         config["data_dir"] = _resolved(config["data_dir"])
@@ -278,11 +308,11 @@ def new_run(settings: dict, out: str | Path | None = None, overwrite: bool = Fal
     rule checked, and only then its directory made and ``config.json`` written."""
     # The same seed on every rank: the same initial parameters (fit varies the draws per rank).
     pyro.set_rng_seed(settings.get("seed") or 0)
-    pyro.clear_param_store()
     data = run_data(settings)
     config = run_config(data, settings)
     check_likelihood(config["likelihood"], data)
-    pair = build_pair(config, data.data_dim)
+    pair, scope = _scoped_pair(config, data.data_dim, new=True)
+    config["guide"] = pair.guide_name
     options = FitOptions(**{f.name: config.pop(f.name) for f in fields(FitOptions)})
     options.check(data.train.shape[0], distributed.world_size)
     # Where the fitted pair can be diagnosed (a clear error now if the pair breaks a rule).
@@ -292,7 +322,7 @@ def new_run(settings: dict, out: str | Path | None = None, overwrite: bool = Fal
     config.update(fit_options=asdict(options), processes=distributed.world_size)
     if distributed.is_main:
         write_json_atomic(run_dir / CONFIG, config)
-    return Run(run_dir, config, data, pair), options
+    return Run(run_dir, config, data, pair, scope), options
 
 
 def resumed_run(run_dir: str | Path, epochs: int | None = None,

@@ -24,6 +24,7 @@ import torch
 
 from ..foundations.atomic import write_atomic
 from ..foundations.errors import ConfigError
+from ..foundations.parameter_scope import in_scope_of
 from ..foundations.program_data import as_program_data, bound_program
 from ..foundations.rng import (
     rng_preserved,
@@ -80,7 +81,7 @@ def load_checkpoint(
     pair runs on, which creates its parameters: for an autoguide, the data it was built for."""
     state = read_checkpoint(path)
     # Running the pair draws random numbers; a restore must not change the random stream.
-    with rng_preserved(), torch.no_grad():
+    with rng_preserved(), torch.no_grad(), in_scope_of(model, guide):
         trace_pair(bound_program(model), bound_program(guide), as_program_data(x_example))
     current = pair_parameters(model, guide)
     missing = sorted(set(current) - set(state["params"]))

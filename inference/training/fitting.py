@@ -26,6 +26,7 @@ from ..foundations.atomic import write_text_atomic
 from ..foundations.device import CPU, move_pair, resolve_device
 from ..foundations.distributed import SINGLE, Distributed
 from ..foundations.errors import ElbogapError
+from ..foundations.parameter_scope import in_scope_of
 from ..foundations.rng import rng_state, set_rng_state
 from .checkpoint import checkpoint_records, save_checkpoint
 from .early_stopping import EarlyStopping
@@ -87,7 +88,8 @@ def fit(
     ``evaluate`` on the first ``eval_points`` test points with ``eval_samples`` draws.  With
     ``run_dir`` the history goes to ``metrics.jsonl`` and parameters and optimizer state to
     ``checkpoint.pt`` after every epoch (both written atomically).  Parameters live in Pyro's
-    global param store, which ``fit`` does not clear.  ``on_epoch(record)`` may add entries to
+    global param store, which ``fit`` does not clear (a loaded run's pair: its own, see
+    ``elbogap.foundations.parameter_scope``).  ``on_epoch(record)`` may add entries to
     each epoch's record before it is written (for example closed-form values to compare with).
 
     Under torchrun (``distributed``) each global minibatch is ``batch_size`` points per process,
@@ -105,22 +107,24 @@ def fit(
     options = options or FitOptions()
     if loader_batch_size is not None:
         options = replace(options, batch_size=loader_batch_size)
-    training = _Training(model, guide, data, options, run_dir, distributed)
-    first_epoch = training.resume(resume) if resume is not None else training.start()
-    epochs = training.progress(first_epoch)
-    epoch = first_epoch - 1
-    try:
-        for epoch in epochs:
-            record, stop = training.record(epoch, training.train_epoch(epoch))
-            if on_epoch is not None:
-                on_epoch(record)
-            training.save(record)
-            epochs.set_postfix(**training.postfix(record))
-            if stop:
-                break
-    except KeyboardInterrupt:
-        raise TrainingInterrupted(training.interrupted(epoch, first_epoch)) from None
-    return training.result
+    # A loaded run's pair trains on its own parameters (``parameter_scope``), all of fit long.
+    with in_scope_of(model, guide):
+        training = _Training(model, guide, data, options, run_dir, distributed)
+        first_epoch = training.resume(resume) if resume is not None else training.start()
+        epochs = training.progress(first_epoch)
+        epoch = first_epoch - 1
+        try:
+            for epoch in epochs:
+                record, stop = training.record(epoch, training.train_epoch(epoch))
+                if on_epoch is not None:
+                    on_epoch(record)
+                training.save(record)
+                epochs.set_postfix(**training.postfix(record))
+                if stop:
+                    break
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(training.interrupted(epoch, first_epoch)) from None
+        return training.result
 
 
 class _Training:

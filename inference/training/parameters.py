@@ -15,9 +15,11 @@ import pyro
 import torch
 from torch import nn
 
+from ..foundations.parameter_scope import in_scope_of, unscoped
+
 
 def _modules(fn: Callable) -> list[nn.Module]:
-    fn = getattr(fn, "program", fn)  # a program bound to its arguments (ProgramData)
+    fn = unscoped(getattr(fn, "program", fn))  # a program bound to its arguments (ProgramData)
     found = []
     for candidate in (fn, getattr(fn, "__self__", None)):
         if isinstance(candidate, nn.Module):
@@ -27,8 +29,10 @@ def _modules(fn: Callable) -> list[nn.Module]:
 
 def pair_parameters(model: Callable, guide: Callable) -> dict[str, torch.Tensor]:
     """Name -> unconstrained parameter tensor: the param store's, then module-local ones
-    (named ``model.…``/``guide.…``) that the store does not hold."""
-    params = dict(pyro.get_param_store().named_parameters())
+    (named ``model.…``/``guide.…``) that the store does not hold.  A loaded run's pair: its
+    own store's (``parameter_scope``)."""
+    with in_scope_of(model, guide):
+        params = dict(pyro.get_param_store().named_parameters())
     if not pyro.settings.get("module_local_params"):
         return params
     seen = {id(p) for p in params.values()}

@@ -80,8 +80,70 @@ def test_khat_separates_a_good_guide_from_one_with_too_small_variances():
     assert good.ess.min() > bad.ess.max()
     summary = bad.summary()["khat"]
     assert summary["share_unreliable"] >= 0.9
-    assert "NOT reliable" in summary["verdict"]
+    assert summary["share_unstable"] == 0  # the weights of a too-narrow guide are far from equal
+    assert "NOT reliable" in summary["verdict"] and "unstable" not in summary["verdict"]
     assert good.summary()["khat"]["share_good"] == 1.0
+
+
+# Poisson counts with a Gamma prior: the posterior is Gamma(A + x, B + 1) and p(x) negative
+# binomial, exactly.  The guide is the log-normal matching the posterior's moments in log z.
+A, B = 3.0, 1.0
+
+
+def poisson_gamma(x):
+    with pyro.plate("data", x.shape[0]):
+        z = pyro.sample("z", dist.Gamma(torch.full(x.shape, A), B))
+        pyro.sample("x", dist.Poisson(z), obs=x)
+
+
+def log_normal_guide(x):
+    a = A + x
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("z", dist.LogNormal(torch.digamma(a) - math.log(B + 1),
+                                        torch.polygamma(1, a).sqrt()))
+
+
+def negative_binomial_log_evidence(x):
+    return (torch.lgamma(x + A) - math.lgamma(A) - torch.lgamma(x + 1)
+            + A * math.log(B / (B + 1)) - x * math.log(B + 1))
+
+
+def test_khat_on_nearly_equal_weights_is_called_unstable_and_the_estimate_is_exact():
+    """The log-normal's log-density in log z falls off quadratically, the Gamma's linearly: the
+    weights are unbounded far in the left tail, a region K draws barely reach.  k-hat > 0.7 on
+    almost every point, jumping with K, while ESS is ~95 % of K and log p(x) agrees with the
+    negative binomial's to Monte Carlo error: "k-hat unstable", not "NOT reliable"."""
+    torch.manual_seed(0)
+    x = dist.Poisson(dist.Gamma(torch.full((200,), A), B).sample()).sample()
+    exact = negative_binomial_log_evidence(x)
+    medians = {}
+    for k in (1000, 4000):
+        pyro.set_rng_seed(1)
+        d = evaluate(poisson_gamma, log_normal_guide, x, num_samples=k)
+        difference = d.log_evidence - exact
+        se = difference.std().item() / math.sqrt(len(x))
+        assert abs(difference.mean().item()) < 3 * se, (difference.mean(), se)
+        summary = d.summary()["khat"]
+        assert summary["share_unstable"] > 0.8, summary
+        assert "k-hat unstable" in summary["verdict"]
+        medians[k] = d.khat.median().item()
+    assert medians[1000] > 0.7 and medians[4000] > medians[1000] + 0.5, medians
+
+
+def test_ais_beside_importance_reads_khats_warning_on_the_points_it_flags():
+    from elbogap.diagnostics.ais import agreement_where_khat_high, ais_beside_importance
+
+    torch.manual_seed(0)
+    x = dist.Poisson(dist.Gamma(torch.full((40,), A), B).sample()).sample()
+    both = ais_beside_importance(poisson_gamma, log_normal_guide, x, num_samples=1000,
+                                 num_chains=8, num_steps=100, seed=0)
+    assert both["where_khat_high"]["num_points"] >= 30
+    assert "AIS agrees with importance sampling" in both["where_khat_high"]["reading"]
+    # Where AIS sits above importance sampling beyond its error, k-hat was right.
+    higher = agreement_where_khat_high(torch.tensor([0.5, 0.7, 0.6, 0.4]))
+    assert "underestimates log p(x) there, as k-hat warned" in higher["reading"]
+    lower = agreement_where_khat_high(torch.tensor([-0.5, -0.7, -0.6, -0.4]))
+    assert "AIS has not converged there" in lower["reading"]
 
 
 def test_active_units_against_a_model_that_ignores_one_dimension():

@@ -65,11 +65,11 @@ def test_a_written_config_holds_each_setting_once_and_loads(run_dir):
 @pytest.mark.parametrize("change, expected", [
     (lambda c: c.update(latnet_dim=3), "unknown keys ['latnet_dim']"),
     (lambda c: c.pop("guide"), "missing keys ['guide']"),
-    (lambda c: c.update(latent_dim="three"), 'latent_dim must be an integer, got "three"'),
-    (lambda c: c.update(latent_dim=3.0), "latent_dim must be an integer, got 3.0"),
+    (lambda c: c.update(latent_dim="three"), 'latent_dim must be an integer or null, got "three"'),
+    (lambda c: c.update(latent_dim=3.0), "latent_dim must be an integer or null, got 3.0"),
     (lambda c: c.update(latent_dim=0), "latent_dim must be a positive integer, got 0"),
     (lambda c: c.update(hidden_dims=[400, "x"]), "hidden_dims must be a list of integers"),
-    (lambda c: c.update(hidden_dims=200), "hidden_dims must be a list of integers, got 200"),
+    (lambda c: c.update(hidden_dims=200), "hidden_dims must be a list of integers or null, got 200"),
     (lambda c: c["fit_options"].update(epoch=3), "fit_options has unknown keys ['epoch']"),
     (lambda c: c.update(likelihood="poisson"), "likelihood must be one of ['bernoulli', "
                                                "'gaussian', \"the model's\"], got \"poisson\""),
@@ -242,7 +242,7 @@ def file_run(tmp_path) -> tuple[Path, Path]:
     model_file.write_text(MODEL_FILE)
     out = tmp_path / "run"
     run, options = new_run({**SETTINGS, "model": f"{model_file}:make", "guide": None,
-                            "epochs": 1}, out)
+                            "latent_dim": 2, "epochs": 1}, out)
     train(run, options)
     run.release()  # for the scripts below, which take the run directory over
     return out, model_file
