@@ -7,7 +7,7 @@ command-line scripts do is a call from Python::
     run = load_run("runs/digits-vae-...")       # config, data, model, guide, parameters
     d = evaluate(run.model, run.guide, run.data.test, num_samples=1000)
     d                                            # a table (an HTML table in Jupyter)
-    d.plot_kl_per_dim()                          # a figure (shown when a cell returns it)
+    d.plot_kl_per_dim()                          # a figure (in Jupyter, shown at once)
 
 The package is layered, each layer importing only those below it (``lint-imports`` checks it):
 ``foundations`` (errors, traces, the pair's layout, PSIS and statistics, devices, processes,
@@ -17,6 +17,9 @@ reports, comparisons) -> ``cli`` (the commands).  ``elbogap.models`` and ``elbog
 this project's own pairs, which no layer imports.
 """
 
+# First, before anything imports Pyro (whose MCMC logger imports tqdm.auto): tqdm's
+# "IProgress not found" warning in a kernel without ipywidgets is left out (foundations.progress).
+from .foundations import progress  # noqa: F401, I001
 from .data.catalog import load_dataset
 from .data.dataset import Dataset, subset
 from .diagnostics.ais import AnnealedEvidence, annealed_evidence

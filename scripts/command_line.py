@@ -4,9 +4,11 @@ elbogap's errors turned into one line on stderr, a setting named by its flag."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from collections.abc import Callable, Mapping
+from typing import NoReturn
 
 from elbogap.foundations.cpu import configure_cpu
 from elbogap.foundations.device import DEVICES
@@ -27,6 +29,27 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
                 or isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction)):
             return text
         return super()._get_help_string(action)
+
+
+def on_first_rank() -> bool:
+    """Whether this process speaks for the command: not a rank > 0 of torchrun (RANK), whose
+    errors rank 0 states once."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse's parser with elbogap's help format and one-line errors: ``error: …`` and exit
+    code 2, without the usage block first (``--help`` shows it), once under torchrun."""
+
+    def __init__(self, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(**kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        if on_first_rank():
+            print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 def add_training_controls(parser: argparse.ArgumentParser, o: FitOptions) -> None:
@@ -129,7 +152,8 @@ def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
         text = str(e)
         if isinstance(e, OptionError) and parser is not None:
             text = e.for_flags(flag_names(parser(), aliases))
-        print(f"error: {text}", file=sys.stderr)
+        if on_first_rank():  # every rank meets the same error; one says it
+            print(f"error: {text}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

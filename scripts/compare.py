@@ -7,13 +7,13 @@ import argparse
 import sys
 
 from elbogap import compare
-from elbogap.cli.command_line import HelpFormatter, add_common_flags, add_trust_flag, run_main
+from elbogap.cli.command_line import CommandParser, add_common_flags, add_trust_flag, run_main
 from elbogap.foundations.errors import ConfigError, check_positive
+from elbogap.runs.compare import writable_directory
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter,
-                                allow_abbrev=False)
+    p = CommandParser(description=__doc__)
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="directories of scripts/fit.py")
     p.add_argument("--out", default="runs/compare", help="directory for compare.html and .json")
     p.add_argument("--num-samples", "-K", type=int, default=1000, help="importance samples")
@@ -22,9 +22,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--surgery", action="store_true", help="add ELBO surgery's mutual information")
     p.add_argument("--amortization-points", type=int, default=0,
                    help="split each run's gap into approximation and amortization gaps on this "
-                        "many of the points (a mean-field q* fitted per point; 0: skip)")
+                        "many of the points (q*, the guide's own family fitted per point, or "
+                        "the guide fine-tuned on each point: the notes say which; 0: skip)")
     p.add_argument("--amortization-steps", type=int, default=500,
-                   help="SVI steps fitting q* for --amortization-points")
+                   help="SVI steps fitting q* per point for --amortization-points")
     p.add_argument("--seed", type=int, default=0, help="the same draws' seed for every run")
     add_trust_flag(p)
     add_common_flags(p, progress=False)
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
                    amortization_steps=args.amortization_steps)
     if args.amortization_points < 0:
         raise ConfigError(f"--amortization-points must be 0 or more, got {args.amortization_points}")
+    writable_directory(args.out)  # before the runs are evaluated, not after
     comparison = compare(args.run_dirs, num_samples=args.num_samples, points=args.points,
                          seed=args.seed, surgery=args.surgery,
                          amortization_points=args.amortization_points,

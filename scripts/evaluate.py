@@ -12,7 +12,7 @@ import pyro
 
 from elbogap import bdmc, diagnose, load_run, subset
 from elbogap.cli.command_line import (
-    HelpFormatter,
+    CommandParser,
     add_common_flags,
     add_device_flag,
     add_trust_flag,
@@ -21,7 +21,7 @@ from elbogap.cli.command_line import (
 from elbogap.diagnostics.ais import ais_beside_importance
 from elbogap.foundations.atomic import write_json_atomic
 from elbogap.foundations.distributed import Distributed
-from elbogap.foundations.errors import check_positive
+from elbogap.foundations.errors import ConfigError, check_positive
 from elbogap.presentation.table import (
     format_annealed,
     format_bdmc,
@@ -33,8 +33,7 @@ from elbogap.runs.ownership import own
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter,
-                                allow_abbrev=False)
+    p = CommandParser(description=__doc__)
     p.add_argument("run_dir", help="a directory written by scripts/fit.py")
     p.add_argument("--num-samples", "-K", type=int, help="K (default: the run's --num-samples)")
     p.add_argument("--split", choices=("test", "train", "validation"),
@@ -76,6 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     check_positive(num_samples=args.num_samples, batch_size=args.batch_size,
                    max_points=args.max_points, ais_steps=args.ais_steps, chains=args.chains,
                    points=args.points)
+    if args.method != "ais" and not args.bdmc:
+        p = parser()
+        if ignored := [f"--{n.replace('_', '-')}" for n in ("points", "ais_steps", "chains",
+                       "ais_start") if getattr(args, n) != p.get_default(n)]:
+            raise ConfigError(f"{', '.join(ignored)}: for --method ais and --bdmc only; "
+                              "add one of them, or leave those out")
     ctx = Distributed.from_environment(args.device)
     with ctx.session():
         # It writes into the run directory: not while another process (a fit) owns it.

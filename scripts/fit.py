@@ -10,7 +10,7 @@ from pathlib import Path
 
 from elbogap import FitOptions, final_summary, new_run, train
 from elbogap.cli.command_line import (
-    HelpFormatter,
+    CommandParser,
     add_common_flags,
     add_device_flag,
     add_training_controls,
@@ -28,8 +28,7 @@ from elbogap.runs.run_directory import changed_settings, continued_run, run_sett
 
 def parser() -> argparse.ArgumentParser:
     o = FitOptions()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter,
-                                allow_abbrev=False)
+    p = CommandParser(description=__doc__)
     g = p.add_argument_group("data")
     g.add_argument("--data", choices=DATASETS, default="digits",
                    help="data set: digits (bundled), synthetic (drawn from a fixed linear-Gaussian "

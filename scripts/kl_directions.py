@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pyro
 
-from elbogap.cli.command_line import HelpFormatter, add_common_flags, run_main
+from elbogap.cli.command_line import CommandParser, add_common_flags, run_main
 from elbogap.diagnostics.kl_directions import fit_both_directions, gradient_variances, make_target
 from elbogap.foundations.atomic import write_json_atomic
 from elbogap.foundations.errors import ConfigError
@@ -22,8 +22,7 @@ from elbogap.presentation.figures import plot_kl_directions, save_figure
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter,
-                                allow_abbrev=False)
+    p = CommandParser(description=__doc__)
     p.add_argument("--target", choices=("bimodal", "gaussian"), default="bimodal",
                    help="bimodal: 1/2 N(-2, 0.5^2) + 1/2 N(2, 0.5^2); gaussian: N(1, 0.7^2)")
     p.add_argument("--separation", type=float, default=2.0,

@@ -12,7 +12,7 @@ from dataclasses import fields
 
 from elbogap import Report, ReportSettings, load_run, move_pair, resolve_device
 from elbogap.cli.command_line import (
-    HelpFormatter,
+    CommandParser,
     add_common_flags,
     add_device_flag,
     add_trust_flag,
@@ -24,8 +24,7 @@ from elbogap.runs.ownership import own
 
 def parser() -> argparse.ArgumentParser:
     s = ReportSettings()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter,
-                                allow_abbrev=False)
+    p = CommandParser(description=__doc__)
     p.add_argument("run_dir", help="a directory written by scripts/fit.py")
     p.add_argument("--num-samples", "-K", type=int, default=s.num_samples,
                    help="importance samples")

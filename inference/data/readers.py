@@ -224,6 +224,9 @@ def load_array(path: str | Path, num_test: int | None = None) -> Dataset:
     split is a fixed permutation (seed 0) with 10 % (at least one point) held out for testing.
     """
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory; --data array reads one file (a .npy, .npz or "
+                        ".csv data matrix): give its path")
     if not path.is_file():
         raise DataError(f"{path}: no such file (expected a .npy, .npz or .csv data matrix)")
     try:
@@ -242,7 +245,11 @@ def load_array(path: str | Path, num_test: int | None = None) -> Dataset:
         else:
             raise DataError(f"{path}: unknown extension, expected .npy, .npz, .csv or .txt")
     except (ValueError, OSError, EOFError) as e:
-        raise DataError(f"{path}: cannot be read as a numeric array ({e})") from None
+        hint = ""
+        if path.suffix in (".csv", ".txt") and _has_header(path):
+            hint = ("; its first line looks like a header of column names: remove it (numbers "
+                    "only, one row per data point)")
+        raise DataError(f"{path}: cannot be read as a numeric array ({e}){hint}") from None
     if len(arrays) == 1:
         (array,) = arrays.values()
         array = _checked(path, "", array)
@@ -253,6 +260,18 @@ def load_array(path: str | Path, num_test: int | None = None) -> Dataset:
                        "bernoulli" if binary else "gaussian")
     return _named_arrays(path, {name: _checked(path, name, a) for name, a in arrays.items()},
                          num_test)
+
+
+def _has_header(path: Path) -> bool:
+    """Whether a text file's first line holds a field that is not a number (a header row)."""
+    with open(path, errors="replace") as f:
+        first = f.readline()
+    fields = [v.strip() for v in first.replace(",", " ").split()]
+    try:
+        [float(v) for v in fields]
+    except ValueError:
+        return True
+    return False
 
 
 def _checked(path: Path, name: str, array: np.ndarray) -> np.ndarray:

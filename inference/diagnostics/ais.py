@@ -32,7 +32,6 @@ import pyro
 import torch
 from pyro import poutine
 from torch.distributions import biject_to
-from tqdm.auto import tqdm
 
 from ..foundations.conventions import inspect_pair
 from ..foundations.data_plate import takes_program_arguments
@@ -43,6 +42,7 @@ from ..foundations.keyed_noise import KeyedNoise, point_seeds, stream_key
 from ..foundations.module_mode import evaluation_mode
 from ..foundations.pair_layout import PairLayout, per_datapoint
 from ..foundations.program_data import ProgramData
+from ..foundations.progress import tqdm
 from ..foundations.psis import KHAT_UNRELIABLE
 from ..foundations.rng import seeded
 from ..foundations.statistics import log_mean_exp_with_se, mean_and_se

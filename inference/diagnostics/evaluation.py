@@ -42,7 +42,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from tqdm.auto import tqdm
 
 from ..foundations.conventions import inspect_pair
 from ..foundations.data_plate import takes_program_arguments
@@ -53,6 +52,7 @@ from ..foundations.errors import ConventionError
 from ..foundations.module_mode import evaluation_mode
 from ..foundations.pair_layout import PairLayout
 from ..foundations.program_data import ProgramData
+from ..foundations.progress import tqdm
 from ..foundations.weight_moments import WeightMoments
 from .compiled_pass import CompiledPass
 from .defensive import MixtureSums, check_defensive, defensive_note, prior_draws, prior_particles

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 import pyro
 import torch
-from tqdm.auto import tqdm
 
 from ..foundations.conventions import inspect_pair
 from ..foundations.errors import ConfigError, ConventionError, OptionError
 from ..foundations.pair_layout import PairLayout, global_part
+from ..foundations.progress import tqdm
 from ..foundations.traces import FixedSubsample, trace_pair
 from .terms import ParticleTerms, particle_terms
 

@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 
 from ..foundations.psis import MIN_SAMPLES_KHAT, khat_summary
 from ..foundations.statistics import finite_or_none, mean_and_se
-from ..presentation.figures import plot_khat_histogram, plot_kl_per_dim
+from ..presentation.figures import plot_khat_histogram, plot_kl_per_dim, shown
 from ..presentation.table import format_summary, summary_html
 from .kl import MONTE_CARLO
 
@@ -107,12 +107,14 @@ class Diagnostics:
         return summary_html(self.summary())
 
     def plot_kl_per_dim(self) -> Figure:
-        """A matplotlib figure: the mean KL to the prior of every latent dimension."""
-        return plot_kl_per_dim(self.summary()["kl_per_dim"])
+        """A matplotlib figure: the mean KL to the prior of every latent dimension.  In
+        Jupyter it is shown at once (each plot of a cell is seen); it is returned as well."""
+        return shown(plot_kl_per_dim(self.summary()["kl_per_dim"]))
 
     def plot_khat(self) -> Figure:
-        """A matplotlib figure: the histogram of the importance weights' Pareto k-hat."""
-        return plot_khat_histogram(self.khat.numpy())
+        """A matplotlib figure: the histogram of the importance weights' Pareto k-hat.  In
+        Jupyter it is shown at once (each plot of a cell is seen); it is returned as well."""
+        return shown(plot_khat_histogram(self.khat.numpy()))
 
     def active_units(self, threshold: float = ACTIVE_UNIT_THRESHOLD) -> dict[str, torch.Tensor]:
         """Per latent site, which dimensions have Cov_x(E_q[z_d | x]) > threshold."""

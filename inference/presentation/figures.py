@@ -7,6 +7,7 @@ matplotlib Figure; ``save_figure`` writes one as PNG, ``figure_png`` gives its b
 from __future__ import annotations
 
 import io
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,12 +20,48 @@ from ..foundations.atomic import write_atomic
 
 
 class ShownFigure(Figure):
-    """A Figure that Jupyter shows as PNG when a cell returns it: elbogap's figures are made
-    without pyplot (no GUI backend, no global figure list to leak), so IPython's pyplot hooks
-    never see them."""
+    """A Figure that Jupyter shows as PNG: elbogap's figures are made without pyplot (no GUI
+    backend, no global figure list to leak), so IPython's pyplot hooks never see them.
+
+    ``show()`` displays it at once in a Jupyter kernel, so that every ``d.plot_…()`` of a cell
+    is seen, not only the cell's last value; a figure is shown once per cell, so returning it
+    as the cell's value as well does not show it twice."""
+
+    _shown_in_cell: int | None = None
 
     def _repr_png_(self) -> bytes:
         return figure_png(self)
+
+    def _ipython_display_(self) -> None:
+        kernel = _jupyter_kernel()
+        cell = kernel.execution_count if kernel is not None else None
+        if cell is not None and cell == self._shown_in_cell:
+            return
+        self._shown_in_cell = cell
+        from IPython.display import display
+
+        display({"image/png": figure_png(self), "text/plain": repr(self)}, raw=True)
+
+    def show(self, warn: bool = True) -> None:
+        """Display the figure now in a Jupyter kernel; elsewhere (a script, a terminal) do
+        nothing: save it with ``savefig``.  (``warn`` is matplotlib's, unused here.)"""
+        if _jupyter_kernel() is not None:
+            self._ipython_display_()
+
+
+def _jupyter_kernel():
+    """The running IPython shell when it is a Jupyter kernel's, else None (IPython is never
+    imported for this: a session without it has no kernel)."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    return shell if getattr(shell, "kernel", None) is not None else None
+
+
+def shown(fig: Figure) -> Figure:
+    """``fig``, displayed at once when it runs in a Jupyter kernel (``ShownFigure.show``)."""
+    if isinstance(fig, ShownFigure):
+        fig.show()
+    return fig
 
 
 def subplots(*grid: int, figsize: tuple[float, float], layout: str | None = None, **kwargs):
@@ -321,12 +358,19 @@ def plot_ais_vs_importance(importance: np.ndarray, ais: np.ndarray, khat: np.nda
 def plot_latent_scatter(
     means: np.ndarray, color: np.ndarray, color_label: str, axis_labels: tuple[str, str]
 ) -> Figure:
-    """Points in a 2-D latent space (or a projection of it), coloured by a per-point value."""
+    """Points in a 2-D latent space (or a projection of it), coloured by a per-point value; for
+    a 1-D latent space (one column of ``means``) that value against E_q[z] instead, rather
+    than a second axis that means nothing."""
     fig, ax = subplots(figsize=(6, 5))
-    points = ax.scatter(means[:, 0], means[:, 1], c=color, s=10, cmap="viridis")
-    fig.colorbar(points, ax=ax, label=color_label)
-    ax.set_xlabel(axis_labels[0])
-    ax.set_ylabel(axis_labels[1])
+    if means.shape[1] == 1:
+        ax.scatter(means[:, 0], color, s=10)
+        ax.set_xlabel(axis_labels[0])
+        ax.set_ylabel(color_label)
+    else:
+        points = ax.scatter(means[:, 0], means[:, 1], c=color, s=10, cmap="viridis")
+        fig.colorbar(points, ax=ax, label=color_label)
+        ax.set_xlabel(axis_labels[0])
+        ax.set_ylabel(axis_labels[1])
     ax.set_title("E_q[z | x] of test points")
     ax.grid(alpha=0.3)
     return fig

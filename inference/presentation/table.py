@@ -7,10 +7,12 @@ import html
 
 
 def labels(summary: dict) -> dict[str, str]:
-    """What the quantities are called for this pair: log p(x) for a model of x, log p(y | inputs)
-    for a conditional model (its observed sites hold only part of x)."""
+    """What the quantities are called for this pair: log p(x) for a model of x, whatever its
+    observed site is named (every verdict and note says log p(x) too: one name in one
+    output), log p(y | inputs) for a conditional model (its observed sites hold only part of
+    the data, y the observed site's name)."""
     observed = summary.get("observed") or ["x"]
-    y = observed[0] if len(observed) == 1 else "x"
+    y = observed[0] if len(observed) == 1 and summary.get("conditional") else "x"
     if summary.get("unit") == "data set":
         y = f"{y}_1..N"
     if summary.get("conditional"):
@@ -20,6 +22,14 @@ def labels(summary: dict) -> dict[str, str]:
     kl = "KL(q || p)  all latent variables" if summary.get("unit") == "data set" else \
         f"KL(q(z|{y}) || p(z))"
     return {"evidence": f"log p({y})", "reconstruction": f"E_q[log p({y}|z)]", "kl": kl}
+
+
+def monte_carlo_kl_notes(summary: dict) -> list[str]:
+    """A sentence per latent site whose KL to the prior is a Monte Carlo mean, not a closed
+    form (every table of a summary says so beside it, text or HTML)."""
+    return [f"the KL of site '{site}' is the Monte Carlo mean of log q(z) - log p(z) over the "
+            "K draws (no closed form for its distributions, or none valid in the guide's order)"
+            for site, e in summary["kl_sites"].items() if e["method"] == "monte-carlo"]
 
 
 def summary_rows(summary: dict) -> tuple[str, str, list[tuple[str, dict | None]], list[str]]:
@@ -43,11 +53,7 @@ def summary_rows(summary: dict) -> tuple[str, str, list[tuple[str, dict | None]]
              (f"evidence gap  {name['evidence']} - ELBO", entry("evidence_gap"))]
     notes = []
     if not data_set:
-        for site, e in summary["kl_sites"].items():
-            if e["method"] == "monte-carlo":
-                notes.append(f"note: the KL of site '{site}' is the Monte Carlo mean of "
-                             "log q(z) - log p(z) over the K draws (no closed form for its "
-                             "distributions, or none valid in the guide's order)")
+        notes += [f"note: {n}" for n in monte_carlo_kl_notes(summary)]
         mc = summary.get("log_evidence_mc_se")
         if mc is not None:
             notes.append(f"(Monte Carlo SE of {name['evidence']} per data point, mean over "
@@ -152,8 +158,17 @@ def format_bdmc(summary: dict) -> str:
     se = f" ± {b['bracket_se']:.3f}" if b.get("bracket_se") is not None else ""
     return (f"BDMC on {b['num_data']} points simulated from the model ({b['num_chains']} chains x "
             f"{b['num_steps']} steps): log p(x) between {b['lower']:.3f} (forward AIS) and "
-            f"{b['upper']:.3f} (reverse AIS); bracket {b['bracket']:.3f}{se} nats: on data like "
-            "yours this AIS setting is within about that of the true log p(x)")
+            f"{b['upper']:.3f} (reverse AIS); bracket {b['bracket']:.3f}{se} nats: "
+            + bracket_reading(b))
+
+
+def bracket_reading(b: dict) -> str:
+    """What a BDMC bracket says of the AIS setting (its bounds hold in expectation only)."""
+    if b["bracket"] < 0:
+        return ("the upper bound came out below the lower: each is a Monte Carlo estimate, "
+                "bounding log p(x) only in expectation, so the bracket is inside their noise; "
+                "on data like yours this AIS setting is as tight as that noise lets BDMC tell")
+    return "on data like yours this AIS setting is within about that of the true log p(x)"
 
 
 def format_predictive(summary: dict) -> str:

@@ -13,7 +13,7 @@ from ..diagnostics.amortization import split_gap
 from ..diagnostics.evaluation import evaluate
 from ..diagnostics.results import DATA_POINT, Diagnostics
 from ..foundations.atomic import write_json_atomic, write_text_atomic
-from ..foundations.errors import ConfigError, ConventionError
+from ..foundations.errors import ConfigError, ConventionError, OptionError
 from ..foundations.program_data import ProgramData
 from ..foundations.statistics import mean_and_se
 from ..presentation.figures import figure_png, plot_runs_overlaid
@@ -62,9 +62,10 @@ class Comparison:
         rows.append(("active units", *(
             f"{s['active_units']['active']} of {s['active_units']['total']}"
             if s.get("active_units", {}).get("total") else "" for s in self.summaries)))
-        rows.append(("mutual information I_q(x; z)", *(
-            cell(s["elbo_surgery"]["mutual_information"]) if s.get("elbo_surgery") else ""
-            for s in self.summaries)))
+        if any(s.get("elbo_surgery") for s in self.summaries):  # --surgery only
+            rows.append(("mutual information I_q(x; z)", *(
+                cell(s["elbo_surgery"]["mutual_information"]) if s.get("elbo_surgery")
+                else "n/a" for s in self.summaries)))
         return Table("Runs side by side (nats per data point, mean ± SE over points)", header, rows)
 
     def html(self) -> str:
@@ -78,8 +79,7 @@ class Comparison:
         return self.html()
 
     def write(self, out: str | Path) -> list[Path]:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
+        out = writable_directory(out)
         write_text_atomic(out / "compare.html", self.html())
         write_json_atomic(out / "compare.json", {"runs": self.names, "summaries": self.summaries,
                                                   "paired": self.paired, "notes": self.notes})
@@ -107,6 +107,19 @@ def _paired(d: Diagnostics, first: Diagnostics) -> dict:
     for key in PAIRED:
         diff = (getattr(d, key) - getattr(first, key)).double()
         out[key] = mean_and_se(diff)
+    return out
+
+
+def writable_directory(out: str | Path) -> Path:
+    """``out`` made where it is missing; a file there, or a directory that cannot be made, is
+    an error naming ``--out`` (checked before any run is evaluated, and again on writing)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OptionError("out", f"{{option}} {out}: is a file, not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OptionError("out", f"{{option}} {out}: cannot make it ({e.strerror})") from None
     return out
 
 

@@ -34,7 +34,7 @@ from ..presentation.figures import (
 )
 from ..presentation.html import FigureItem, Note, Table, render_html
 from ..presentation.inference_data import save_inference_data
-from ..presentation.table import labels
+from ..presentation.table import bracket_reading, labels, monte_carlo_kl_notes
 from .diagnose import diagnose, held_out_summary, run_figures
 from .pairs import EXACT_ROWS, exact_means
 from .run_directory import Run
@@ -98,11 +98,11 @@ def _fmt(entry: dict | None) -> tuple[str, str]:
 
 
 def latent_projection(latent_mean: dict[str, torch.Tensor]) -> tuple[np.ndarray, tuple[str, str]]:
-    """E_q[z|x] in 2-D: as is for a 2-D latent space, else its first two principal components."""
+    """E_q[z|x] in 2-D: as is for a 2-D latent space, else its first two principal components;
+    a 1-D latent space stays one column (its figure puts the coloured value on the other axis)."""
     means = torch.cat([m.double() for m in latent_mean.values()], dim=1)
     if means.shape[1] == 1:
-        means = torch.cat([means, torch.zeros_like(means)], dim=1)
-        return means.numpy(), ("E_q[z]", "(1-D latent)")
+        return means.numpy(), ("E_q[z]", "")
     if means.shape[1] == 2:
         return means.numpy(), ("E_q[z_1]", "E_q[z_2]")
     centred = means - means.mean(0)
@@ -208,6 +208,7 @@ class Report:
         self.tables.append(Table(
             f"Summary for the data set the guide was fitted to ({self.diagnostics.num_data} "
             "training points; nats, totals)", ("quantity", "total", "± Monte Carlo SE"), rows))
+        self.notes += [Note(f"{n[0].upper()}{n[1:]}.") for n in monte_carlo_kl_notes(summary)]
         if self.settings.ais_points:
             self._annealed(held_out=False)
         ps = held_out_summary(self.run, self.diagnostics,
@@ -232,8 +233,11 @@ class Report:
             [("ELBO", *_fmt(summary["elbo"])),
              (f"reconstruction {name['reconstruction']}", *_fmt(summary["reconstruction"])),
              (name["kl"], *_fmt(summary["kl_prior"])),
+             *((f"  site '{site}' ({e['method']})", *_fmt(e))
+               for site, e in summary["kl_sites"].items()),
              (f"{name['evidence']}, importance sampling K={k}", *_fmt(summary["log_evidence"])),
              (f"evidence gap {name['evidence']} - ELBO", *_fmt(summary["evidence_gap"]))]))
+        self.notes += [Note(f"{n[0].upper()}{n[1:]}.") for n in monte_carlo_kl_notes(summary)]
         exact = self.run.pair.exact(x)
         if exact is not None:
             summary["exact"] = exact_means(exact)
@@ -326,6 +330,8 @@ class Report:
                      ("BDMC: upper bound (reverse AIS)", f"{b['upper']:.3f}", ""),
                      ("BDMC bracket upper - lower", *_fmt({"mean": b["bracket"],
                                                            "se": b["bracket_se"]}))]
+            self.notes.append(Note(f"BDMC bracket {b['bracket']:.3f} nats: "
+                                   f"{bracket_reading(b)}."))
         self.tables.append(Table(
             f"Annealed importance sampling ({len(xa)} {where}, {s.ais_chains} chains x "
             f"{s.ais_steps} HMC steps from the {start}; acceptance "

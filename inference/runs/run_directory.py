@@ -173,6 +173,10 @@ def run_config(data: Dataset, settings: dict) -> dict:
     unknown = set(config) - set(RUN_DEFAULTS) - {f.name for f in fields(FitOptions)}
     if unknown:
         raise ConfigError(f"unknown run settings {sorted(unknown)}")
+    if config["binarize"] != RUN_DEFAULTS["binarize"] and config["data"] != "mnist":
+        raise OptionError("binarize", f"{{option}} {config['binarize']} is for data mnist (the "
+                                      f"other data sets are read as they are), not "
+                                      f"{config['data']}")
     model = config["model"]
     if is_user_factory(model):
         if config["likelihood"] == "auto":
@@ -317,6 +321,11 @@ def new_run(settings: dict, out: str | Path | None = None, overwrite: bool = Fal
     options.check(data.train.shape[0], distributed.world_size)
     # Where the fitted pair can be diagnosed (a clear error now if the pair breaks a rule).
     config["evaluated_on"] = plan_evaluation(pair.model, pair.guide, data, options).split
+    if config["evaluated_on"] == "test" and config["test_points"] is not None:
+        held = len(as_program_data(data.test))
+        if config["test_points"] > held:
+            raise OptionError("test_points", f"{{option}} {config['test_points']}: data set "
+                                             f"'{data.name}' has {held} test points")
     run_dir = Path(out) if out is not None else default_run_dir(config)
     run_dir = distributed.on_main(lambda: prepare_run_dir(run_dir, overwrite))
     config.update(fit_options=asdict(options), processes=distributed.world_size)

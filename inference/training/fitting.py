@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from ..data.dataset import Dataset
 from ..data.training_data import as_dataset
@@ -27,6 +26,7 @@ from ..foundations.device import CPU, move_pair, resolve_device
 from ..foundations.distributed import SINGLE, Distributed
 from ..foundations.errors import ElbogapError
 from ..foundations.parameter_scope import in_scope_of
+from ..foundations.progress import tqdm
 from ..foundations.rng import rng_state, set_rng_state
 from .checkpoint import checkpoint_records, save_checkpoint
 from .early_stopping import EarlyStopping

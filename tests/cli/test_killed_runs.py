@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from elbogap.training.fitting import CHECKPOINT
+from tests.limits import HANG_SECONDS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -75,7 +76,7 @@ sys.exit(command(sys.argv[4:]))
 """
 
 
-def wait_for(condition, process, timeout=300):
+def wait_for(condition, process, timeout=HANG_SECONDS):
     deadline = time.time() + timeout
     while not condition():
         if process.poll() is not None or time.time() > deadline:

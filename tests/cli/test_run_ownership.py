@@ -18,6 +18,7 @@ from elbogap import final_summary
 from elbogap.runs.ownership import lock_path
 from elbogap.runs.run_directory import new_run, train
 from tests.cli.test_scripts import load_script
+from tests.limits import HANG_SECONDS
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = ["--epochs", "3", "--num-samples", "20", "--eval-samples", "10", "--eval-points", "50",
@@ -31,7 +32,7 @@ def fit(*args, **kwargs) -> subprocess.Popen:
 
 def finished(*args, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, **kwargs)
+                          timeout=HANG_SECONDS, **kwargs)
 
 
 def wait_for_line(process: subprocess.Popen, text: str) -> None:

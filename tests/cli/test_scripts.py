@@ -45,6 +45,10 @@ def make_pair(data_dim, latent_dim):
 
 
 not_a_pair = 3
+
+
+def raising(data_dim):
+    raise ValueError("no model here\\nand a second line")
 '''
 
 
@@ -217,18 +221,36 @@ def test_linear_gaussian_prints_estimates_beside_closed_forms(tmp_path):
      (["--guide", "optimal-mean-field"], "known in closed form only for the linear-Gaussian"),
      (["--data", "array", "--data-dir", "nothing.npy"], "nothing.npy: no such file"),
      (["--data-dir", "somewhere"], "--data-dir is for data read from files"),
-     (["--resume", "runs/mistyped"], "--resume runs/mistyped: no such run directory")],
+     (["--resume", "runs/mistyped"], "--resume runs/mistyped: no such run directory"),
+     (["--model", "{pair}:raising"], "raising(...) raised ValueError: no model here"),
+     (["--model", "{pair}:make_pair", "--hidden-dims", "30"],
+      "--hidden-dims: make_pair in {pair} takes no hidden_dims (it takes data_dim, latent_dim)"),
+     (["--model", "{pair}:make_pair"], "--latent-dim is needed: make_pair in {pair} takes "
+                                       "latent_dim without a default"),
+     (["--model", "{pair}:make_pair", "--latent-dim", "2", "--guide", "mean-field"],
+      "--guide 'mean-field': a model of one's own takes its guide from its factory"),
+     (["--binarize", "threshold"], "--binarize threshold is for data mnist"),
+     (["--test-points", "5000"], "--test-points 5000: data set 'digits' has 297 test points"),
+     (["--data", "array", "--data-dir", "."], "is a directory; --data array reads one file"),
+     (["--data", "array", "--data-dir", "header.csv"], "looks like a header of column names"),
+     (["--epochs", "x"], "error: argument --epochs: invalid int value: 'x' (see --help)")],
 )
 def test_bad_command_lines_get_one_clear_line(tmp_path, monkeypatch, capsys, args, message):
     (tmp_path / "pair.py").write_text(USER_PAIR)
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "header.csv").write_text("a,b,c\n1,2,3\n4,5,6\n")
     args = [a.replace("{pair}", str(tmp_path / "pair.py")) for a in args]
+    message = message.replace("{pair}", str(tmp_path / "pair.py"))
     fit_script = load_script("fit")
     out = [] if "--resume" in args else ["--out", str(tmp_path / "run")]
-    code = fit_script.command([*FAST, *args, *out])
+    try:
+        code = fit_script.command([*FAST, *args, *out])
+    except SystemExit as e:  # argparse's own errors exit
+        code = e.code
     err = capsys.readouterr().err
     assert code == 2, err
     assert message in err
+    assert len(err.strip().splitlines()) == 1, err
     assert "Traceback" not in err
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 

@@ -19,6 +19,7 @@ from elbogap.diagnostics.kl_directions import (
     surrogate_loss,
 )
 from elbogap.foundations.errors import ConfigError
+from tests.limits import HANG_SECONDS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -131,7 +132,7 @@ def test_script_writes_plot_and_json(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "kl_directions.py"), "--out", str(tmp_path),
          "--steps", "1500", "--replicates", "200"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=HANG_SECONDS,
     )
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "kl_directions.json").read_text())

@@ -10,6 +10,7 @@ from elbogap.cli import evaluate as evaluate_command
 from elbogap.cli import fit as fit_command
 from elbogap.foundations.errors import ConfigError, OptionError, check_positive
 from elbogap.training.options import FitOptions
+from tests.limits import HANG_SECONDS
 
 
 def test_an_option_error_reads_in_python_names_and_in_flags():
@@ -82,5 +83,5 @@ def test_evaluate_leaves_the_process_settings_alone():
     """No allocator setting through libc, no denormal flushing: those are configure_cpu's,
     called by the scripts or by the user."""
     out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
-                         timeout=300, check=True).stdout.split()
+                         timeout=HANG_SECONDS, check=True).stdout.split()
     assert out == ["[]", "True"]

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.limits import HANG_SECONDS
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10: pytest depends on tomli there
@@ -70,7 +72,7 @@ def lint(site: Path, config: Path = PYPROJECT) -> subprocess.CompletedProcess:
     lint_imports = shutil.which("lint-imports") or str(Path(sys.executable).parent / "lint-imports")
     return subprocess.run([lint_imports, "--no-cache", str(config)], cwd=site,
                           env={**os.environ, "PYTHONPATH": str(site)},
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=HANG_SECONDS)
 
 
 def test_the_wheel_ships_one_importable_name_and_no_benchmark(unpacked_wheel):
@@ -181,7 +183,7 @@ def test_a_project_folder_with_its_own_models_and_inference_keeps_them(tmp_path)
     command("elbogap-compare", "runs/a", "runs/b", "-K", "10", "--points", "10", "--out", "cmp")
     command("elbogap-kl-directions", "--steps", "20", "--replicates", "20", "--out", "kl")
     result = subprocess.run([sys.executable, "-c", LOAD, "runs/a"], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, timeout=HANG_SECONDS)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == (
         '["the user\'s own models package", "the user\'s own inference module", 20]')

@@ -15,6 +15,7 @@ import torch
 
 from elbogap import ConfigError, final_summary, load_run
 from elbogap.runs.run_directory import new_run, resumed_run, train
+from tests.limits import HANG_SECONDS
 
 ROOT = Path(__file__).resolve().parents[2]
 SETTINGS = {"data": "synthetic", "model": "linear-gaussian", "guide": "mean-field",
@@ -45,7 +46,7 @@ def edit_config(run: Path, change) -> None:
 
 def script(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=HANG_SECONDS)
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *expected: str) -> None:

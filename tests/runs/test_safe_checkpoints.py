@@ -15,6 +15,7 @@ from elbogap import ConfigError, load_run
 from elbogap.foundations.rng import rng_state
 from elbogap.runs.run_directory import new_run, train
 from elbogap.training.checkpoint import convert_trusted_checkpoint
+from tests.limits import HANG_SECONDS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -64,7 +65,7 @@ def test_a_crafted_checkpoint_is_refused_and_its_payload_never_runs(run_dir, tmp
                     ["scripts/report.py", str(crafted), "--no-progress"],
                     ["scripts/fit.py", "--resume", str(crafted), "--no-progress"]):
         result = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True,
-                                text=True, timeout=300)
+                                text=True, timeout=HANG_SECONDS)
         assert result.returncode == 2, (command, result.stderr[-2000:])
         last = result.stderr.strip().splitlines()[-1]
         assert "checkpoint.pt: holds objects other than tensors" in last, command

@@ -22,6 +22,7 @@ from elbogap.guides.mean_field import MeanFieldGuide
 from elbogap.models.vae import VAE
 from elbogap.training.elbo_step import ElboStep
 from elbogap.training.fitting import FitOptions, fit
+from tests.limits import HANG_SECONDS
 
 ROOT = Path(__file__).resolve().parents[2]
 WORLD = 2
@@ -296,7 +297,7 @@ def test_torchrun_restarts_the_run_with_the_command_that_started_it(tmp_path):
              "--max-restarts=1", "--rdzv-backend=c10d",
              f"--rdzv-endpoint=localhost:{free_port()}", str(script), *flags,
              "--out", str(out), "--resume", str(out)],
-            capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+            capture_output=True, text=True, timeout=HANG_SECONDS, cwd=ROOT, env=env)
         assert result.returncode == 0, result.stderr[-3000:]
         runs[name] = out, result
     out, result = runs["restarted"]
