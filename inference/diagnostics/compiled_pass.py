@@ -88,7 +88,6 @@ class CompiledPass:
         self.recordings: dict[tuple, tuple] = {}  # key -> (compiled, spec, recorded here)
         self.checks: dict[tuple, int] = {}
         self.expected: dict[tuple, int] = {}
-        self.timed: dict[tuple, int] = {}  # eager calls timed per shape
         self.used = 0  # chunks computed by a checked recording
 
     def expect(self, x: ProgramData, k: int, chunks: int) -> None:
@@ -126,13 +125,9 @@ class CompiledPass:
         if recording is None:
             started = time.perf_counter()
             terms = self._eager(model, guide, x, layout, k)
-            seconds = time.perf_counter() - started
-            self.timed[key] = self.timed.get(key, 0) + 1
-            # A shape's first call is cold (allocations, parameters made lazily, caches filled):
-            # timed alone it made the eager work look ~40x longer than it is.  The second decides.
             worth = self.enabled or (
-                self.timed[key] >= 2
-                and seconds * self.expected.get(key, 1) > COMPILE_AFTER_SECONDS)
+                (time.perf_counter() - started) * self.expected.get(key, 1)
+                > COMPILE_AFTER_SECONDS)
             if worth:
                 self._record(key, kept_key, model, guide, x, layout, k)
             return terms

@@ -134,3 +134,26 @@ def test_the_html_report_says_where_a_kl_is_monte_carlo(tmp_path):
     page = report._repr_html_()
     assert "site &#x27;z&#x27; (monte-carlo)" in page or "site 'z' (monte-carlo)" in page
     assert "is the Monte Carlo mean of log q(z) - log p(z)" in page
+
+
+def test_the_final_evaluation_estimate_counts_fixed_costs_once(monkeypatch):
+    """A pair whose evaluation costs 0.5 s per call (checks, a cold first call) plus 1 ms per
+    draw: 297 points x K=1000 take 0.5 + 297 s.  One probe of 20 points x K=50 scaled up said
+    0.5 * 297 + 297 = 445.5 s; the difference of two probes says 297.5 s."""
+    from types import SimpleNamespace
+
+    from elbogap.runs import diagnose
+
+    clock = [0.0]
+
+    def evaluate(model, guide, x, *, num_samples, data_plate):
+        clock[0] += 0.5 + 1e-3 * x.shape[0] * num_samples
+
+    monkeypatch.setattr(diagnose, "evaluate", evaluate)
+    monkeypatch.setattr(diagnose.time, "perf_counter", lambda: clock[0])
+    run_ = SimpleNamespace(model=None, guide=None, config={"num_samples": 1000},
+                           options=SimpleNamespace(data_plate=None))
+    seconds = diagnose.final_evaluation_seconds(run_, torch.zeros(297, 3))
+    assert seconds == pytest.approx(0.5 + 297.0)
+    assert diagnose.final_evaluation_seconds(run_, torch.zeros(297, 3), processes=2) == \
+        pytest.approx(0.5 + 148.5)
