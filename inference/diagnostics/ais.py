@@ -600,17 +600,15 @@ def agreement_where_khat_high(difference: torch.Tensor) -> dict:
     Carlo error says k-hat overstated the problem, AIS above says it did not."""
     entry = {"num_points": int(difference.shape[0]), **mean_and_se(difference)}
     mean, se = entry["mean"], entry["se"] or 0.0
+    where = f"on the {entry['num_points']} points with k-hat > {KHAT_UNRELIABLE}, "
     if abs(mean) <= 2 * se:
-        entry["reading"] = (f"on the {entry['num_points']} points with k-hat > "
-                            f"{KHAT_UNRELIABLE}, AIS agrees with importance sampling "
-                            f"({mean:+.3f} ± {se:.3f}): there k-hat overstated the problem")
+        reading = (f"AIS agrees with importance sampling ({mean:+.3f} ± {se:.3f}): there k-hat "
+                   "overstated the problem")
     elif mean > 0:
-        entry["reading"] = (f"on the {entry['num_points']} points with k-hat > "
-                            f"{KHAT_UNRELIABLE}, AIS is higher by {mean:.3f} ± {se:.3f}: "
-                            "importance sampling underestimates log p(x) there, as k-hat warned")
+        reading = (f"AIS is higher by {mean:.3f} ± {se:.3f}: importance sampling underestimates "
+                   "log p(x) there, as k-hat warned")
     else:
-        entry["reading"] = (f"on the {entry['num_points']} points with k-hat > "
-                            f"{KHAT_UNRELIABLE}, AIS is lower by {-mean:.3f} ± {se:.3f}: AIS "
-                            "has not converged there (more steps), so neither estimate settles "
-                            "them")
+        reading = (f"AIS is lower by {-mean:.3f} ± {se:.3f}: AIS has not converged there (more "
+                   "steps), so neither estimate settles them")
+    entry["reading"] = where + reading
     return entry

@@ -9,11 +9,12 @@ Beside the effective sample size, one reading changes.  A point whose weights ar
 (ESS >= ``ESS_NEARLY_ALL`` of K) can still get k-hat > 0.7: the log-weight is unbounded in a
 region of tiny mass (a guide normal in log z against a Gamma posterior, whose log-density in
 log z falls off linearly, not quadratically), which K draws barely reach.  The Pareto fit then
-rests on the one or two draws that landed there, and it jumps with K (3.70 at K = 1000 and
-0.28 at K = 4000 on one such point) while the estimate hardly moves (AIS agreeing to
-0.003 ± 0.003 nats).  Such a k-hat is called *unstable*, not a verdict on the estimate: the
-summary counts those points apart, and a larger K or AIS settles them.  Where most weight sits
-on few draws (low ESS), k-hat > 0.7 is read as before.
+rests on the one or two draws that landed there, and it jumps with K (Poisson counts with a
+Gamma prior and that guide: median k-hat 1.03 at K = 1000, 2.37 at K = 4000, 0.46 at
+K = 10^5) while the estimate hardly moves (within 0.0005 nats of the exact log p(x)).  Such
+a k-hat is called *unstable*, not a verdict on the estimate: the summary counts those points
+apart, and a larger K or AIS settles them.  Where most weight sits on few draws (low ESS),
+k-hat > 0.7 is read as before.
 """
 
 from __future__ import annotations

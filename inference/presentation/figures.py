@@ -362,14 +362,13 @@ def plot_latent_scatter(
     a 1-D latent space (one column of ``means``) that value against E_q[z] instead, rather
     than a second axis that means nothing."""
     fig, ax = subplots(figsize=(6, 5))
+    ax.set_xlabel(axis_labels[0])
     if means.shape[1] == 1:
         ax.scatter(means[:, 0], color, s=10)
-        ax.set_xlabel(axis_labels[0])
         ax.set_ylabel(color_label)
     else:
         points = ax.scatter(means[:, 0], means[:, 1], c=color, s=10, cmap="viridis")
         fig.colorbar(points, ax=ax, label=color_label)
-        ax.set_xlabel(axis_labels[0])
         ax.set_ylabel(axis_labels[1])
     ax.set_title("E_q[z | x] of test points")
     ax.grid(alpha=0.3)

@@ -18,6 +18,7 @@ from ..data.catalog import DATASETS
 from ..data.readers import BINARIZATIONS
 from ..foundations.errors import ConfigError
 from ..training.options import FitOptions
+from .pairs import MODELS_LIKELIHOOD
 from .recorded import read_json
 
 CONFIG = "config.json"
@@ -41,7 +42,8 @@ CONFIG_KEYS: dict[str, object] = {
 # before it was recorded lack it.
 MODEL_DIGEST = "model_sha256"
 CHOICES = {"data": DATASETS, "binarize": BINARIZATIONS,
-           "likelihood": ("bernoulli", "gaussian", "the model's"), "evaluated_on": ("test", "train")}
+           "likelihood": ("bernoulli", "gaussian", MODELS_LIKELIHOOD),
+           "evaluated_on": ("test", "train")}
 POSITIVE = ("latent_dim", "num_samples", "test_points", "eval_batch_size", "flows", "processes")
 
 

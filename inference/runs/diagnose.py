@@ -126,7 +126,8 @@ def final_evaluation_seconds(run: Run, x: torch.Tensor, processes: int = 1) -> f
     K without moving any random stream (None: the pair runs only on its whole data set).
 
     One probe scaled up counted its fixed costs (the first, cold call; the pair's checks) once
-    per draw, ~40x too high; the difference of two probes is the cost of the draws alone."""
+    per draw (70 s said for 0.5 s taken on the digits VAE); the difference of two probes is
+    the cost of the draws alone."""
     k = run.config["num_samples"]
     probe = x[: min(x.shape[0], 20)]
     seconds = []

@@ -106,8 +106,10 @@ def default_guide(model_spec: str) -> str:
     return getattr(registered_models().get(model_spec), "default_guide", "mean-field")
 
 
-# The guide of a pair a user's factory returns, as a run's config names it.
+# The guide of a pair a user's factory returns, and a likelihood left to the model, as a run's
+# config names them.
 FACTORY_GUIDE = "the factory's"
+MODELS_LIKELIHOOD = "the model's"
 
 
 # The settings a user's factory is called with where they are given.
@@ -120,15 +122,24 @@ def is_user_factory(spec: str) -> bool:
     return is_file_spec(spec) or _is_module_spec(spec)
 
 
-def _call_with_accepted(factory: Callable, **kwargs):
-    """Call ``factory`` with the keyword arguments its signature accepts."""
+def _named_parameters(factory: Callable) -> Mapping[str, inspect.Parameter] | None:
+    """The parameters a factory takes by name; None where any name goes (``**kwargs``) or its
+    signature cannot be read."""
     try:
         params = inspect.signature(factory).parameters
     except (TypeError, ValueError):
-        return factory(**kwargs)
+        return None
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return factory(**kwargs)
-    return factory(**{k: v for k, v in kwargs.items() if k in params})
+        return None
+    return params
+
+
+def _call_with_accepted(factory: Callable, params: Mapping | None = None, **kwargs):
+    """Call ``factory`` with the keyword arguments its signature accepts (``params``, its
+    ``_named_parameters`` where the caller read them already)."""
+    params = _named_parameters(factory) if params is None else params
+    return factory(**kwargs if params is None else
+                   {k: v for k, v in kwargs.items() if k in params})
 
 
 def _is_module_spec(spec: str) -> bool:
@@ -159,12 +170,8 @@ def _user_pair(spec: str, guide: str | None, given: dict, new: bool) -> Pair:
     recorded such settings: they load as they were fitted, without them)."""
     factory = _load_factory(spec)
     name = spec.rpartition(":")[2]
-    try:
-        params = inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        params = None
-    if new and params is not None and not any(p.kind is p.VAR_KEYWORD
-                                              for p in params.values()):
+    params = _named_parameters(factory)
+    if new and params is not None:
         for setting in given:
             if setting != "data_dim" and setting not in params:
                 raise OptionError(setting, f"{{option}}: {name} in {spec.rpartition(':')[0]} "
@@ -176,7 +183,7 @@ def _user_pair(spec: str, guide: str | None, given: dict, new: bool) -> Pair:
                                            f"{spec.rpartition(':')[0]} takes {setting} without "
                                            "a default")
     try:
-        pair = _call_with_accepted(factory, **given)
+        pair = _call_with_accepted(factory, params, **given)
     except Exception as e:  # the user's code: its failure is theirs, said in one line
         raise ConfigError(f"model {spec}: {name}(...) raised {type(e).__name__}: "
                           f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}"
@@ -206,7 +213,7 @@ def build_pair(config: dict, data_dim: int, *, new: bool = False) -> Pair:
     if is_user_factory(spec):
         given = {k: config.get(k) for k in USER_SETTINGS}
         given = {k: tuple(v) if k == "hidden_dims" else v for k, v in given.items()
-                 if v is not None and v != "the model's"}
+                 if v is not None and v != MODELS_LIKELIHOOD}
         _check_sizes(given)
         return _user_pair(spec, guide_name, {"data_dim": data_dim, **given}, new)
     kwargs = {

@@ -24,7 +24,7 @@ from ..data.dataset import Dataset
 from ..foundations.atomic import write_json_atomic
 from ..foundations.distributed import SINGLE, Distributed
 from ..foundations.errors import ConfigError, ElbogapError, OptionError, check_positive
-from ..foundations.parameter_scope import ParameterScope
+from ..foundations.parameter_scope import ParameterScope, scope_of
 from ..foundations.program_data import as_program_data
 from ..training.checkpoint import checkpoint_records, load_checkpoint
 from ..training.fitting import CHECKPOINT, METRICS, FitResult, fit
@@ -32,7 +32,7 @@ from ..training.options import FitOptions
 from ..training.plan import diagnosed_points, plan_evaluation
 from .config_file import CONFIG, MODEL_DIGEST, RUN_DEFAULTS, read_config
 from .ownership import own, release
-from .pairs import Pair, build_pair, default_guide, exact_means, is_user_factory
+from .pairs import MODELS_LIKELIHOOD, Pair, build_pair, default_guide, exact_means, is_user_factory
 from .recorded import read_final_summary, read_history
 from .user_code import check_model_file, file_digest, is_file_spec
 
@@ -41,8 +41,8 @@ from .user_code import check_model_file, file_digest, is_file_spec
 class Run:
     """A run directory's config, data, pair (parameters restored) and checkpoint state.
 
-    The pair keeps its parameters in a param store of its own (``scope``): ``model`` and
-    ``guide`` run with it, whatever other runs are loaded beside it; code of one's own that
+    The pair keeps its parameters in a param store of its own (``parameter_scope``): ``model``
+    and ``guide`` run with it, whatever other runs are loaded beside it; code of one's own that
     reads Pyro's param store (``pyro.param("W")``, an optimizer step) runs in ``with
     run.parameters():``."""
 
@@ -50,7 +50,6 @@ class Run:
     config: dict
     data: Dataset
     pair: Pair
-    scope: ParameterScope
     state: dict | None = None
 
     @property
@@ -89,7 +88,7 @@ class Run:
     def parameters(self) -> ContextManager[ParameterScope]:
         """A block in which Pyro's global param store holds this run's parameters (and, after
         it, what it held before)."""
-        return self.scope.active()
+        return scope_of(self.model, self.guide).active()
 
     def release(self) -> None:
         """Give up this process's ownership of the run directory (``elbogap.runs.ownership``),
@@ -117,15 +116,14 @@ def load_run(run_dir: str | Path, *, trust_model_file: bool = False) -> Run:
         check_model_file(config["model"], config.get(MODEL_DIGEST), config_path, trust_model_file)
     try:
         data = run_data(config)
-        pair, scope = _scoped_pair(config, data.data_dim)
-        run = Run(run_dir, config, data, pair, scope)
+        run = Run(run_dir, config, data, _scoped_pair(config, data.data_dim))
         run.options.check(data.train.shape[0], config["processes"])
     except OptionError as e:
         raise ConfigError(f"{config_path}: {e.for_flags(_CONFIG_NAMES)}") from None
     except ElbogapError as e:
         raise ConfigError(f"{config_path}: {e}") from None
     # A guide with parameters per training point is rebuilt on the training set.
-    run.state = load_checkpoint(run_dir / CHECKPOINT, pair.model, pair.guide, run.points(2))
+    run.state = load_checkpoint(run_dir / CHECKPOINT, run.model, run.guide, run.points(2))
     return run
 
 
@@ -134,14 +132,13 @@ _CONFIG_NAMES = {f.name: f"fit_options.{f.name}" for f in fields(FitOptions)} | 
     "path": "data_dir"}
 
 
-def _scoped_pair(config: dict, data_dim: int, new: bool = False
-                 ) -> tuple[Pair, ParameterScope]:
+def _scoped_pair(config: dict, data_dim: int, new: bool = False) -> Pair:
     """The pair a config names, with a param store of its own: runs loaded side by side never
     share parameters, whatever their pairs name them (``foundations.parameter_scope``)."""
     scope = ParameterScope()
     with scope.active():
         pair = build_pair(config, data_dim, new=new)
-    return pair.in_scope(scope), scope
+    return pair.in_scope(scope)
 
 
 def run_data(config: dict) -> Dataset:
@@ -180,7 +177,7 @@ def run_config(data: Dataset, settings: dict) -> dict:
     model = config["model"]
     if is_user_factory(model):
         if config["likelihood"] == "auto":
-            config["likelihood"] = "the model's"
+            config["likelihood"] = MODELS_LIKELIHOOD
     else:
         small = data.data_dim < 400
         if config["likelihood"] == "auto":
@@ -315,7 +312,7 @@ def new_run(settings: dict, out: str | Path | None = None, overwrite: bool = Fal
     data = run_data(settings)
     config = run_config(data, settings)
     check_likelihood(config["likelihood"], data)
-    pair, scope = _scoped_pair(config, data.data_dim, new=True)
+    pair = _scoped_pair(config, data.data_dim, new=True)
     config["guide"] = pair.guide_name
     options = FitOptions(**{f.name: config.pop(f.name) for f in fields(FitOptions)})
     options.check(data.train.shape[0], distributed.world_size)
@@ -331,7 +328,7 @@ def new_run(settings: dict, out: str | Path | None = None, overwrite: bool = Fal
     config.update(fit_options=asdict(options), processes=distributed.world_size)
     if distributed.is_main:
         write_json_atomic(run_dir / CONFIG, config)
-    return Run(run_dir, config, data, pair, scope), options
+    return Run(run_dir, config, data, pair), options
 
 
 def resumed_run(run_dir: str | Path, epochs: int | None = None,
