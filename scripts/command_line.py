@@ -4,6 +4,7 @@ elbogap's errors turned into one line on stderr, a setting named by its flag."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import traceback
@@ -87,6 +88,14 @@ def add_training_controls(parser: argparse.ArgumentParser, o: FitOptions) -> Non
                    "--val-fraction)")
 
 
+def positive_number(text: str) -> float:
+    """argparse's type of a setting that is a finite number > 0 (a scale, a time budget)."""
+    value = float(text)  # a ValueError is argparse's "invalid positive_number value"
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
 def parse_hidden_dims(text: str) -> tuple[int, ...]:
     """``"400"`` or ``"400,200"``; an empty string means no hidden layer."""
     try:
@@ -107,11 +116,15 @@ def add_device_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
 
 
 def add_trust_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """``--trust-model-file``: load a run whose model file cannot be checked against it."""
+    """``--trust-code`` and ``--trust-model-file``: your word that a run's code may run."""
+    parser.add_argument("--trust-code", action="store_true",
+                        help="load a run whose model is code (config.json's model names a "
+                             "Python file or a module, not a registered name): it is imported "
+                             "and run, so only for a run you trust")
     parser.add_argument("--trust-model-file", action="store_true",
-                        help="load a run whose model file (config.json's model, path.py:name) "
-                             "changed since the run, or whose config holds no sha256 of it: "
-                             "the file as it is now is imported and run")
+                        help="with --trust-code implied: load a run whose model file changed "
+                             "since the run, or whose config holds no sha256 of it: the file "
+                             "as it is now is imported and run")
 
 
 def add_common_flags(parser: argparse.ArgumentParser, progress: bool = True) -> None:
@@ -158,3 +171,5 @@ def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except SystemExit as e:  # argparse's error (said already) or --help: a code, as from Python
+        return e.code if isinstance(e.code, int) else 1

@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
                          seed=args.seed, surgery=args.surgery,
                          amortization_points=args.amortization_points,
                          amortization_steps=args.amortization_steps,
+                         trust_code=args.trust_code,
                          trust_model_file=args.trust_model_file)
     table = comparison.table()
     width = max(len(row[0]) for row in table.rows)

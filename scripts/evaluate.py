@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     with ctx.session():
         # It writes into the run directory: not while another process (a fit) owns it.
         ctx.on_main(lambda: own(args.run_dir, "scripts/evaluate.py"))
-        run = load_run(args.run_dir, trust_model_file=args.trust_model_file)
+        run = load_run(args.run_dir, trust_code=args.trust_code,
+                       trust_model_file=args.trust_model_file)
         # After the pair is built (its initial weights draw from the same stream).
         pyro.set_rng_seed(args.seed + ctx.rank)
         k = args.num_samples or run.config["num_samples"]

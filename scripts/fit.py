@@ -16,6 +16,7 @@ from elbogap.cli.command_line import (
     add_training_controls,
     add_trust_flag,
     parse_hidden_dims,
+    positive_number,
     run_main,
 )
 from elbogap.data.catalog import DATASETS
@@ -53,7 +54,7 @@ def parser() -> argparse.ArgumentParser:
                    help="the plate over data points, where several could be it")
     g.add_argument("--likelihood", choices=("auto", "bernoulli", "gaussian"), default="auto",
                    help="observation model; auto: bernoulli for binary data, else gaussian")
-    g.add_argument("--likelihood-scale", type=float, help="fixed standard deviation of the "
+    g.add_argument("--likelihood-scale", type=positive_number, help="fixed standard deviation of the "
                    "gaussian likelihood (default: learned per pixel)")
     g.add_argument("--latent-dim", type=int, help="latent dimensions (default: 50; 10 for data "
                    "of < 400 pixels; 3 for synthetic)")
@@ -68,7 +69,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=o.seed, help="fixes every random number on CPU")
     g.add_argument("--no-jit", dest="jit", action="store_false", help="run the pair's Python on "
                    "every step instead of replaying a checked recording of the loss (README, Performance)")
-    g.add_argument("--time-budget", type=float, dest="time_budget_minutes",
+    g.add_argument("--time-budget", type=positive_number, dest="time_budget_minutes",
                    help="stop training after the epoch that exceeds this many minutes")
     g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     add_device_flag(g)
@@ -98,14 +99,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 # What --resume may change; every other setting is the run's own.
-RESUME_FLAGS = {"resume", "out", "epochs", "no_progress", "debug", "threads",
-                "time_budget_minutes", "device", "trust_model_file", "overwrite"}
+RESUME_FLAGS = {"resume", "out", "epochs", "no_progress", "debug", "threads", "overwrite",
+                "time_budget_minutes", "device", "trust_code", "trust_model_file"}
 
 
 def check_flags(args: argparse.Namespace) -> None:
     """Refuse flags that would be silently ignored."""
-    if args.time_budget_minutes is not None and not args.time_budget_minutes > 0:
-        raise ConfigError(f"--time-budget must be positive, got {args.time_budget_minutes}")
     if not args.resume:
         if args.data_dir is not None and args.data in ("digits", "synthetic"):
             raise ConfigError(f"--data-dir is for data read from files (--data mnist, "
@@ -133,9 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     budget = args.time_budget_minutes * 60 if args.time_budget_minutes is not None else None
     ctx = Distributed.from_environment(args.device, threads=args.threads)
     with ctx.session():
-        continued = args.resume and continued_run(args.resume, args.epochs, budget, ctx,
-                                                  trust_model_file=args.trust_model_file,
-                                                  overwrite=args.overwrite)
+        continued = args.resume and continued_run(
+            args.resume, args.epochs, budget, ctx, trust_code=args.trust_code,
+            trust_model_file=args.trust_model_file, overwrite=args.overwrite)
         if continued:
             run, options = continued
         else:

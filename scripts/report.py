@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     with ctx.session():
         # It writes into the run directory: not while another process (a fit) owns it.
         ctx.on_main(lambda: own(args.run_dir, "scripts/report.py"))
-        run = load_run(args.run_dir, trust_model_file=args.trust_model_file)
+        run = load_run(args.run_dir, trust_code=args.trust_code,
+                       trust_model_file=args.trust_model_file)
         move_pair(run.model, run.guide, resolve_device(args.device))
         report = Report.build(run, settings, distributed=ctx)
         written = ctx.on_main(report.write)

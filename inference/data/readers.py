@@ -291,7 +291,17 @@ def _checked(path: Path, name: str, array: np.ndarray) -> np.ndarray:
                 f"{where}: {int(bad.sum())} NaN or infinite values, in rows {rows[:10].tolist()}"
                 f"{' ...' if len(rows) > 10 else ''}"
             )
-        return array.astype(np.float32)
+        with np.errstate(over="ignore"):  # said below, with the rows
+            single = array.astype(np.float32)
+        beyond = ~np.isfinite(single)
+        if beyond.any():
+            rows = np.unique(np.nonzero(beyond)[0])
+            raise DataError(
+                f"{where}: {int(beyond.sum())} values beyond float32's range (|x| > "
+                f"{np.finfo(np.float32).max:.3g}; the largest {np.abs(array).max():.3g}), in "
+                f"rows {rows[:10].tolist()}{' ...' if len(rows) > 10 else ''}: elbogap computes "
+                "in float32, where they are infinite; rescale the data")
+        return single
     if np.issubdtype(array.dtype, np.integer):
         return array.astype(np.int64)
     return array

@@ -56,6 +56,7 @@ from ..foundations.progress import tqdm
 from ..foundations.weight_moments import WeightMoments
 from .compiled_pass import CompiledPass
 from .defensive import MixtureSums, check_defensive, defensive_note, prior_draws, prior_particles
+from .non_finite import refuse_non_finite
 from .passes import (
     batches,
     checked_arguments,
@@ -145,6 +146,9 @@ def evaluate(
                     d = _per_data_set(model, guide, x, first, num_samples, batch_size,
                                       data_plate, rows_per_chunk, keep_log_weights, progress,
                                       defensive, verified)
+        refuse_non_finite(model, guide, x, d, first)
+        if num_samples < 2:
+            _refuse_gap_of_one_draw(d)
         if defensive:
             d.notes.append(defensive_note(defensive, num_samples))
             d.proposal_draws = num_samples + prior_draws(num_samples, defensive)
@@ -157,6 +161,21 @@ def evaluate(
             d.elbo_surgery = elbo_surgery(model, guide, x, num_samples=min(num_samples, 10),
                                           data_plate=data_plate).summary()
     return on_cpu(d)
+
+
+ONE_DRAW = ("K = 1: no evidence gap (nor its SE): log p(x) from one draw is that draw's "
+            "log-weight, a one-draw ELBO itself, and its difference from the ELBO is noise "
+            "about 0; the gap needs K >= 2, and many more draws to be tight")
+
+
+def _refuse_gap_of_one_draw(d: Diagnostics) -> None:
+    """With one draw the gap is no estimate: NaN (null in the files, "not a number" in the
+    tables), with ``ONE_DRAW`` in the notes."""
+    if d.evidence_gap is not None:
+        d.evidence_gap = torch.full_like(d.evidence_gap, torch.nan)
+        d.evidence_gap_se = torch.full_like(d.evidence_gap_se, torch.nan)
+    d.total.evidence_gap, d.total.evidence_gap_se = float("nan"), None
+    d.notes.append(ONE_DRAW)
 
 
 IGNORED_LATENTS = (

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -10,6 +9,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from .errors import ElbogapError
+from .strict_json import strict_json
 
 
 class WriteError(ElbogapError, OSError):
@@ -52,4 +52,5 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+    """``obj`` as strict JSON (``strict_json``: NaN and infinities as null, listed)."""
+    write_text_atomic(path, strict_json(obj, indent=2) + "\n")

@@ -48,8 +48,16 @@ class DataOptionError(OptionError, DataError):
     """A setting of how data are read or split (``val_fraction``, say) with a wrong value."""
 
 
+# The most of anything a setting counts (draws, points, epochs, steps): torch's sizes and
+# indices are int32 in places, and a count beyond it could not finish anyway.
+MAX_COUNT = 2**31 - 1
+
+
 def check_positive(**values: int | None) -> None:
-    """Refuse a setting that is not an integer of at least 1; None is "not given"."""
+    """Refuse a setting that is not an integer from 1 to ``MAX_COUNT``; None is "not given"."""
     for name, value in values.items():
         if value is not None and (not isinstance(value, int) or value < 1):
             raise OptionError(name, f"must be a positive integer, got {value}")
+        if value is not None and value > MAX_COUNT:
+            raise OptionError(name, f"must be at most {MAX_COUNT} (2^31 - 1), got {value}: "
+                                    "a count that large could not finish")

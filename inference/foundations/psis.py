@@ -152,7 +152,12 @@ def khat_summary(khat: torch.Tensor, unit: str = "data point", ess: torch.Tensor
     bad, wobbly = int((high & ~unstable).sum()), int(unstable.sum())
     ok = int(((khat >= KHAT_GOOD) & (khat <= KHAT_UNRELIABLE)).sum())
     finite = khat[torch.isfinite(khat)]
+    # NaN where the weights were not numbers (-inf is a perfect guide's: constant weights).
+    undefined = int(torch.isnan(khat).sum())
     verdicts = []
+    if undefined:
+        verdicts.append(f"{undefined} of {n} points have no k-hat: their importance weights are "
+                        "not finite numbers (see the notes)")
     if bad:
         verdicts.append(
             f"{bad} of {n} points ({100 * bad / n:.1f} %) have k-hat > {KHAT_UNRELIABLE}: their "
@@ -166,7 +171,7 @@ def khat_summary(khat: torch.Tensor, unit: str = "data point", ess: torch.Tensor
             "(its Pareto fit rests on the few draws that reach a far tail, and changes with "
             f"K), not a sign that their {one} is off; a larger K or AIS settles them"
         )
-    if verdicts:
+    if verdicts or undefined == n:
         verdict = "; ".join(verdicts)
     elif ok:
         verdict = (
@@ -194,7 +199,10 @@ _ESTIMATES = {"evidence": ("log p(x)", "log p(x) and evidence gap"),
 
 def _joint_khat_summary(k: float) -> dict:
     """The verdict on the one k-hat of the joint weights of a data set (global latents)."""
-    if k > KHAT_UNRELIABLE:
+    if math.isnan(k):
+        verdict = ("no k-hat: the joint importance weights are not finite numbers (see the "
+                   "notes)")
+    elif k > KHAT_UNRELIABLE:
         verdict = (f"k-hat of the joint weights {k:.2f} > {KHAT_UNRELIABLE}: log p(x_1..N) and "
                    "the evidence gap are NOT reliable; treat them as lower bounds")
     elif k >= KHAT_GOOD:

@@ -4,6 +4,7 @@ estimates set beside a model's closed forms."""
 from __future__ import annotations
 
 import html
+import math
 
 
 def labels(summary: dict) -> dict[str, str]:
@@ -66,13 +67,12 @@ def summary_rows(summary: dict) -> tuple[str, str, list[tuple[str, dict | None]]
                   if not data_set and khat["median"] is not None else "")
         notes.append(f"Pareto k-hat: {spread}{khat['verdict']}")
     if data_set:
-        notes.append(f"importance-sampling ESS: {summary['ess']['mean']:.1f} of "
+        notes.append(f"importance-sampling ESS: {number(summary['ess']['mean'], '.1f')} of "
                      f"{_draws(summary)}")
         return f"nats for the data set, N={summary['num_data']}", "total", rows, notes
     if "ess" in summary:
-        notes.append(f"importance-sampling ESS: mean {summary['ess']['mean']:.1f} of "
-                     f"{_draws(summary)} "
-                     f"(min {summary['ess']['min']:.1f})")
+        notes.append(f"importance-sampling ESS: mean {number(summary['ess']['mean'], '.1f')} "
+                     f"of {_draws(summary)} (min {number(summary['ess']['min'], '.1f')})")
     units = summary.get("active_units") or {}
     if units.get("total"):
         notes.append(f"active units (Cov_x E_q[z] > 0.01): {units['active']} of {units['total']}")
@@ -93,11 +93,27 @@ def _draws(summary: dict) -> str:
     return f"K={k}" if of == k else f"{of} draws (K={k} from q, {of - k} from the prior)"
 
 
+# Where a number is not one (NaN, infinite: null in the files), the tables say so; the
+# summary's notes say why.
+NOT_A_NUMBER = "not a number"
+
+
+def number(value: float | None, spec: str) -> str:
+    """``value`` formatted by ``spec``; where it is None, NaN or infinite, "n/a" as wide."""
+    if value is None or not math.isfinite(value):
+        width = "".join(c for c in spec.split(".")[0] if c.isdigit())
+        return f"{'n/a':>{width or 0}}"
+    return format(value, spec)
+
+
 def _fmt(entry: dict | None) -> str:
     if entry is None:
         return ""
     se = entry.get("se")
-    return f"{entry['mean']:12.3f}   ± {se:.3f}" if se is not None else f"{entry['mean']:12.3f}"
+    if entry["mean"] is None or not math.isfinite(entry["mean"]):
+        return f"{NOT_A_NUMBER:>12}"
+    mean = f"{entry['mean']:12.3f}"
+    return f"{mean}   ± {se:.3f}" if se is not None else mean
 
 
 def format_summary(summary: dict) -> str:
@@ -189,8 +205,9 @@ def format_exact_comparison(comparison: dict[str, dict]) -> str:
              f"{'difference':>12}{'z':>7}"]
     for name, row in comparison.items():
         z = row["z"] if row["z"] is not None else float("nan")
-        lines.append(f"{name:<28}{row['estimated']:12.4f}{row['exact']:12.4f}"
-                     f"{row['difference']:12.4f}{z:7.2f}")
+        lines.append(f"{name:<28}{number(row['estimated'], '12.4f')}"
+                     f"{number(row['exact'], '12.4f')}{number(row['difference'], '12.4f')}"
+                     f"{number(z, '7.2f')}")
     return "\n".join(lines)
 
 
@@ -205,5 +222,5 @@ def format_run_summary(summary: dict) -> str:
         blocks.append(format_exact_comparison(summary["exact_comparison"]))
     if "data_generating_log_evidence" in summary and summary["unit"] == "data point":
         blocks.append("log p(x) under the model that generated the data: "
-                      f"{summary['data_generating_log_evidence']:.4f}")
+                      f"{number(summary['data_generating_log_evidence'], '.4f')}")
     return "\n".join(blocks)

@@ -125,15 +125,17 @@ def writable_directory(out: str | Path) -> Path:
 
 def compare(run_dirs: list[str | Path], *, num_samples: int = 1000, points: int | None = 500,
             seed: int = 0, surgery: bool = False, amortization_points: int = 0,
-            amortization_steps: int = 500, trust_model_file: bool = False) -> Comparison:
+            amortization_steps: int = 500, trust_code: bool = False,
+            trust_model_file: bool = False) -> Comparison:
     """Evaluate every run on the same ``points`` test points (a fixed random subset) with the
     same seed and K, and set them side by side; with ``amortization_points`` also each run's
     approximation and amortization gaps on that many of them (``split_gap``: q* of the guide's
     own family, or the guide fine-tuned on each point, as the notes say per run).
-    ``trust_model_file``: as ``load_run``'s."""
+    ``trust_code``, ``trust_model_file``: as ``load_run``'s."""
     if len(run_dirs) < 2:
         raise ConfigError("compare needs at least two run directories")
-    runs = [load_run(d, trust_model_file=trust_model_file) for d in run_dirs]
+    runs = [load_run(d, trust_code=trust_code, trust_model_file=trust_model_file)
+            for d in run_dirs]
     names = [Path(d).name or str(d) for d in run_dirs]
     notes = []
     shared = _same_points(runs)

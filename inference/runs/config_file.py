@@ -16,10 +16,11 @@ from pathlib import Path
 
 from ..data.catalog import DATASETS
 from ..data.readers import BINARIZATIONS
-from ..foundations.errors import ConfigError
+from ..foundations.errors import MAX_COUNT, ConfigError
 from ..training.options import FitOptions
 from .pairs import MODELS_LIKELIHOOD
 from .recorded import read_json
+from .user_code import MODEL_DIGEST
 
 CONFIG = "config.json"
 # Settings of a run besides FitOptions: data, pair and the final evaluation.
@@ -38,9 +39,6 @@ CONFIG_KEYS: dict[str, object] = {
     "eval_batch_size": int, "val_fraction": float | None, "flows": int | None,
     "evaluated_on": str, "processes": int, "fit_options": dict,
 }
-# The model file's sha256 when the model is one (``path/to/file.py:name``); configs written
-# before it was recorded lack it.
-MODEL_DIGEST = "model_sha256"
 CHOICES = {"data": DATASETS, "binarize": BINARIZATIONS,
            "likelihood": ("bernoulli", "gaussian", MODELS_LIKELIHOOD),
            "evaluated_on": ("test", "train")}
@@ -99,6 +97,9 @@ def _check_value(path: Path | str, key: str, value: object, hint: object) -> Non
                           f"{json.dumps(value)}")
     if key in POSITIVE and value is not None and value < 1:
         raise ConfigError(f"{path}: {key} must be a positive integer, got {value}")
+    if key in POSITIVE and value is not None and value > MAX_COUNT:
+        raise ConfigError(f"{path}: {key} must be at most {MAX_COUNT} (2^31 - 1), got {value}: "
+                          "a count that large could not finish")
 
 
 def _matches(value: object, hint: object) -> bool:

@@ -4,7 +4,8 @@ Two fits on one ``--out``, a report written while the run still trains, a restar
 process it replaces: each would leave a directory of mixed runs.  Whatever writes into a run
 directory first owns it: an exclusive ``flock(2)`` on ``.NAME.lock`` beside the directory
 (beside, not inside, so that ``--overwrite`` can rename the old directory aside whole), the
-file naming the owner (command, pid, host, since when).  The kernel drops the lock when its
+file naming the owner (command, pid, host, since when).  The lock is the directory's, links
+followed: ``S/real`` and a link ``S/alias`` to it share one.  The kernel drops the lock when its
 process ends, however it ends, so an owner killed outright leaves only a stale file, which the
 next owner takes over with a note; while the owner lives, others are refused with its name.
 A normal exit removes the file.  On network file systems flock is as good as their locking
@@ -32,8 +33,14 @@ class RunInUse(ConfigError):
 _owned: dict[Path, int] = {}
 
 
+def real_path(run_dir: str | Path) -> Path:
+    """The directory ``run_dir`` is, links followed (it need not exist yet): two names of one
+    directory (a symbolic link to it) have one owner."""
+    return Path(os.path.realpath(run_dir))
+
+
 def lock_path(run_dir: str | Path) -> Path:
-    run_dir = Path(os.path.abspath(run_dir))
+    run_dir = real_path(run_dir)
     return run_dir.parent / f".{run_dir.name}.lock"
 
 
@@ -41,7 +48,7 @@ def own(run_dir: str | Path, doing: str) -> None:
     """Make this process the owner of ``run_dir`` (which need not exist yet) until it ends or
     calls ``release``; ``RunInUse`` while another process owns it.  ``doing`` names the command
     for whoever is refused."""
-    key = Path(os.path.abspath(run_dir))
+    key = real_path(run_dir)
     if key in _owned:
         return
     path = lock_path(key)
@@ -52,12 +59,19 @@ def own(run_dir: str | Path, doing: str) -> None:
         raise ConfigError(f"{run_dir}: cannot write there ({e.strerror}; its lock file goes "
                           f"beside it, in {path.parent})") from None
     previous = _owner(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"doing": doing, "pid": os.getpid(),
+                                  "host": socket.gethostname(),
+                                  "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
+    except OSError as e:  # a full disk: the lock is held, but whoever is refused learns less
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise ConfigError(f"{path}: cannot write it ({e.strerror or e}): the lock file of "
+                          f"{run_dir} goes there") from None
     if previous:
         print(f"note: {run_dir}: {previous} ended without releasing it; taking it over",
               file=sys.stderr)
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps({"doing": doing, "pid": os.getpid(), "host": socket.gethostname(),
-                              "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
     if not _owned:
         atexit.register(release_all)
     _owned[key] = fd
@@ -86,7 +100,7 @@ def _locked(path: Path, run_dir: str | Path) -> int:
 
 def release(run_dir: str | Path) -> None:
     """Give up ``run_dir`` (nothing when this process does not own it)."""
-    key = Path(os.path.abspath(run_dir))
+    key = real_path(run_dir)
     fd = _owned.pop(key, None)
     if fd is not None:
         # Removed while still locked: whoever opened it meanwhile finds it gone and retries.

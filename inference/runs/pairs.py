@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from functools import cache
@@ -21,7 +22,7 @@ from pyro.infer import autoguide
 
 from ..foundations.errors import ConfigError, OptionError
 from ..foundations.parameter_scope import ParameterScope, scoped
-from .user_code import is_file_spec, load_object
+from .user_code import MODEL_DIGEST, is_file_spec, is_module_spec, load_object
 
 MODEL_GROUP, GUIDE_GROUP = "elbogap.models", "elbogap.guides"
 
@@ -119,7 +120,7 @@ USER_SETTINGS = ("latent_dim", "hidden_dims", "likelihood", "likelihood_scale", 
 def is_user_factory(spec: str) -> bool:
     """Whether a model spec names a user's factory (a file's or a module's) rather than a
     registered model."""
-    return is_file_spec(spec) or _is_module_spec(spec)
+    return is_file_spec(spec) or is_module_spec(spec)
 
 
 def _named_parameters(factory: Callable) -> Mapping[str, inspect.Parameter] | None:
@@ -142,14 +143,10 @@ def _call_with_accepted(factory: Callable, params: Mapping | None = None, **kwar
                    {k: v for k, v in kwargs.items() if k in params})
 
 
-def _is_module_spec(spec: str) -> bool:
-    module, sep, name = spec.partition(":")
-    return bool(sep) and all(part.isidentifier() for part in module.split(".")) and name.isidentifier()
-
-
-def _load_factory(spec: str) -> Callable:
+def _load_factory(spec: str, digest: str | None = None) -> Callable:
+    """The factory ``spec`` names; a file's only if its bytes have the sha256 ``digest``."""
     if is_file_spec(spec):
-        factory = load_object(spec)
+        factory = load_object(spec, digest)
     else:
         module, _, name = spec.partition(":")
         try:
@@ -162,13 +159,14 @@ def _load_factory(spec: str) -> Callable:
     return factory
 
 
-def _user_pair(spec: str, guide: str | None, given: dict, new: bool) -> Pair:
+def _user_pair(spec: str, guide: str | None, given: dict, new: bool,
+               digest: str | None) -> Pair:
     """The pair a user's factory returns, called with ``data_dim`` where it takes it and with
     the settings that were ``given`` (never this project's defaults, which would override the
     factory's own).  For a ``new`` run, a given setting the factory does not take, or a guide
     that is not an autoguide, is refused rather than dropped (configs written before this rule
     recorded such settings: they load as they were fitted, without them)."""
-    factory = _load_factory(spec)
+    factory = _load_factory(spec, digest)
     name = spec.rpartition(":")[2]
     params = _named_parameters(factory)
     if new and params is not None:
@@ -208,14 +206,17 @@ def build_pair(config: dict, data_dim: int, *, new: bool = False) -> Pair:
     ``hidden_dims``, ``likelihood``, ``likelihood_scale``, ``flows``), sized for data of
     ``data_dim``; registered factories get the keyword arguments their signatures accept, a
     user's factory ``data_dim`` and the settings given (not None), checked against its
-    signature for a ``new`` run."""
+    signature for a ``new`` run.  A model file is run only if its bytes have the sha256
+    ``config["model_sha256"]`` where the config holds one: a run's config is first held to
+    ``user_code.consent_to_code``."""
     spec, guide_name = config["model"], config.get("guide")
     if is_user_factory(spec):
         given = {k: config.get(k) for k in USER_SETTINGS}
         given = {k: tuple(v) if k == "hidden_dims" else v for k, v in given.items()
                  if v is not None and v != MODELS_LIKELIHOOD}
         _check_sizes(given)
-        return _user_pair(spec, guide_name, {"data_dim": data_dim, **given}, new)
+        return _user_pair(spec, guide_name, {"data_dim": data_dim, **given}, new,
+                          config.get(MODEL_DIGEST))
     kwargs = {
         "data_dim": data_dim,
         "latent_dim": config["latent_dim"],
@@ -247,7 +248,7 @@ def build_pair(config: dict, data_dim: int, *, new: bool = False) -> Pair:
 
 def _check_sizes(settings: dict) -> None:
     scale, latent = settings.get("likelihood_scale"), settings.get("latent_dim")
-    if scale is not None and not scale > 0:
-        raise OptionError("likelihood_scale", f"must be positive, got {scale}")
+    if scale is not None and not 0 < scale < math.inf:
+        raise OptionError("likelihood_scale", f"must be a positive number, got {scale}")
     if latent is not None and latent < 1:
         raise OptionError("latent_dim", f"must be a positive integer, got {latent}")

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from ..foundations.errors import ConfigError
+from ..foundations.strict_json import restored
 
 DIAGNOSTICS = "diagnostics.json"
 
@@ -31,7 +32,7 @@ def read_history(path: str | Path, *, drop_half_line: bool = False) -> list[dict
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             if number < len(lines):
                 raise ConfigError(f"{path}: line {number} is not a JSON record") from None
             if not drop_half_line:
@@ -49,16 +50,23 @@ def read_history(path: str | Path, *, drop_half_line: bool = False) -> list[dict
             raise ConfigError(f"{path}: line {number} is the record of epoch {record['epoch']}, "
                               f"expected epoch {len(records) + 1}'s (one record per epoch, in "
                               "order)")
-        records.append(record)
+        records.append(restored(record))
     return records
 
 
 def read_json(path: Path) -> object:
     """A JSON file of a run, or one line saying it is not valid JSON."""
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(), parse_constant=_not_a_json_number)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a run's file") from None
+
+
+def _not_a_json_number(constant: str) -> float:
+    # Python's json reads NaN and Infinity, which JSON itself has not; elbogap writes null.
+    raise json.JSONDecodeError(f"{constant} is not a JSON number", constant, 0)
 
 
 def read_final_summary(run_dir: str | Path) -> dict:

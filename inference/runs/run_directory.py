@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from contextlib import AbstractContextManager as ContextManager
@@ -30,11 +32,11 @@ from ..training.checkpoint import checkpoint_records, load_checkpoint
 from ..training.fitting import CHECKPOINT, METRICS, FitResult, fit
 from ..training.options import FitOptions
 from ..training.plan import diagnosed_points, plan_evaluation
-from .config_file import CONFIG, MODEL_DIGEST, RUN_DEFAULTS, read_config
-from .ownership import own, release
+from .config_file import CONFIG, RUN_DEFAULTS, read_config
+from .ownership import own, real_path, release
 from .pairs import MODELS_LIKELIHOOD, Pair, build_pair, default_guide, exact_means, is_user_factory
 from .recorded import read_final_summary, read_history
-from .user_code import check_model_file, file_digest, is_file_spec
+from .user_code import MODEL_DIGEST, consent_to_code, file_digest, is_file_spec
 
 
 @dataclass
@@ -102,21 +104,25 @@ class Run:
         return read_final_summary(self.dir)
 
 
-def load_run(run_dir: str | Path, *, trust_model_file: bool = False) -> Run:
+def load_run(run_dir: str | Path, *, trust_code: bool = False,
+             trust_model_file: bool = False) -> Run:
     """The run in ``run_dir``: its config, data, model and guide with the checkpoint's
     parameters, and the checkpoint's state (optimizer, epoch, random streams).
 
-    Every file is read as data.  A model given as a Python file (``path.py:name``) is code,
-    though: it is imported only when it is the file the run was fitted with (its sha256 in the
-    config), unless ``trust_model_file``, and loading says so in a line on stderr."""
+    Every file is read as data.  A model that is not a registered name but code (a Python file
+    ``/path/to/file.py:name``, or ``package.module:name``) runs only with your word,
+    ``trust_code``, since a run directory may come from anyone; a file then only if it is the
+    one the run was fitted with (its sha256 in the config), unless ``trust_model_file`` (which
+    implies ``trust_code``), and loading says so in a line on stderr."""
     run_dir = Path(run_dir)
     config = read_config(run_dir)
     config_path = run_dir / CONFIG
-    if is_file_spec(config["model"]):
-        check_model_file(config["model"], config.get(MODEL_DIGEST), config_path, trust_model_file)
+    digest = consent_to_code(config, config_path, trust_code=trust_code,
+                             trust_model_file=trust_model_file)
     try:
         data = run_data(config)
-        run = Run(run_dir, config, data, _scoped_pair(config, data.data_dim))
+        built = config if digest is None else {**config, MODEL_DIGEST: digest}
+        run = Run(run_dir, config, data, _scoped_pair(built, data.data_dim))
         run.options.check(data.train.shape[0], config["processes"])
     except OptionError as e:
         raise ConfigError(f"{config_path}: {e.for_flags(_CONFIG_NAMES)}") from None
@@ -249,11 +255,15 @@ def check_likelihood(likelihood: str, data: Dataset) -> None:
 def prepare_run_dir(run_dir: Path, overwrite: bool = False) -> Path:
     """Make ``run_dir`` ready for a new run, owned by this process: refuse one that another
     process owns, or that holds a run (unless ``overwrite``: the old run is then moved aside
-    whole, and removed, before anything is written), or that cannot be written."""
+    whole, to ``replaced_run(run_dir)``, where it stays until the new run's first checkpoint is
+    written), or that cannot be written.  An overwrite that was interrupted before its new run
+    wrote a checkpoint is undone first: the old run comes back."""
     if run_dir.is_file():
         raise OptionError("out", f"{{option}} {run_dir}: is a file, not a directory")
     own(run_dir, "scripts/fit.py")
-    held = visible_files(run_dir)
+    real = real_path(run_dir)
+    _settle_replacement(real, undo=True)
+    held = visible_files(real)
     if held == {CONFIG}:
         # A run that failed before its first epoch (its config is all it wrote): nothing to keep.
         print(f"note: {run_dir} holds only the config of a run that never completed an epoch; "
@@ -263,15 +273,16 @@ def prepare_run_dir(run_dir: Path, overwrite: bool = False) -> Path:
             "out", f"{{option}} {run_dir}: already holds a run; pass overwrite=True (--overwrite) "
             "to replace it, or another {option}")
     elif held:
-        _move_aside(run_dir)
+        _move_aside(real)
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_text("")
-        probe.unlink()
+        real.mkdir(parents=True, exist_ok=True)
+        # A name of its own, created anew: never a file planted there, nor a link's target.
+        fd, probe = tempfile.mkstemp(dir=real, prefix=".write-test.")
+        os.close(fd)
+        os.unlink(probe)
     except OSError as e:
         raise OptionError("out", f"{{option}} {run_dir}: cannot write there ({e.strerror})") from None
-    _remove_leftovers(run_dir)
+    _remove_leftovers(real)
     return run_dir
 
 
@@ -281,16 +292,37 @@ def visible_files(run_dir: Path) -> set[str]:
             if run_dir.is_dir() else set())
 
 
+def replaced_run(run_dir: str | Path) -> Path:
+    """Where ``--overwrite`` keeps the run it replaces, whole, until the new run in ``run_dir``
+    has written its first checkpoint: ``.NAME.replaced`` beside it."""
+    real = real_path(run_dir)
+    return real.parent / f".{real.name}.replaced"
+
+
 def _move_aside(run_dir: Path) -> None:
-    """Rename the old run away in one step, then remove it: a kill at any moment leaves either
-    the old run whole or none of it, never its checkpoint under a new config."""
-    aside = run_dir.parent / f".{run_dir.name}.replaced-{os.getpid()}"
+    """Rename the old run away in one step: a kill at any moment leaves the old run whole,
+    in ``run_dir`` or in ``replaced_run(run_dir)``, never its checkpoint under a new config."""
     try:
-        os.rename(run_dir, aside)
+        os.rename(run_dir, replaced_run(run_dir))
     except OSError as e:
         raise OptionError("out", f"{{option}} {run_dir}: cannot move the old run aside "
                                  f"({e.strerror})") from None
-    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _settle_replacement(run_dir: Path, undo: bool) -> None:
+    """Finish what an overwrite of ``run_dir`` left beside it (its owner holds it): once the
+    new run has a checkpoint, the replaced run is gone for good; before, ``undo`` puts the
+    replaced run back in place of the new run's first files."""
+    aside = replaced_run(run_dir)
+    if not aside.is_dir():
+        return
+    if (run_dir / CHECKPOINT).is_file():
+        shutil.rmtree(aside, ignore_errors=True)
+    elif undo:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        os.rename(aside, run_dir)
+        print(f"note: {run_dir}: an --overwrite was interrupted before its new run wrote a "
+              f"checkpoint; the run it was replacing is back in place", file=sys.stderr)
 
 
 def _remove_leftovers(run_dir: Path) -> None:
@@ -333,7 +365,7 @@ def new_run(settings: dict, out: str | Path | None = None, overwrite: bool = Fal
 
 def resumed_run(run_dir: str | Path, epochs: int | None = None,
                 time_budget: float | None = None,
-                distributed: Distributed = SINGLE, *,
+                distributed: Distributed = SINGLE, *, trust_code: bool = False,
                 trust_model_file: bool = False) -> tuple[Run, FitOptions]:
     """The run in ``run_dir``, ready to continue from its checkpoint with its own settings
     (``epochs`` may raise the total, ``time_budget`` in seconds bounds this session).  What a
@@ -341,7 +373,7 @@ def resumed_run(run_dir: str | Path, epochs: int | None = None,
     temporary files of writes cut short are removed."""
     if distributed.is_main:
         own(run_dir, "scripts/fit.py --resume")
-    run = load_run(run_dir, trust_model_file=trust_model_file)
+    run = load_run(run_dir, trust_code=trust_code, trust_model_file=trust_model_file)
     options = run.options
     if epochs is not None:
         options.epochs = epochs
@@ -362,12 +394,13 @@ def resumed_run(run_dir: str | Path, epochs: int | None = None,
     run.state["history"] = history
     if distributed.is_main:
         _remove_leftovers(run.dir)
+        _settle_replacement(real_path(run.dir), undo=False)
     return run, options
 
 
 def continued_run(run_dir: str | Path, epochs: int | None = None,
                   time_budget: float | None = None, distributed: Distributed = SINGLE, *,
-                  trust_model_file: bool = False,
+                  trust_code: bool = False, trust_model_file: bool = False,
                   overwrite: bool = False) -> tuple[Run, FitOptions] | None:
     """What ``--resume RUN_DIR`` continues: the run from its checkpoint (``resumed_run``); a
     run with a config but no checkpoint yet (killed before its first epoch ended) started
@@ -381,7 +414,7 @@ def continued_run(run_dir: str | Path, epochs: int | None = None,
         own(run_dir, "scripts/fit.py --resume")
     if (run_dir / CHECKPOINT).is_file():
         run, options = resumed_run(run_dir, epochs, time_budget, distributed,
-                                   trust_model_file=trust_model_file)
+                                   trust_code=trust_code, trust_model_file=trust_model_file)
         distributed.say(f"resuming {run.dir} after epoch {run.state['epoch']} of "
                         f"{options.epochs}")
         return run, options
@@ -397,9 +430,8 @@ def continued_run(run_dir: str | Path, epochs: int | None = None,
             "continue from; pass --overwrite (overwrite=True) to start the run again from its "
             "own settings, or put the checkpoint back")
     config = read_config(run_dir)
-    if is_file_spec(config["model"]):
-        check_model_file(config["model"], config.get(MODEL_DIGEST), run_dir / CONFIG,
-                         trust_model_file)
+    consent_to_code(config, run_dir / CONFIG, trust_code=trust_code,
+                    trust_model_file=trust_model_file)
     settings = {**{k: config[k] for k in RUN_DEFAULTS}, **config["fit_options"]}
     settings.update({k: v for k, v in (("epochs", epochs), ("time_budget", time_budget))
                      if v is not None})
@@ -410,12 +442,25 @@ def continued_run(run_dir: str | Path, epochs: int | None = None,
 
 def train(run: Run, options: FitOptions, distributed: Distributed = SINGLE) -> FitResult:
     """``fit`` the run's pair, checkpointing into its directory; the closed forms of a model
-    that has them are recorded beside every epoch's diagnostics."""
+    that has them are recorded beside every epoch's diagnostics.  The run an ``--overwrite``
+    replaced (``replaced_run``) is removed once the first checkpoint is written, and put back
+    if training fails before."""
     eval_x = run.points(options.eval_points)
 
     def add_exact(record: dict) -> None:
         if "diagnostics" in record and (exact := exact_means(run.pair.exact(eval_x))) is not None:
             record["exact"] = exact
 
-    return fit(run.model, run.guide, run.data, options, run.dir, on_epoch=add_exact,
-               distributed=distributed, resume=run.state)
+    def commit_replacement() -> None:
+        # The new run has a checkpoint: the run an --overwrite replaced is gone for good.
+        if distributed.is_main:
+            _settle_replacement(real_path(run.dir), undo=False)
+
+    try:
+        return fit(run.model, run.guide, run.data, options, run.dir, on_epoch=add_exact,
+                   distributed=distributed, resume=run.state, on_saved=commit_replacement)
+    except BaseException:
+        # An overwrite that fails before its new run has a checkpoint leaves the old run.
+        if distributed.is_main:
+            _settle_replacement(real_path(run.dir), undo=True)
+        raise

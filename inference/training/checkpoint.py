@@ -138,6 +138,12 @@ def read_checkpoint(path: str | Path) -> dict:
         if key in state and state[key] is not None and not isinstance(state[key], kind):
             raise ConfigError(f"{path}: its '{key}' must be {what}, got "
                               f"{type(state[key]).__name__}")
+    for key in ("epoch", "records"):
+        value = state.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                  or value < 0):
+            raise ConfigError(f"{path}: its '{key}' must be a count of epochs (an integer >= 0), "
+                              f"got {value!r}")
     # Read with weights_only, the streams can only be in the form of tensors.
     try:
         return _streams(state, rng_state_from_tensors)

@@ -8,7 +8,6 @@ takes one step on it (see ``elbogap.training.elbo_step``).  A run goes through i
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from ..foundations.errors import ElbogapError
 from ..foundations.parameter_scope import in_scope_of
 from ..foundations.progress import tqdm
 from ..foundations.rng import rng_state, set_rng_state
+from ..foundations.strict_json import strict_json
 from .checkpoint import checkpoint_records, save_checkpoint
 from .early_stopping import EarlyStopping
 from .elbo_step import ELBO_ESTIMATORS, ElboStep
@@ -73,6 +73,7 @@ def fit(
     on_epoch: Callable[[dict], None] | None = None,
     distributed: Distributed = SINGLE,
     resume: dict | None = None,
+    on_saved: Callable[[], None] | None = None,
 ) -> FitResult:
     """Train ``model`` and ``guide`` on ``data.train``; evaluate on ``data.test`` every epoch.
 
@@ -90,7 +91,8 @@ def fit(
     ``checkpoint.pt`` after every epoch (both written atomically).  Parameters live in Pyro's
     global param store, which ``fit`` does not clear (a loaded run's pair: its own, see
     ``elbogap.foundations.parameter_scope``).  ``on_epoch(record)`` may add entries to
-    each epoch's record before it is written (for example closed-form values to compare with).
+    each epoch's record before it is written (for example closed-form values to compare with);
+    ``on_saved()`` is called once each epoch's checkpoint is written.
 
     Under torchrun (``distributed``) each global minibatch is ``batch_size`` points per process,
     split across the ranks; gradients are averaged so that a step equals the single-process step
@@ -119,6 +121,8 @@ def fit(
                 if on_epoch is not None:
                     on_epoch(record)
                 training.save(record)
+                if on_saved is not None:
+                    on_saved()
                 epochs.set_postfix(**training.postfix(record))
                 if stop:
                     break
@@ -282,7 +286,7 @@ class _Training:
         if self.run_dir is None:
             return
         history = self.result.history
-        write_text_atomic(self.run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in history))
+        write_text_atomic(self.run_dir / METRICS, "".join(strict_json(r) + "\n" for r in history))
         save_checkpoint(self.run_dir / CHECKPOINT, self.step.state_dict(),
                         params=pair_parameters(self.model, self.guide), epoch=record["epoch"],
                         rng_per_rank=rng_per_rank, stopped_early=record.get("early_stop"),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..foundations.errors import OptionError
+from ..foundations.errors import OptionError, check_positive
 from .elbo_step import ELBOS
 from .kl_weight import KLSchedule
 from .schedule import LR_SCHEDULES
@@ -50,18 +50,21 @@ class FitOptions:
         for name in ("epochs", "batch_size", "num_particles", "eval_every", "eval_samples",
                      "eval_points", "max_nonfinite_steps"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise OptionError(name, f"must be a positive integer, got {value}")
+            if value is None:
+                raise OptionError(name, "must be a positive integer, got None")
+            check_positive(**{name: value})
         if not (isinstance(self.lr, float | int) and math.isfinite(self.lr) and self.lr > 0):
             raise OptionError("lr", f"must be a positive number, got {self.lr}")
-        if self.time_budget is not None and not self.time_budget > 0:
-            raise OptionError("time_budget", f"must be positive, got {self.time_budget}")
+        if self.time_budget is not None and not (isinstance(self.time_budget, float | int)
+                                                 and 0 < self.time_budget < math.inf):
+            raise OptionError("time_budget", f"must be a positive number of seconds, got "
+                                             f"{self.time_budget}")
         if self.data_plate is not None and (not isinstance(self.data_plate, str)
                                             or not self.data_plate):
             raise OptionError("data_plate", f"must be a plate's name, got {self.data_plate!r}")
         if self.elbo not in ELBOS:
             raise OptionError("elbo", f"must be one of {sorted(ELBOS)}, got {self.elbo!r}")
-        if not (self.renyi_alpha >= 0 and self.renyi_alpha != 1):
+        if not (0 <= self.renyi_alpha < math.inf and self.renyi_alpha != 1):
             raise OptionError("renyi_alpha", "must be >= 0 and not 1 (alpha = 1 is the ELBO "
                               f"itself), got {self.renyi_alpha}")
         for name in ("beta", "clip_norm"):

@@ -82,13 +82,15 @@ def plan_evaluation(model: Callable, guide: Callable, data: Dataset,
     n, b = data.train.shape[0], options.batch_size
     plate = options.data_plate
     with rng_preserved(), torch.no_grad():
+        minibatch_error = None
         try:
             layout = inspect_pair(model, guide, data.train[:b], plate)
             per_point = layout.subsample is None and b < n and not _runs_on(
                 model, guide, data.train[: max(1, b // 2)], plate)
-        except ConventionError:
+        except ConventionError as e:
             if b >= n:
                 raise
+            minibatch_error = e
             per_point = True  # (the guide was built on the whole set, locating its plate)
         if per_point:
             # Either the plate picks its own minibatch (and b rows were too few to see it), or
@@ -96,6 +98,9 @@ def plan_evaluation(model: Callable, guide: Callable, data: Dataset,
             try:
                 layout = inspect_pair(model, guide, data.train, plate)
             except ConventionError:
+                if minibatch_error is not None:
+                    # It fails on the whole set too: not for want of rows; its own reason.
+                    raise minibatch_error from None
                 layout = None
             if layout is None or layout.subsample is None:
                 raise OptionError(

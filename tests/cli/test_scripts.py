@@ -145,7 +145,8 @@ def test_a_users_own_pair_from_a_file(tmp_path):
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "run" / "diagnostics.json").read_text())
     assert len(summary["kl_per_dim"]["z"]) == 3
-    result = run("evaluate.py", str(tmp_path / "run"), "-K", "5", "--no-progress")
+    result = run("evaluate.py", str(tmp_path / "run"), "-K", "5", "--no-progress",
+                 "--trust-code")
     assert result.returncode == 0, result.stderr
 
 
@@ -181,7 +182,7 @@ def test_named_arrays_of_an_npz_are_the_programs_keyword_arguments(tmp_path):
     # Plate "points" found; y is what is observed, given x (and the mask).
     assert summary["unit"] == "data set" and summary["num_data"] == 54
     assert summary["observed"] == ["y"] and summary["conditional"]
-    result = run("evaluate.py", str(out), "-K", "20", "--no-progress")
+    result = run("evaluate.py", str(out), "-K", "20", "--no-progress", "--trust-code")
     assert result.returncode == 0, result.stderr
     assert "log p(y_1..N | inputs)" in result.stdout
 

@@ -42,7 +42,8 @@ def test_fit_options_name_their_fields_for_a_python_caller():
     # load_dataset calls it path; the command line --data-dir.
     (fit_command, ["--data", "mnist"], "error: data set 'mnist' is read from files: pass their "
                                        "directory (--data-dir)"),
-    (fit_command, ["--time-budget", "-1"], "error: --time-budget must be positive, got -1.0"),
+    (fit_command, ["--time-budget", "-1"],
+     "error: argument --time-budget: must be a positive number, got -1 (see --help)"),
     # annealed_evidence calls it num_steps; the command line --ais-steps.
     (evaluate_command, ["RUN", "--ais-steps", "0"],
      "error: --ais-steps must be a positive integer, got 0"),

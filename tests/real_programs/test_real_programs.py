@@ -516,7 +516,7 @@ def test_cli_autoguide_around_a_model_alone_with_a_named_plate(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "site 'z' (analytic)" in out.stdout and "N=1000" in out.stdout
     out = subprocess.run(common + [str(root / "scripts/evaluate.py"), str(run), "-K", "30",
-                                   "--no-progress"], capture_output=True, text=True)
+                                   "--trust-code", "--no-progress"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert (run / "evaluation-train-K30.json").is_file()
 

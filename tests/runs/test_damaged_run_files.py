@@ -254,7 +254,7 @@ def test_a_run_of_a_model_file_says_it_runs_the_file_and_refuses_a_changed_one(f
     out, model_file = file_run
     config = json.loads((out / "config.json").read_text())
     assert len(config["model_sha256"]) == 64
-    load_run(out)
+    load_run(out, trust_code=True)
     assert capsys.readouterr().err.strip() == (
         f"note: loading the run imports and runs {model_file}:make, named in "
         f"{out / 'config.json'}")
@@ -262,9 +262,10 @@ def test_a_run_of_a_model_file_says_it_runs_the_file_and_refuses_a_changed_one(f
     model_file.write_text(f"open({str(marker)!r}, 'w').close()\n" + MODEL_FILE)
     with pytest.raises(ConfigError, match="my_model.py has changed since the run .* "
                                           "trust_model_file=True"):
-        load_run(out)
+        load_run(out, trust_code=True)
     assert not marker.exists()
-    assert_one_line_error(script("scripts/evaluate.py", str(out), "--no-progress"),
+    assert_one_line_error(script("scripts/evaluate.py", str(out), "--no-progress",
+                                 "--trust-code"),
                           "has changed since the run", "--trust-model-file")
     assert not marker.exists()
     load_run(out, trust_model_file=True)
@@ -278,5 +279,5 @@ def test_a_config_without_the_model_files_digest_needs_trust(file_run):
     out, _ = file_run
     edit_config(out, lambda c: c.pop("model_sha256"))
     with pytest.raises(ConfigError, match="holds no sha256 of its model file"):
-        load_run(out)
+        load_run(out, trust_code=True)
     assert load_run(out, trust_model_file=True).options.epochs == 1
