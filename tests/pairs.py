@@ -37,3 +37,31 @@ def plated_features_guide(x):
     scale = pyro.param("scale", torch.tensor(0.5), constraint=constraints.positive)
     with pyro.plate("data", x.shape[0], dim=-2):
         pyro.sample("z", dist.Normal(x.mean(-1, keepdim=True), scale))
+
+
+# What a user writes for ``--model FILE:make``: a file whose factory returns a linear decoder's
+# model and a linear encoder's guide.
+LINEAR_PAIR_FILE = '''
+import pyro
+import pyro.distributions as dist
+import torch
+from torch import nn
+
+
+def make(data_dim, latent_dim=2):
+    decoder, encoder = nn.Linear(latent_dim, data_dim), nn.Linear(data_dim, 2 * latent_dim)
+
+    def model(x):
+        pyro.module("decoder", decoder)
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros(latent_dim), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(decoder(z), 1.0).to_event(1), obs=x)
+
+    def guide(x):
+        pyro.module("encoder", encoder)
+        with pyro.plate("data", x.shape[0]):
+            loc, log_scale = encoder(x).chunk(2, -1)
+            pyro.sample("z", dist.Normal(loc, log_scale.exp()).to_event(1))
+
+    return model, guide
+'''

@@ -284,27 +284,25 @@ def _checked(path: Path, name: str, array: np.ndarray) -> np.ndarray:
     if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
         raise DataError(f"{where}: array of dtype {array.dtype}, expected numbers")
     if np.issubdtype(array.dtype, np.floating):
-        bad = ~np.isfinite(array)
-        if bad.any():
-            rows = np.unique(np.nonzero(bad)[0])
-            raise DataError(
-                f"{where}: {int(bad.sum())} NaN or infinite values, in rows {rows[:10].tolist()}"
-                f"{' ...' if len(rows) > 10 else ''}"
-            )
-        with np.errstate(over="ignore"):  # said below, with the rows
+        _refuse_rows(where, ~np.isfinite(array), "NaN or infinite values", "")
+        with np.errstate(over="ignore"):  # refused just below, with the rows
             single = array.astype(np.float32)
-        beyond = ~np.isfinite(single)
-        if beyond.any():
-            rows = np.unique(np.nonzero(beyond)[0])
-            raise DataError(
-                f"{where}: {int(beyond.sum())} values beyond float32's range (|x| > "
-                f"{np.finfo(np.float32).max:.3g}; the largest {np.abs(array).max():.3g}), in "
-                f"rows {rows[:10].tolist()}{' ...' if len(rows) > 10 else ''}: elbogap computes "
-                "in float32, where they are infinite; rescale the data")
+        _refuse_rows(where, ~np.isfinite(single),
+                     f"values beyond float32's range (|x| > {np.finfo(np.float32).max:.3g}; the "
+                     f"largest {np.abs(array).max():.3g})",
+                     ": elbogap computes in float32, where they are infinite; rescale the data")
         return single
     if np.issubdtype(array.dtype, np.integer):
         return array.astype(np.int64)
     return array
+
+
+def _refuse_rows(where: str, bad: np.ndarray, what: str, remedy: str) -> None:
+    """A ``DataError`` counting the ``bad`` values (``what`` they are) and naming their rows."""
+    if bad.any():
+        rows = np.unique(np.nonzero(bad)[0])
+        raise DataError(f"{where}: {int(bad.sum())} {what}, in rows {rows[:10].tolist()}"
+                        f"{' ...' if len(rows) > 10 else ''}{remedy}")
 
 
 def _named_arrays(path: Path, arrays: dict[str, np.ndarray], num_test: int | None) -> Dataset:

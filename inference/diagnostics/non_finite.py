@@ -6,6 +6,7 @@ than read as heavy tails, and a note names the sites whose log-density was not f
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import pyro
@@ -40,8 +41,7 @@ def refuse_non_finite(model: Callable, guide: Callable, x, d: Diagnostics,
         which = "their ELBO, log p(x) and evidence gap, and the means over points with them,"
     else:
         t = d.total
-        if all(torch.isfinite(torch.tensor(v)) for v in (t.elbo, t.reconstruction, t.kl_prior,
-                                                        t.log_evidence)):
+        if all(math.isfinite(v) for v in (t.elbo, t.reconstruction, t.kl_prior, t.log_evidence)):
             return
         d.khat, d.ess = torch.full_like(d.khat, torch.nan), torch.full_like(d.ess, torch.nan)
         t.khat = t.ess = None
@@ -63,7 +63,7 @@ def non_finite_sites(model: Callable, guide: Callable, x) -> dict[str, str]:
         for _ in range(PROBE_DRAWS):
             try:
                 traces = trace_pair(model, guide, x)
-            except Exception:  # noqa: BLE001 - the pair ran in evaluation; a probe only names
+            except Exception:  # the pair ran in evaluation: this probe only names sites
                 return found
             for program, trace in zip(("guide", "model"), traces, strict=True):
                 for name, site in trace.nodes.items():

@@ -277,7 +277,7 @@ def prepare_run_dir(run_dir: Path, overwrite: bool = False) -> Path:
     try:
         real.mkdir(parents=True, exist_ok=True)
         # A name of its own, created anew: never a file planted there, nor a link's target.
-        fd, probe = tempfile.mkstemp(dir=real, prefix=".write-test.")
+        fd, probe = tempfile.mkstemp(dir=real, prefix=".write-test.", suffix=".tmp")
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
@@ -320,9 +320,13 @@ def _settle_replacement(run_dir: Path, undo: bool) -> None:
         shutil.rmtree(aside, ignore_errors=True)
     elif undo:
         shutil.rmtree(run_dir, ignore_errors=True)
-        os.rename(aside, run_dir)
-        print(f"note: {run_dir}: an --overwrite was interrupted before its new run wrote a "
-              f"checkpoint; the run it was replacing is back in place", file=sys.stderr)
+        try:
+            os.rename(aside, run_dir)
+        except OSError as e:
+            raise ConfigError(f"{aside}: cannot put the run an --overwrite was replacing back "
+                              f"in {run_dir} ({e.strerror}); it is whole there") from None
+        print(f"note: {run_dir}: an --overwrite ended before its new run wrote a checkpoint; "
+              "the run it was replacing is back in place", file=sys.stderr)
 
 
 def _remove_leftovers(run_dir: Path) -> None:

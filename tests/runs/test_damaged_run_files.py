@@ -16,6 +16,7 @@ import torch
 from elbogap import ConfigError, final_summary, load_run
 from elbogap.runs.run_directory import new_run, resumed_run, train
 from tests.limits import HANG_SECONDS
+from tests.pairs import LINEAR_PAIR_FILE
 
 ROOT = Path(__file__).resolve().parents[2]
 SETTINGS = {"data": "synthetic", "model": "linear-gaussian", "guide": "mean-field",
@@ -211,30 +212,7 @@ def test_the_scripts_say_which_file_is_damaged_in_one_line(run_dir, tmp_path):
 
 # -- a run's model file --------------------------------------------------------------------------
 
-MODEL_FILE = '''
-import pyro
-import pyro.distributions as dist
-import torch
-from torch import nn
-
-
-def make(data_dim, latent_dim):
-    decoder, encoder = nn.Linear(latent_dim, data_dim), nn.Linear(data_dim, 2 * latent_dim)
-
-    def model(x):
-        pyro.module("decoder", decoder)
-        with pyro.plate("data", x.shape[0]):
-            z = pyro.sample("z", dist.Normal(torch.zeros(latent_dim), 1.0).to_event(1))
-            pyro.sample("x", dist.Normal(decoder(z), 1.0).to_event(1), obs=x)
-
-    def guide(x):
-        pyro.module("encoder", encoder)
-        with pyro.plate("data", x.shape[0]):
-            loc, log_scale = encoder(x).chunk(2, -1)
-            pyro.sample("z", dist.Normal(loc, log_scale.exp()).to_event(1))
-
-    return model, guide
-'''
+MODEL_FILE = LINEAR_PAIR_FILE
 
 
 @pytest.fixture

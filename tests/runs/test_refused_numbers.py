@@ -19,6 +19,7 @@ from elbogap.cli.report import command as report_command
 from elbogap.data.readers import load_array
 from elbogap.foundations.strict_json import restored, strict_json
 from elbogap.runs.run_directory import new_run, train
+from tests.pairs import LINEAR_PAIR_FILE
 
 SETTINGS = {"data": "synthetic", "model": "linear-gaussian", "guide": "mean-field",
             "batch_size": 100, "epochs": 1, "eval_every": 1, "eval_samples": 5,
@@ -28,29 +29,10 @@ FAST = ["--data", "synthetic", "--epochs", "2", "--eval-samples", "30", "--eval-
 
 # A pair whose observed site's log-density is NaN in evaluation only (its modules in eval mode):
 # training goes well, every evaluation meets NaN.
-NAN_IN_EVALUATION = '''
-import pyro, pyro.distributions as dist, torch
-from torch import nn
-
-
-def make(data_dim, latent_dim=2):
-    decoder, encoder = nn.Linear(latent_dim, data_dim), nn.Linear(data_dim, 2 * latent_dim)
-
-    def model(x):
-        pyro.module("decoder", decoder)
-        with pyro.plate("data", x.shape[0]):
-            z = pyro.sample("z", dist.Normal(torch.zeros(latent_dim), 1.0).to_event(1))
-            off = 0.0 if decoder.training else float("inf")
-            pyro.sample("obs", dist.Normal(decoder(z) + off, 1.0 + off).to_event(1), obs=x)
-
-    def guide(x):
-        pyro.module("encoder", encoder)
-        with pyro.plate("data", x.shape[0]):
-            loc, log_scale = encoder(x).chunk(2, -1)
-            pyro.sample("z", dist.Normal(loc, log_scale.exp()).to_event(1))
-
-    return model, guide
-'''
+NAN_IN_EVALUATION = LINEAR_PAIR_FILE.replace(
+    'pyro.sample("x", dist.Normal(decoder(z), 1.0)',
+    'off = 0.0 if decoder.training else float("inf")\n'
+    '            pyro.sample("x", dist.Normal(decoder(z) + off, 1.0 + off)')
 
 
 def strict(text: str):
@@ -72,11 +54,11 @@ def test_nan_in_evaluation_is_null_in_every_file_with_the_site_named(tmp_path, c
     run = tmp_path / "run"
     assert fit_command([*FAST, "--model", f"{pair}:make", "--out", str(run)]) == 0
     out = capsys.readouterr().out
-    assert "not a number" in out and "'obs' (model, NaN)" in out
+    assert "not a number" in out and "'x' (model, NaN)" in out
     assert "tails are too light" not in out and "have no k-hat" in out
     summary = strict((run / "diagnostics.json").read_text())
     assert summary["elbo"]["mean"] is None and summary["log_evidence"]["mean"] is None
-    assert any("'obs' (model, NaN)" in note for note in summary["notes"])
+    assert any("'x' (model, NaN)" in note for note in summary["notes"])
     records = [strict(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["diagnostics"]["elbo"]["mean"] is None
     # Where a number was written as null, the file says so, and a reader gets the NaN back.

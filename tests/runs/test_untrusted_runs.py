@@ -23,6 +23,7 @@ from elbogap.cli.report import command as report
 from elbogap.runs.ownership import release
 from elbogap.runs.run_directory import new_run, train
 from tests.limits import HANG_SECONDS
+from tests.pairs import LINEAR_PAIR_FILE
 
 ROOT = Path(__file__).resolve().parents[2]
 SETTINGS = {"data": "synthetic", "model": "linear-gaussian", "guide": "mean-field",
@@ -33,30 +34,7 @@ FAST = ["-K", "5", "--no-progress"]
 # What an attacker's module or file does when it is imported: leave a marker.
 PAYLOAD = "import pathlib\npathlib.Path({marker!r}).touch()\n"
 # A factory of a working pair (so that, trusted, the run loads to its end).
-FACTORY = '''
-import pyro
-import pyro.distributions as dist
-import torch
-from torch import nn
-
-
-def make(data_dim, latent_dim=2):
-    decoder, encoder = nn.Linear(latent_dim, data_dim), nn.Linear(data_dim, 2 * latent_dim)
-
-    def model(x):
-        pyro.module("decoder", decoder)
-        with pyro.plate("data", x.shape[0]):
-            z = pyro.sample("z", dist.Normal(torch.zeros(latent_dim), 1.0).to_event(1))
-            pyro.sample("x", dist.Normal(decoder(z), 1.0).to_event(1), obs=x)
-
-    def guide(x):
-        pyro.module("encoder", encoder)
-        with pyro.plate("data", x.shape[0]):
-            loc, log_scale = encoder(x).chunk(2, -1)
-            pyro.sample("z", dist.Normal(loc, log_scale.exp()).to_event(1))
-
-    return model, guide
-'''
+FACTORY = LINEAR_PAIR_FILE
 
 
 @pytest.fixture(scope="module")
