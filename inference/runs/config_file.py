@@ -9,6 +9,7 @@ a ``KeyError`` halfway through loading.
 from __future__ import annotations
 
 import json
+import os
 import types
 import typing
 from dataclasses import fields
@@ -49,7 +50,7 @@ def read_config(run_dir: str | Path) -> dict:
     """``run_dir``'s config, every key present with a value of its type; else a
     ``ConfigError`` naming the file and the key."""
     path = Path(run_dir) / CONFIG
-    if not path.is_file():
+    if not os.path.lexists(path):  # a link, a device: refused when read
         raise ConfigError(f"{run_dir}: no {CONFIG}; is it a run directory of scripts/fit.py?")
     config = read_json(path)
     if not isinstance(config, dict):

@@ -6,10 +6,12 @@ expected; the half record a crash leaves at the end of ``metrics.jsonl`` is drop
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 from ..foundations.errors import ConfigError
+from ..foundations.reading import read_regular_file
 from ..foundations.strict_json import restored
 
 DIAGNOSTICS = "diagnostics.json"
@@ -20,10 +22,10 @@ def read_history(path: str | Path, *, drop_half_line: bool = False) -> list[dict
     A last line cut short (no newline after it, not a whole record) is refused, or dropped
     with a note when ``drop_half_line``: resuming rewrites the file whole."""
     path = Path(path)
-    if not path.is_file():
+    if not os.path.lexists(path):  # a link, a device: refused when read
         return []
     try:
-        lines = path.read_text().split("\n")
+        lines = read_regular_file(path).decode().split("\n")
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not text; expected one JSON record per line") from None
     records = []
@@ -57,7 +59,7 @@ def read_history(path: str | Path, *, drop_half_line: bool = False) -> list[dict
 def read_json(path: Path) -> object:
     """A JSON file of a run, or one line saying it is not valid JSON."""
     try:
-        return json.loads(path.read_text(), parse_constant=_not_a_json_number)
+        return json.loads(read_regular_file(path).decode(), parse_constant=_not_a_json_number)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
     except RecursionError:
@@ -72,7 +74,7 @@ def _not_a_json_number(constant: str) -> float:
 def read_final_summary(run_dir: str | Path) -> dict:
     """The run's final evaluation, ``diagnostics.json``."""
     path = Path(run_dir) / DIAGNOSTICS
-    if not path.is_file():
+    if not os.path.lexists(path):  # a link, a device: refused when read
         raise ConfigError(
             f"{path}: missing: the run's final evaluation was never written (training "
             f"interrupted, or still going); finish the run with scripts/fit.py --resume {run_dir}, "

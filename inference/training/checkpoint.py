@@ -15,6 +15,7 @@ modules and bare ``pyro.param`` sites alike.
 from __future__ import annotations
 
 import io
+import os
 import pickle
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +27,7 @@ from ..foundations.atomic import write_atomic
 from ..foundations.errors import ConfigError
 from ..foundations.parameter_scope import in_scope_of
 from ..foundations.program_data import as_program_data, bound_program
+from ..foundations.reading import read_regular_file
 from ..foundations.rng import (
     rng_preserved,
     rng_state,
@@ -115,10 +117,11 @@ CONVERT = ("if you trust whoever wrote it, convert it once with python -c \"from
 def read_checkpoint(path: str | Path) -> dict:
     """A checkpoint's contents, read as data: tensors and plain containers only."""
     path = Path(path)
-    if not path.is_file():
+    if not os.path.lexists(path):  # a link, a device: refused when read
         raise ConfigError(f"{path}: no checkpoint file")
+    saved = read_regular_file(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(saved), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # Torch names the global a pickle asks for; other refusals are of bytes that are no pickle.
         if "Weights only load failed" not in str(e) or "GLOBAL" not in str(e):

@@ -243,3 +243,19 @@ def test_two_names_of_one_directory_have_one_owner(tmp_path):
         assert_refused(worker, f"{alias}: in use by scripts/fit.py (pid {os.getpid()}")
     finally:
         first.release()
+
+
+def test_a_run_file_that_is_a_link_or_a_device_is_refused_not_read(fitted, tmp_path):
+    """config.json -> /dev/zero would be read forever; a FIFO would block; a link could show
+    one of your files as the run's: each is one line naming the file."""
+    for name, plant, expected in (
+            ("config.json", lambda p: p.symlink_to("/dev/zero"), "a symbolic link"),
+            ("metrics.jsonl", lambda p: os.mkfifo(p), "not a regular file"),
+            ("checkpoint.pt", lambda p: p.symlink_to(fitted / "checkpoint.pt"),
+             "a symbolic link")):
+        run = tmp_path / name
+        shutil.copytree(fitted, run)
+        (run / name).unlink()
+        plant(run / name)
+        with pytest.raises(ConfigError, match=f"{name}: {expected}"):
+            assert load_run(run).history is None  # read: a refusal before
