@@ -48,7 +48,7 @@ from ..foundations.rng import seeded
 from ..foundations.statistics import log_mean_exp_with_se, mean_and_se
 from ..foundations.traces import (
     apply_mask,
-    data_dim,
+    data_frame,
     first_line,
     guide_is_a_function_of_x,
     in_particles,
@@ -156,6 +156,14 @@ class AnnealingPath:
                 trace = traced_model(poutine.replay(self.model, trace=guide_trace), x)
         self.sites = sample_sites(trace)
 
+    def state_event_dim(self, name: str) -> int:
+        """The event dimensions of site ``name``'s chain state, which is unconstrained: fewer
+        than the site's where its transform folds them (``LKJCholesky``'s matrix is a vector of
+        its free entries there, ``CorrCholeskyTransform``)."""
+        transform = self.transforms[name]
+        return (self.sites[name]["fn"].event_dim + transform.domain.event_dim
+                - transform.codomain.event_dim)
+
     def reduce(self, values: torch.Tensor, site: dict) -> torch.Tensor:
         out = per_datapoint(values, site, self.layout, self.data_plate)
         if not self.layout.per_datapoint:
@@ -187,22 +195,22 @@ class AnnealingPath:
             base = sum(reduce(site_log_prob(guide_sites[name]), guide_sites[name]) for name in u)
         return joint, base, jacobian
 
-    def rows_shape(self, site_value: torch.Tensor, site: dict) -> tuple[int, ...]:
-        """The shape a [chains, N] tensor takes to broadcast against a site's value."""
+    def rows_shape(self, state: torch.Tensor, name: str) -> tuple[int, ...]:
+        """The shape a [chains, N] tensor takes to broadcast against site ``name``'s state."""
         width = self.layout.max_plate_nesting + 1
-        shape = [1] * site_value.dim()
-        offset = site_value.dim() - site["fn"].event_dim - width
-        shape[offset] = self.chains
-        if self.layout.per_datapoint:
-            shape[data_dim(site, site_value, self.data_plate)] = self.x.shape[0]
+        shape = [1] * state.dim()
+        shape[state.dim() - self.state_event_dim(name) - width] = self.chains
+        if (dim := self.point_dim(name, state)) is not None:
+            shape[dim] = self.x.shape[0]
         return tuple(shape)
 
-    def point_dim(self, name: str, value: torch.Tensor) -> int | None:
-        """The dimension of a chain state's tensor for site ``name`` that indexes data points
-        (None where the chains' state is the whole data set's)."""
-        if not self.layout.per_datapoint:
+    def point_dim(self, name: str, state: torch.Tensor) -> int | None:
+        """The dimension of site ``name``'s chain state that indexes data points (None where
+        the chains' state is the whole data set's, or the site is outside the data plate)."""
+        frame = data_frame(self.sites[name], self.data_plate)
+        if not self.layout.per_datapoint or frame is None:
             return None
-        return data_dim(self.sites[name], value, self.data_plate)
+        return state.dim() - self.state_event_dim(name) + frame.dim
 
     def initial_state(self, key: int, first: int) -> dict[str, torch.Tensor]:
         """z_0 ~ base for every chain and point, in unconstrained space.  Point n (the
@@ -283,11 +291,10 @@ class ChainByChainPath(AnnealingPath):
                      for c in range(self.chains)]
         return tuple(torch.stack(part) for part in zip(*per_chain, strict=True))
 
-    def rows_shape(self, site_value: torch.Tensor, site: dict) -> tuple[int, ...]:
-        shape = [1] * site_value.dim()
+    def rows_shape(self, state: torch.Tensor, name: str) -> tuple[int, ...]:
+        shape = [1] * state.dim()
         shape[0] = self.chains
-        dim = data_dim(site, site_value, self.data_plate)
-        if self.layout.per_datapoint and dim is not None:
+        if (dim := self.point_dim(name, state)) is not None:
             shape[dim] = self.x.shape[0]
         return tuple(shape)
 
@@ -381,18 +388,18 @@ def anneal(path: AnnealingPath, u: dict[str, torch.Tensor], betas: torch.Tensor,
 
     def broadcast(rows, name, value):
         if name not in shapes:
-            site = path.sites[name]
-            shapes[name] = path.rows_shape(value, site)
+            shapes[name] = path.rows_shape(value, name)
         return rows.reshape(shapes[name])
 
     def kinetic(p):
         total = 0
         for name, v in p.items():
-            site = path.sites[name]
             sq = (v * v)
-            if site["fn"].event_dim:
-                sq = sq.sum(tuple(range(-site["fn"].event_dim, 0)))
-            total = total + path.reduce(sq, site)
+            if event_dim := path.state_event_dim(name):
+                # Over the state's own event dimensions: fewer than the site's where its
+                # transform folds them.
+                sq = sq.sum(tuple(range(-event_dim, 0)))
+            total = total + path.reduce(sq, path.sites[name])
         return 0.5 * total
 
     steps = tqdm(range(1, len(betas)), desc=desc, unit="step", disable=not progress)
