@@ -204,10 +204,9 @@ def format_exact_comparison(comparison: dict[str, dict]) -> str:
     lines = [f"{'closed form vs estimate, nats per point':<28}{'estimated':>12}{'exact':>12}"
              f"{'difference':>12}{'z':>7}"]
     for name, row in comparison.items():
-        z = row["z"] if row["z"] is not None else float("nan")
         lines.append(f"{name:<28}{number(row['estimated'], '12.4f')}"
                      f"{number(row['exact'], '12.4f')}{number(row['difference'], '12.4f')}"
-                     f"{number(z, '7.2f')}")
+                     f"{number(row['z'], '7.2f')}")
     return "\n".join(lines)
 
 

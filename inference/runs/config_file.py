@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..data.catalog import DATASETS
 from ..data.readers import BINARIZATIONS
-from ..foundations.errors import MAX_COUNT, ConfigError
+from ..foundations.errors import ConfigError, OptionError, check_positive
 from ..training.options import FitOptions
 from .pairs import MODELS_LIKELIHOOD
 from .recorded import read_json
@@ -96,11 +96,11 @@ def _check_value(path: Path | str, key: str, value: object, hint: object) -> Non
     if key in CHOICES and value not in CHOICES[key]:
         raise ConfigError(f"{path}: {key} must be one of {list(CHOICES[key])}, got "
                           f"{json.dumps(value)}")
-    if key in POSITIVE and value is not None and value < 1:
-        raise ConfigError(f"{path}: {key} must be a positive integer, got {value}")
-    if key in POSITIVE and value is not None and value > MAX_COUNT:
-        raise ConfigError(f"{path}: {key} must be at most {MAX_COUNT} (2^31 - 1), got {value}: "
-                          "a count that large could not finish")
+    if key in POSITIVE:
+        try:
+            check_positive(**{key: value})
+        except OptionError as e:
+            raise ConfigError(f"{path}: {e}") from None
 
 
 def _matches(value: object, hint: object) -> bool:
