@@ -26,6 +26,8 @@ RUN = ["--data", "synthetic", "--model", "linear-gaussian", "--epochs", "2", "--
        "10", "--eval-samples", "5", "--eval-points", "20", "--no-progress"]
 # The first epoch made longer (its diagnostics, before the checkpoint): the window of a kill.
 SLOW_FIRST_EPOCH = ["--eval-samples", "200", "--eval-points", "100"]
+# Kills that land while the old run is aside (before the new run's first checkpoint); on a
+# loaded machine some land after it, so up to three times as many are tried.
 KILLS = 20
 
 
@@ -81,12 +83,14 @@ def test_the_old_run_survives_a_kill_at_any_moment_of_overwrite(tmp_path):
     moved, committed = uninterrupted()
     rng = random.Random(0)
     before_commit = 0
-    for _ in range(KILLS):
+    for _ in range(3 * KILLS):
+        if before_commit == KILLS:
+            break
         fresh_old_run()
         child = context.Process(target=fit_in_child, args=(overwrite,))
         child.start()
         # Mostly between the move and the commit, the moments where the old run is aside.
-        time.sleep(rng.uniform(0.8 * moved, 1.05 * committed))
+        time.sleep(rng.uniform(0.8 * moved, committed))
         os.kill(child.pid, signal.SIGKILL)
         child.join(HANG_SECONDS)
         if (run / "checkpoint.pt").is_file() and files(run) != old_files:
@@ -101,7 +105,7 @@ def test_the_old_run_survives_a_kill_at_any_moment_of_overwrite(tmp_path):
             prepare_run_dir(run)
         release(run)
         assert files(run) == old_files and not replaced_run(run).exists()
-    assert before_commit >= KILLS // 2, before_commit
+    assert before_commit == KILLS, before_commit
 
 
 def test_an_overwrite_that_fails_before_its_first_checkpoint_leaves_the_old_run(tmp_path,
