@@ -48,6 +48,7 @@ from ..foundations.rng import seeded
 from ..foundations.statistics import log_mean_exp_with_se, mean_and_se
 from ..foundations.traces import (
     apply_mask,
+    check_conditioned,
     data_frame,
     first_line,
     guide_is_a_function_of_x,
@@ -178,6 +179,7 @@ class AnnealingPath:
         """The three terms at state ``u``, each site's values reduced by ``reduce``."""
         z = {name: self.transforms[name](v) for name, v in u.items()}
         model_trace = traced_model(poutine.condition(self.model, data=z), self.x)
+        check_conditioned(z, model_trace, "the model")
         sites = sample_sites(model_trace)
         joint = sum(reduce(site_log_prob(site), site) for site in sites.values())
         jacobian = sum(
@@ -191,6 +193,7 @@ class AnnealingPath:
                        for name in u)
         else:
             guide_trace = poutine.trace(poutine.condition(self.guide, data=z)).get_trace(self.x)
+            check_conditioned(z, guide_trace, "the guide")
             guide_sites = sample_sites(guide_trace)
             base = sum(reduce(site_log_prob(guide_sites[name]), guide_sites[name]) for name in u)
         return joint, base, jacobian

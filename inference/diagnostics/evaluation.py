@@ -49,6 +49,7 @@ from ..foundations.device import move_pair, resolve_device
 from ..foundations.device import rows_per_chunk as default_rows_per_chunk
 from ..foundations.distributed import SINGLE, Distributed
 from ..foundations.errors import ConventionError
+from ..foundations.full_plates import widened_note
 from ..foundations.module_mode import evaluation_mode
 from ..foundations.pair_layout import PairLayout
 from ..foundations.program_data import ProgramData
@@ -157,6 +158,8 @@ def evaluate(
             d.notes.append(IGNORED_LATENTS)
         d.notes.extend(note for note in mode_notes + layout_notes(first, d)
                        if note not in d.notes)
+        if x.widened:
+            d.notes.append(widened_note(x.widened))
         if surgery:
             d.elbo_surgery = elbo_surgery(model, guide, x, num_samples=min(num_samples, 10),
                                           data_plate=data_plate).summary()

@@ -10,16 +10,17 @@ of a chunk of particles shares the same draws of the global sites).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pyro
 import torch
+from pyro.poutine.trace_struct import Trace
 
 from ..foundations.conventions import inspect_pair
 from ..foundations.errors import ConfigError, ConventionError, OptionError
 from ..foundations.pair_layout import PairLayout, global_part
 from ..foundations.progress import tqdm
-from ..foundations.traces import FixedSubsample, trace_pair
+from ..foundations.traces import FixedSubsample, particle, trace_pair
 from .terms import ParticleTerms, particle_terms
 
 
@@ -133,7 +134,14 @@ def joint_chunks(model, guide, x, first: PairLayout, batch_size: int, num_sample
             if b.start not in layouts:
                 layouts[b.start] = inspect_pair(b.model, b.guide, b.x, data_plate, verified)
             layout = layouts[b.start]
-            terms, passes = particles_of(b.model, b.guide, b.x, layout, k, data_plate, replay)
+            replay_here = replay
+            if isinstance(replay, Trace) and not layout.vectorized:
+                # Draws made in the particle plate, for a batch taken particle by particle.
+                replay_here = [particle(replay, j, first.particle_dim) for j in range(k)]
+            elif isinstance(replay, list) and len(replay) > 1 and layout.vectorized:
+                layout = replace(layout, vectorized=False)
+            terms, passes = particles_of(b.model, b.guide, b.x, layout, k, data_plate,
+                                         replay_here)
             if replay is None:
                 replay = [global_part(g, layout) for g, _ in passes]
                 replay = replay[0] if layout.vectorized and k > 1 else replay

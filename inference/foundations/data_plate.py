@@ -24,6 +24,7 @@ from pyro.poutine.trace_struct import Trace
 from .conventions import traced
 from .enumeration import enumerating, marked_for_enumeration
 from .errors import ConfigError, ConventionError
+from .full_plates import full_plates, observations_cut, widened
 from .parameter_scope import in_scope_of
 from .program_data import ProgramData, bound_program
 from .rng import rng_preserved
@@ -50,11 +51,13 @@ class _Plate:
 
 
 def program_pair(model: Callable, guide: Callable | None, args: tuple, kwargs: dict[str, Any],
-                 data_plate: str | None = None) -> Program:
+                 data_plate: str | None = None, widen: bool = False) -> Program:
     """The pair and its arguments as a ``Program``: the data plate found (or the one named
     checked) and the arguments it batches marked.  ``args`` may be one ``ProgramData`` (a
     diagnostic calling another); a ``Program``'s own model and guide are taken as they are.
-    Without a guide the model's own draws are read (``guide`` is then None)."""
+    Without a guide the model's own draws are read (``guide`` is then None).  With ``widen``
+    (every diagnostic) the pair runs with its subsampling plates at their full size
+    (``full_plates``), checked on a trace, or is refused saying why it cannot."""
     if len(args) == 1 and not kwargs and isinstance(args[0], ProgramData):
         data = args[0]
     else:
@@ -66,9 +69,47 @@ def program_pair(model: Callable, guide: Callable | None, args: tuple, kwargs: d
         plate, rows = find_data_plate(model_trace, data, data_plate)
         data = replace(data.with_rows(rows), plate=plate, located=True,
                        enum_dim=_enumeration_dim(guide_trace, model_trace))
+    if widen and not getattr(model, "widens", False):
+        model, guide, data = _widened_pair(model, guide, data)
     if data.enum_dim is not None and not getattr(model, "enumerates", False):
         model = enumerating(model, data.enum_dim)
     return Program(model, guide, data, data.plate)
+
+
+def _widened_pair(model: Callable, guide: Callable | None, data: ProgramData
+                  ) -> tuple[Callable, Callable | None, ProgramData]:
+    """The pair with its subsampling plates widened (as it is where it has none), after one
+    trace at full size: the run must succeed and every observed site of a widened plate must
+    hold all N values along it.  A data plate declared over the whole data set and handed
+    minibatches (``pyro.plate("data", N, len(x))``) is kept: it scores the rows it is given."""
+    kept: frozenset[str] = frozenset()
+    for _ in range(2):
+        with rng_preserved(), torch.no_grad(), pyro.validation_enabled(False), \
+                full_plates(kept) as widening:
+            try:
+                model_trace = traced(model, guide, data)[1]
+                failure = None
+            except ConventionError as e:
+                model_trace, failure = None, e
+        handed = widening.widened.get(data.plate)
+        if handed is None or handed[0] == data.rows or handed[1] != data.rows or kept:
+            break
+        kept = frozenset({data.plate})
+    if not widening.widened:
+        if failure is not None:
+            raise failure
+        return model, guide, data
+    plates = ", ".join(f"'{name}' ({m} of {n})" for name, (n, m) in widening.widened.items())
+    reason = (str(failure) if failure is not None
+              else observations_cut(model_trace, widening.widened))
+    if reason is not None:
+        raise ConventionError(
+            f"plate(s) {plates} subsample: the diagnostics run a program with its plates at "
+            f"their full size (a random subsample is no one data set's density), and this one "
+            f"cannot: {reason}")
+    return (widened(model, kept), None if guide is None else widened(guide, kept),
+            replace(data, widened=tuple((name, n, m)
+                                        for name, (n, m) in widening.widened.items())))
 
 
 def _enumeration_dim(guide_trace: Trace | None, model_trace: Trace) -> int | None:
@@ -202,7 +243,7 @@ def takes_program_arguments(fn: Callable) -> Callable:
         with in_scope_of(*pair):
             program = program_pair(pair[0], pair[1] if len(pair) > 1 else None, args,
                                    {k: v for k, v in kwargs.items() if k not in options},
-                                   own.pop("data_plate", None))
+                                   own.pop("data_plate", None), widen=True)
             if "data_plate" in options:
                 own["data_plate"] = program.data_plate
             bound_pair = (program.model, program.guide)[: len(pair)]

@@ -35,6 +35,9 @@ class ProgramData:
     located: bool = False
     # Where the model lays out the discrete sites it enumerates (None: it enumerates none).
     enum_dim: int | None = None
+    # The program's subsampling plates that its diagnostics run at full size
+    # (``full_plates``): (name, N, the m it subsamples).
+    widened: tuple[tuple[str, int, int], ...] = ()
 
     @classmethod
     def of(cls, *args: Any, **kwargs: Any) -> ProgramData:
@@ -60,7 +63,8 @@ class ProgramData:
         """These arguments (another split of the same data) batched as ``template`` is."""
         keys = {k for k, v in self.tensors() if v.dim()}
         return replace(self, batched=frozenset(template.batched & keys), plate=template.plate,
-                       located=template.located, enum_dim=template.enum_dim)
+                       located=template.located, enum_dim=template.enum_dim,
+                       widened=template.widened)
 
     def leading_sizes(self) -> dict[int, list[Key]]:
         """Leading size -> the tensor arguments of that many rows."""

@@ -23,6 +23,7 @@ from pyro.poutine.util import site_is_subsample
 from torch.distributions import Independent
 
 from .enumeration import contracted
+from .errors import ConventionError
 from .log_density import log_density
 
 PARTICLE_PLATE = "_elbogap_particles"
@@ -97,10 +98,40 @@ def trace_pair(
     guide = in_particles(guide, num_particles, particle_dim)
     model = in_particles(model, num_particles, particle_dim)
     if replay_guide is not None:
+        if not isinstance(replay_guide, Trace):
+            # A list of traces, say: poutine.replay would find no site in it and replay nothing.
+            raise TypeError(f"replay_guide must be a pyro Trace, got {type(replay_guide).__name__}")
         guide = poutine.replay(guide, trace=replay_guide)
     guide_trace = poutine.trace(guide).get_trace(x)
+    if replay_guide is not None:
+        check_replayed(replay_guide, guide_trace, "the guide")
     model_trace = traced_model(poutine.replay(model, trace=guide_trace), x)
     return guide_trace, model_trace
+
+
+def check_replayed(given: Trace, trace: Trace, program: str) -> None:
+    """Raise ConventionError unless ``trace`` took every latent draw of ``given`` as it is: a
+    replay that consumed nothing would let the program draw its own values, silently."""
+    for name, site in given.nodes.items():
+        if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
+            continue
+        taken = trace.nodes.get(name)
+        if taken is None or taken["value"] is not site["value"]:
+            raise ConventionError(
+                f"{program} did not take the stored draw of site '{name}' when replayed "
+                f"({'it has no such site' if taken is None else 'it drew its own'}): its sites "
+                "must be the same on every run for draws to be shared across batches")
+
+
+def check_conditioned(values: dict, trace: Trace, program: str) -> None:
+    """Raise ConventionError unless every site of ``values`` was fixed in ``trace``."""
+    for name, value in values.items():
+        taken = trace.nodes.get(name)
+        if taken is None or taken["value"] is not value:
+            raise ConventionError(
+                f"{program} did not take the value given for site '{name}' "
+                f"({'it has no such site' if taken is None else 'it drew its own'}): "
+                "a chain's state must fix every latent site")
 
 
 def trace_pair_from_prior(

@@ -172,7 +172,9 @@ def format_annealed(summary: dict, importance: dict | None = None) -> str:
 def format_bdmc(summary: dict) -> str:
     b = summary
     se = f" ± {b['bracket_se']:.3f}" if b.get("bracket_se") is not None else ""
-    return (f"BDMC on {b['num_data']} points simulated from the model ({b['num_chains']} chains x "
+    simulated = (f"{b['data_sets']} data sets of {b['num_data']} points" if b.get("data_sets")
+                 else f"{b['num_data']} points")
+    return (f"BDMC on {simulated} simulated from the model ({b['num_chains']} chains x "
             f"{b['num_steps']} steps): log p(x) between {b['lower']:.3f} (forward AIS) and "
             f"{b['upper']:.3f} (reverse AIS); bracket {b['bracket']:.3f}{se} nats: "
             + bracket_reading(b))
@@ -180,10 +182,19 @@ def format_bdmc(summary: dict) -> str:
 
 def bracket_reading(b: dict) -> str:
     """What a BDMC bracket says of the AIS setting (its bounds hold in expectation only)."""
-    if b["bracket"] < 0:
+    check = b.get("check", "passed" if b["bracket"] >= 0 else "inside the noise")
+    if check == "failed":
+        return ("FAILED: the upper bound lies below the lower by more than 3 of its SEs, which "
+                "no Monte Carlo noise explains: these AIS numbers cannot be trusted on this pair "
+                "(a program whose latents AIS cannot move, or a density it mis-reads)")
+    if check == "unknown":
+        return ("the upper bound came out below the lower, and with one bracket there is no SE "
+                "to tell noise from failure: simulate more points")
+    if check == "inside the noise":
         return ("the upper bound came out below the lower: each is a Monte Carlo estimate, "
-                "bounding log p(x) only in expectation, so the bracket is inside their noise; "
-                "on data like yours this AIS setting is as tight as that noise lets BDMC tell")
+                "bounding log p(x) only in expectation, and they cross by less than 3 SEs, "
+                "inside their noise; on data like yours this AIS setting is as tight as that "
+                "noise lets BDMC tell")
     return "on data like yours this AIS setting is within about that of the true log p(x)"
 
 

@@ -305,3 +305,50 @@ def test_ais_anneals_an_lkj_site_whose_state_has_fewer_dimensions_than_the_site(
     by_chain = annealed_evidence(correlation_model_mm, correlation_prior_guide, y,
                                  num_chains=2, num_steps=5, start="prior", seed=0).summary()
     assert math.isfinite(by_chain["log_evidence"]["mean"])
+
+
+def test_bdmc_on_a_global_latent_brackets_each_simulated_data_set_with_ses_over_sets():
+    """A regression written as ``pyro.condition(model, data={"y": y})``, its weight global:
+    w ~ N(0, 1), y_n ~ N(w f_n, 1), so y ~ N(0, I + f f^T) exactly.  BDMC simulates y with
+    the conditioning taken off (never the y it was handed), one bracket per data set; each
+    bound against its set's exact evidence, with the SE the sets' spread gives."""
+    f = torch.linspace(-1.0, 2.0, 12)
+    y = 3.0 * f + torch.randn(12, generator=torch.Generator().manual_seed(0))
+
+    def regression(features):
+        w = pyro.sample("w", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", len(features)):
+            pyro.sample("y", dist.Normal(w * features, 1.0))
+
+    def guide(features):
+        pyro.sample("w", dist.Normal(1.0, 0.3))  # off, and too narrow
+
+    model = pyro.condition(regression, data={"y": y})
+    b = bdmc(model, guide, f, num_chains=8, num_steps=30, leapfrog_steps=5, data_sets=6,
+             seed=2)
+    simulated = b.observations["y"]
+    assert simulated.shape == (6, 12) and not torch.equal(simulated[0], y)
+    cov = torch.eye(12, dtype=torch.float64) + torch.outer(f, f).double()
+    exact = dist.MultivariateNormal(torch.zeros(12, dtype=torch.float64), cov).log_prob(
+        simulated.double())
+    for bound, sign in ((b.upper, 1), (b.lower, -1)):
+        miss = sign * (bound.double() - exact)
+        assert miss.mean() >= -4 * miss.std() / math.sqrt(len(miss))
+    s = b.summary()
+    assert s["data_sets"] == 6 and s["num_data"] == 12 and s["check"] in ("passed",
+                                                                          "inside the noise")
+    assert "upper_se" not in s  # the chains' spread is no SE of a shared start
+
+
+def test_a_bracket_crossed_beyond_its_noise_is_a_failed_check():
+    from elbogap.diagnostics.bdmc import bracket_check
+    from elbogap.presentation.table import format_bdmc
+
+    assert bracket_check(0.1, 0.05) == "passed"
+    assert bracket_check(-0.1, 0.05) == "inside the noise"
+    assert bracket_check(-0.4, 0.05) == "failed"
+    assert bracket_check(-0.4, None) == "unknown"
+    summary = {"num_data": 20, "data_sets": 4, "num_chains": 8, "num_steps": 50, "lower": -10.0,
+               "upper": -10.4, "bracket": -0.4, "bracket_se": 0.05, "check": "failed"}
+    assert "4 data sets of 20 points" in format_bdmc(summary)
+    assert "FAILED" in format_bdmc(summary)
