@@ -53,7 +53,9 @@ COMPILE_AFTER_SECONDS = 60.0
 _KEPT = 8  # recordings kept across calls
 _kept: OrderedDict[tuple, tuple] = OrderedDict()
 
-_TENSOR_FIELDS = [f.name for f in fields(ParticleTerms) if f.name not in ("kl", "latent_mean")]
+# (A pass with discrete guide sites summed over is never compiled: its elbo_log_weight is set.)
+_TENSOR_FIELDS = [f.name for f in fields(ParticleTerms)
+                  if f.name not in ("kl", "latent_mean", "elbo_log_weight")]
 
 
 def _flat(terms: ParticleTerms) -> tuple[tuple[torch.Tensor, ...], tuple]:

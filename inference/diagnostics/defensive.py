@@ -28,6 +28,7 @@ from ..foundations.pair_layout import PairLayout
 from ..foundations.traces import trace_pair_from_prior
 from ..foundations.weight_moments import WeightMoments
 from .results import Diagnostics
+from .discrete_guide import enumerates
 from .terms import ParticleTerms, particle_terms
 
 
@@ -41,6 +42,11 @@ def check_defensive(alpha: float, layout: PairLayout) -> None:
             f"sites {list(layout.latent)} are point masses driven by auxiliary sites "
             f"{list(layout.auxiliary)} (an autoguide), whose density at a z they did not draw "
             "is not defined; use AIS from the prior (start='prior') as the second opinion")
+    if alpha and enumerates(layout):
+        raise ConventionError(
+            f"defensive importance sampling mixes q's density at each draw with the prior's, "
+            f"and the guide's discrete site(s) {list(layout.discrete_guide)} are summed over "
+            "their values here, not drawn; use AIS (annealed_evidence) as the second opinion")
     if alpha and layout.subsample is not None:
         raise ConventionError("defensive importance sampling needs the pair to cover x in its "
                               "passes; its data plate picks its own minibatch of x")

@@ -39,6 +39,7 @@ Standard errors are Monte Carlo errors over the K draws (delta method for the lo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -56,6 +57,7 @@ from ..foundations.program_data import ProgramData
 from ..foundations.progress import tqdm
 from ..foundations.weight_moments import WeightMoments
 from .compiled_pass import CompiledPass
+from .discrete_guide import discrete_note, enumerated_particles, enumerates
 from .defensive import MixtureSums, check_defensive, defensive_note, prior_draws, prior_particles
 from .non_finite import refuse_non_finite
 from .passes import (
@@ -67,6 +69,7 @@ from .passes import (
 )
 from .results import DATA_SET, DataSetTotals, Diagnostics, concatenate, first_points, on_cpu
 from .surgery import elbo_surgery
+from .symmetry import find_symmetry, mode_averaged, symmetry_note
 from .terms import KLTerm, ParticleTerms
 
 
@@ -154,16 +157,43 @@ def evaluate(
             d.notes.append(defensive_note(defensive, num_samples))
             d.proposal_draws = num_samples + prior_draws(num_samples, defensive)
         d.observed, d.conditional = first.observed_names, first.conditional
-        if num_samples > 1 and _observations_ignore_latents(d):
+        # Summed over discrete guide values a reconstruction may be exact: an SE of 0 then
+        # says nothing of whether the observations depend on the latents.
+        if num_samples > 1 and not enumerates(first) and _observations_ignore_latents(d):
             d.notes.append(IGNORED_LATENTS)
         d.notes.extend(note for note in mode_notes + layout_notes(first, d)
                        if note not in d.notes)
         if x.widened:
             d.notes.append(widened_note(x.widened))
+        if not first.per_datapoint and num_samples > 1:
+            _mirror_modes(model, guide, x, first, data_plate, d)
         if surgery:
             d.elbo_surgery = elbo_surgery(model, guide, x, num_samples=min(num_samples, 10),
                                           data_plate=data_plate).summary()
     return on_cpu(d)
+
+
+# Draws of the mode-averaged estimate at most (each scores q at every permutation): in the
+# particle plate, and for a pair taken particle by particle.
+MODE_AVERAGED_DRAWS = 1000, 250
+
+
+def _mirror_modes(model: Callable, guide: Callable, x: ProgramData, layout: PairLayout,
+                  data_plate: str | None, d: Diagnostics) -> None:
+    """Where the program's components are exchangeable, say so in ``d`` with the log K! bound
+    and the mode-averaged estimate (``symmetry``)."""
+    symmetry = find_symmetry(model, guide, x, layout, data_plate)
+    if symmetry is None:
+        return
+    with torch.no_grad():
+        result = mode_averaged(model, guide, x, layout, symmetry,
+                               min(d.num_samples, MODE_AVERAGED_DRAWS[not layout.vectorized]))
+    d.notes.append(symmetry_note(symmetry, result, d.total.log_evidence))
+    d.mirror_modes = {"plate": symmetry.plate, "components": symmetry.size,
+                      "mirror_modes": symmetry.mirror_modes,
+                      "log_bound": math.lgamma(symmetry.size + 1),
+                      "mode_averaged": None if isinstance(result, str) else result.as_dict(),
+                      "reason": result if isinstance(result, str) else None}
 
 
 ONE_DRAW = ("K = 1: no evidence gap (nor its SE): log p(x) from one draw is that draw's "
@@ -200,7 +230,8 @@ def layout_notes(layout: PairLayout, d: Diagnostics) -> list[str]:
     """What the numbers of ``d`` leave out or how they were computed, read off the layout:
     sites whose KL could not be taken in closed form, the guide's observed sites, scales."""
     notes = []
-    order = [name for name in layout.latent if name not in layout.closed_form]
+    order = [name for name in layout.latent
+             if name not in layout.closed_form and name not in layout.discrete_guide]
     if order:
         notes.append(f"the KL of site(s) {order} is Monte Carlo: the guide draws a site the "
                      "model samples before them (a possible parent of their prior) after them, "
@@ -221,6 +252,8 @@ def layout_notes(layout: PairLayout, d: Diagnostics) -> list[str]:
                      "log-densities are read after the program has run, by Pyro's ELBOs and "
                      "here alike, so those sites are scored with the mask's final value, not "
                      "the one in force when they were drawn")
+    if (discrete := discrete_note(layout)) is not None:
+        notes.append(discrete)
     if layout.scaled:
         notes.append(f"site(s) {list(layout.scaled)} carry a scale of their own "
                      "(poutine.scale): every number here is of the unscaled densities, "
@@ -261,14 +294,15 @@ class _Sums:
 
     def add(self, log_w: torch.Tensor, reconstruction: torch.Tensor, kl: dict[str, KLTerm],
             latent_mean: dict[str, torch.Tensor] | None = None,
-            guide_observed: torch.Tensor | None = None) -> None:
+            guide_observed: torch.Tensor | None = None,
+            elbo_log_weight: torch.Tensor | None = None) -> None:
         kl_total = torch.zeros_like(log_w)
         for name, term in kl.items():
             summed = term.value.sum(0)
             self.kl[name] = summed if name not in self.kl else self.kl[name] + summed
             self.kl_method[name] = term.method
             kl_total = kl_total + term.value.sum(-1)
-        self.moments.add(log_w, reconstruction - kl_total, reconstruction)
+        self.moments.add(log_w, reconstruction - kl_total, reconstruction, elbo_log_weight)
         if guide_observed is not None:
             summed = guide_observed.sum(0)
             self.guide_observed = (summed if self.guide_observed is None
@@ -335,9 +369,12 @@ def _per_data_point(model: Callable, guide: Callable, x: torch.Tensor, first: Pa
         particles_per_chunk = max(1, rows_per_chunk // rows)
         for done in range(0, num_samples, particles_per_chunk):
             k = min(particles_per_chunk, num_samples - done)
-            terms = compiled.particles(b.model, b.guide, b.x, layout, k)
+            terms = (enumerated_particles(b.model, b.guide, b.x, layout, k, data_plate)
+                     if enumerates(layout)
+                     else compiled.particles(b.model, b.guide, b.x, layout, k))
             sums.add(terms.log_weight, terms.reconstruction, terms.kl, terms.latent_mean,
-                     terms.guide_observed if layout.guide_observed else None)
+                     terms.guide_observed if layout.guide_observed else None,
+                     terms.elbo_log_weight)
             if mixture is not None:
                 mixture.add(terms.log_weight, terms.log_q, terms.log_prior)
             if progress:

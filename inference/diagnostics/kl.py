@@ -14,6 +14,8 @@ from torch.distributions import Distribution, Independent, kl_divergence
 
 ANALYTIC = "analytic"
 MONTE_CARLO = "monte-carlo"
+# A discrete guide site's KL summed over its values, q-weighted (``discrete_guide``): exact.
+ENUMERATED = "enumerated"
 
 
 @dataclass(frozen=True)

@@ -92,6 +92,9 @@ class Diagnostics:
     conditional: bool = False
     # ELBO surgery's summary (elbogap.diagnostics.surgery), when evaluate computed it.
     elbo_surgery: dict | None = None
+    # Exchangeable components found in the program (elbogap.diagnostics.symmetry): how many
+    # mirror modes, the log K! bound, and the mode-averaged log p(x) where it could be taken.
+    mirror_modes: dict | None = None
     # Monte Carlo SE of each point's reconstruction, the plain mean of its K draws.
     reconstruction_se: torch.Tensor | None = None
     # Per point, the mean log-density of the guide's observed sites and factors (no part of q:
@@ -166,6 +169,8 @@ class Diagnostics:
         out["notes"] = list(self.notes)
         if self.elbo_surgery is not None:
             out["elbo_surgery"] = self.elbo_surgery
+        if self.mirror_modes is not None:
+            out["mirror_modes"] = self.mirror_modes
         return out
 
 

@@ -50,6 +50,9 @@ class ParticleTerms:
     # log q(z_k | x) alone (its latent and auxiliary sites), for proposals mixed with it.
     log_q: torch.Tensor
     global_log_q: torch.Tensor
+    # The per-particle ELBO that the log-weight's Monte Carlo KL deviation is centred on, where
+    # it is not log_weight itself (discrete guide sites summed over: ``discrete_guide``).
+    elbo_log_weight: torch.Tensor | None = None
 
     @property
     def log_prior(self) -> torch.Tensor:
@@ -75,6 +78,8 @@ class ParticleTerms:
             global_guide_observed=torch.cat([p.global_guide_observed for p in parts]),
             log_q=torch.cat([p.log_q for p in parts]),
             global_log_q=torch.cat([p.global_log_q for p in parts]),
+            elbo_log_weight=(None if first.elbo_log_weight is None
+                             else torch.cat([p.elbo_log_weight for p in parts])),
         )
 
     def first_points(self, keep: int) -> ParticleTerms:
@@ -91,6 +96,8 @@ class ParticleTerms:
             global_guide_observed=self.global_guide_observed,
             log_q=self.log_q[:, :keep],
             global_log_q=self.global_log_q,
+            elbo_log_weight=(None if self.elbo_log_weight is None
+                             else self.elbo_log_weight[:, :keep]),
         )
 
 
@@ -228,7 +235,14 @@ def _site_mean(site: dict, guide_sites: dict, layout: PairLayout, data_plate: st
         if aux is not None and aux["fn"].event_shape == fn.event_shape:
             fn = aux["fn"]  # AutoNormal's unconstrained Normal: its mean, on that scale
     try:
-        mean = fn.mean.expand(fn.batch_shape + fn.event_shape)
+        if fn.support.is_discrete and fn.has_enumerate_support:
+            # Categorical's own mean is NaN in torch: the mean over its values, exactly.
+            values = fn.enumerate_support(expand=False)
+            probs = fn.log_prob(values).exp()
+            mean = (probs.reshape(probs.shape + (1,) * len(fn.event_shape)) * values).sum(0)
+            mean = mean.expand(fn.batch_shape + fn.event_shape)
+        else:
+            mean = fn.mean.expand(fn.batch_shape + fn.event_shape)
     except NotImplementedError:
         mean = site["value"]
     return datapoint_rows(mean, site, layout, data_plate, len(fn.event_shape))

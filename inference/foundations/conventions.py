@@ -280,6 +280,9 @@ def inspect_pair(
             if frame.vectorized:
                 nesting = max(nesting, -frame.dim)
     rows = own_subsample or n
+    # A discrete guide site's KL is taken where its reconstruction is: over the same draws, or
+    # summed over its values (diagnostics.discrete_guide), never in closed form beside draws.
+    discrete = _discrete_guide_sites(guide_sites, latent)
     observed_size = sum(model_sites[name]["infer"].get(OBSERVED_NUMEL,
                                                        model_sites[name]["value"].numel())
                         for name in observed)
@@ -287,12 +290,14 @@ def inspect_pair(
                         global_sites=tuple(global_sites), auxiliary=auxiliary,
                         subsample=own_subsample,
                         conditional=observed_size < x[:1].numel() * rows,
-                        closed_form=_closed_form_sites(model, x, model_trace, guide_trace, latent),
+                        closed_form=_closed_form_sites(model, x, model_trace, guide_trace, latent)
+                        - set(discrete["discrete_guide"]),
                         guide_observed=guide_observed,
                         scaled=_scaled_sites(model_sites, guide_sites),
                         summed_out=_held(model_sites, observed, SUMS_OVER, ()),
                         observed_names=_held(model_sites, observed, OBSERVES, None),
-                        masks_changed=getattr(model_trace, "masks_changed", ()))
+                        masks_changed=getattr(model_trace, "masks_changed", ()),
+                        **discrete)
     return _with_vectorization(model, guide, x, layout, data_plate, verified, replay_particles)
 
 
@@ -319,6 +324,18 @@ def _closed_form_sites(model: Callable, x: torch.Tensor, model_trace: Trace, gui
         suspects = {name: [e for e in later if e in prior.get(name, later)]
                     for name, later in suspects.items()}
     return frozenset(name for name in order if not suspects[name])
+
+
+def _discrete_guide_sites(guide_sites: dict, latent: tuple[str, ...]) -> dict:
+    """The latent sites the guide draws from a discrete distribution of finite support, with
+    the number of values of each (``PairLayout.discrete_guide``)."""
+    names, counts = [], []
+    for name in latent:
+        fn = guide_sites[name]["fn"]
+        if fn.support.is_discrete and fn.has_enumerate_support:
+            names.append(name)
+            counts.append(fn.enumerate_support(expand=False).shape[0])
+    return {"discrete_guide": tuple(names), "discrete_counts": tuple(counts)}
 
 
 def _held(sites: dict, observed: tuple[str, ...], key: str, default) -> tuple[str, ...]:

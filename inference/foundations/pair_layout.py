@@ -9,6 +9,7 @@ in the particle plate, into rows per particle and data point.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +54,15 @@ class PairLayout:
     # Sites whose mask tensor was updated in place after they were drawn (scored with its final
     # value, as Pyro's ELBOs score them).
     masks_changed: tuple[str, ...] = ()
+    # Latent sites the guide draws from a discrete distribution with a finite support, and how
+    # many values each takes (``diagnostics.discrete_guide`` sums over them).
+    discrete_guide: tuple[str, ...] = ()
+    discrete_counts: tuple[int, ...] = ()
+
+    @property
+    def discrete_values(self) -> int:
+        """Combinations of the discrete guide sites' values."""
+        return math.prod(self.discrete_counts)
 
     def rows(self, x: torch.Tensor) -> int:
         """Data points a pass of the pair on ``x`` covers."""

@@ -39,7 +39,10 @@ class WeightMoments:
         self.kept: list[torch.Tensor] | None = [] if keep_log_weights else None
 
     def add(self, log_w: torch.Tensor, elbo: torch.Tensor | None = None,
-            reconstruction: torch.Tensor | None = None) -> None:
+            reconstruction: torch.Tensor | None = None,
+            elbo_log_weight: torch.Tensor | None = None) -> None:
+        """``elbo_log_weight``: what the Monte Carlo KL deviation c = e - log w is centred on
+        where the log-weight's own mean is no ELBO (a weight summed over discrete values)."""
         lw = log_w.detach().double()
         if self.kept is not None:
             self.kept.append(log_w)
@@ -61,7 +64,8 @@ class WeightMoments:
             min(self.tail_length, self.top.shape[0] + lw.shape[0]), dim=0).values
         if elbo is not None:
             e = self._shifted("e", elbo.detach().double())
-            c = self._shifted("c", elbo.detach().double() - lw)
+            centre = lw if elbo_log_weight is None else elbo_log_weight.detach().double()
+            c = self._shifted("c", elbo.detach().double() - centre)
             for name, value in (("e", e), ("c", c), ("ee", e * e), ("cc", c * c),
                                 ("ec", e * c)):
                 self._add(name, value.sum(0))
