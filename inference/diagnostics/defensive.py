@@ -27,8 +27,8 @@ from ..foundations.errors import ConventionError, OptionError
 from ..foundations.pair_layout import PairLayout
 from ..foundations.traces import trace_pair_from_prior
 from ..foundations.weight_moments import WeightMoments
-from .results import Diagnostics
 from .discrete_guide import enumerates
+from .results import Diagnostics
 from .terms import ParticleTerms, particle_terms
 
 

@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+
 import torch
 from pyro.poutine.messenger import Messenger
 
 from ..foundations.pair_layout import PairLayout, per_datapoint
 from ..foundations.traces import site_log_prob
-from .passes import particles_of
 from .kl import ENUMERATED
+from .passes import particles_of
 from .terms import KLTerm, ParticleTerms
 
 # Combinations of discrete guide values taken per particle; beyond, Monte Carlo.

@@ -57,8 +57,8 @@ from ..foundations.program_data import ProgramData
 from ..foundations.progress import tqdm
 from ..foundations.weight_moments import WeightMoments
 from .compiled_pass import CompiledPass
-from .discrete_guide import discrete_note, enumerated_particles, enumerates
 from .defensive import MixtureSums, check_defensive, defensive_note, prior_draws, prior_particles
+from .discrete_guide import discrete_note, enumerated_particles, enumerates
 from .non_finite import refuse_non_finite
 from .passes import (
     batches,

@@ -20,7 +20,7 @@ PRIOR_SCALE = 10.0
 
 def clusters(sizes, centres, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return torch.cat([torch.randn(n, generator=g) + c for n, c in zip(sizes, centres)])
+    return torch.cat([torch.randn(n, generator=g) + c for n, c in zip(sizes, centres, strict=True)])
 
 
 def exact_evidence(x, k, log_assignment):
@@ -45,7 +45,7 @@ def one_mode_guide(x, sizes, scale=1.0):
     """q(locs): each component near one cluster's posterior, in one of the mirror modes."""
     bounds = [0, *itertools.accumulate(sizes)]
     n = torch.tensor(sizes, dtype=torch.float32)
-    means = torch.stack([x[a:b].sum() for a, b in zip(bounds, bounds[1:])]) / (n + 0.01)
+    means = torch.stack([x[a:b].sum() for a, b in zip(bounds, bounds[1:], strict=False)]) / (n + 0.01)
 
     def guide(data):
         with pyro.plate("components", len(sizes)):
