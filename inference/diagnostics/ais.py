@@ -218,14 +218,22 @@ class AnnealingPath:
     def initial_state(self, key: int, first: int) -> dict[str, torch.Tensor]:
         """z_0 ~ base for every chain and point, in unconstrained space.  Point n (the
         ``first + n``-th of the call) draws alone, seeded from ``key`` and its index, so that
-        its start is the same in any batch and on any rank."""
+        its start is the same in any batch and on any rank (where the program runs on one row;
+        else the batch draws together)."""
         if not self.layout.per_datapoint:
             with seeded(point_seeds(key, 0, 1)[0], self.x.device):
                 return self._draws(self.x)
         parts = []
         for n, seed in enumerate(point_seeds(key, first, self.rows)):
             with seeded(seed, self.x.device):
-                parts.append(self._draws(self.x[n: n + 1]))
+                try:
+                    parts.append(self._draws(self.x[n: n + 1]))
+                except Exception:  # noqa: BLE001 - the user's program, on one row of x
+                    # A program that runs only on all of its rows (a constant of N entries, an
+                    # autoguide's parameters per point): its points draw their starts together,
+                    # keyed by the batch's first point, so its numbers depend on the batch.
+                    with seeded(point_seeds(key, first, 1)[0], self.x.device):
+                        return self._draws(self.x)
         state = {}
         for name, value in parts[0].items():
             try:
@@ -309,9 +317,9 @@ class ChainByChainPath(AnnealingPath):
     def state_at(self, latents: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         u = {}
         for name, value in latents.items():
-            target = self.sites[name]["value"].shape
-            u[name] = self.transforms[name].inv(value.reshape(target)).expand(
-                (self.chains,) + tuple(target)).clone()
+            # The state's shape, not the site's: LKJCholesky's is a vector of free entries.
+            one = self.transforms[name].inv(value.reshape(self.sites[name]["value"].shape))
+            u[name] = one.expand((self.chains,) + tuple(one.shape)).clone()
         return u
 
 

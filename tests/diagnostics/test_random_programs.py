@@ -6,7 +6,9 @@ For every program: the fast path's per-particle terms (one vectorized pass, or p
 particle where the pair does not broadcast) equal the reference's for the same draws of z; each
 particle's log-weight is minus Pyro's Trace_ELBO loss on those draws (less the guide's observed
 sites, which Trace_ELBO counts); evaluate's ELBO agrees with the reference's plain Monte Carlo
-ELBO within their errors; and a program that breaks a convention is refused for its reason.
+ELBO within their errors; AIS from the guide and from the prior and BDMC run to finite numbers
+or refuse the pair in one line; and a program that breaks a convention is refused for its
+reason.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from hypothesis import HealthCheck, example, given, settings
 from pyro import poutine
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO
 
-from elbogap import ConventionError, evaluate
+from elbogap import ConventionError, annealed_evidence, bdmc, evaluate
 from elbogap.diagnostics.passes import particles_of
 from elbogap.diagnostics.reference import reference_terms
 from elbogap.foundations.conventions import inspect_pair
@@ -66,6 +68,7 @@ def check(spec: Spec) -> None:
                 pyros = -elbo.loss(model, poutine.replay(guide, trace=trace), x)
                 ours = (ref.log_weight[j] - ref.guide_observed[j]).sum().item()
                 assert math.isclose(pyros, ours, rel_tol=RTOL, abs_tol=ATOL), spec
+    anneal_or_refuse(model, guide, x, spec)
     d = evaluate(model, guide, x, num_samples=200, data_plate=spec.plate)
     with evaluation_mode(model, guide):  # as evaluate has them (its notes say so)
         plain = reference_terms(model, guide, x, num_samples=200, data_plate=spec.plate,
@@ -74,6 +77,27 @@ def check(spec: Spec) -> None:
     plain_se = totals.std().item() / math.sqrt(len(totals))
     assert abs(d.total.elbo - totals.mean().item()) < 4.5 * math.hypot(d.total.elbo_se, plain_se) \
         + 1e-6, spec
+
+
+TINY_ANNEALING = {"num_chains": 3, "num_steps": 3, "leapfrog_steps": 2, "seed": 0}
+
+
+def anneal_or_refuse(model, guide, x, spec: Spec) -> None:
+    """AIS from the guide and from the prior and BDMC each give finite numbers, or refuse the
+    pair in one line naming what it cannot take: nothing escapes from inside."""
+    runs = [lambda start=start: annealed_evidence(model, guide, x, start=start,
+                                                  data_plate=spec.plate,
+                                                  **TINY_ANNEALING).log_evidence
+            for start in ("guide", "prior")]
+    runs.append(lambda: bdmc(model, guide, x, data_plate=spec.plate, data_sets=2,
+                             **TINY_ANNEALING).lower)
+    for run in runs:
+        try:
+            value = run()
+        except ConventionError as e:
+            assert "\n" not in str(e).strip() and "'" in str(e), (spec, str(e))
+            continue
+        assert torch.isfinite(value).all(), spec
 
 
 def _rows(terms, per_datapoint: bool) -> dict[str, torch.Tensor]:
