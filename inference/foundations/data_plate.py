@@ -25,6 +25,7 @@ from .conventions import traced
 from .enumeration import enumerating, marked_for_enumeration
 from .errors import ConfigError, ConventionError
 from .full_plates import full_plates, observations_cut, widened
+from .module_mode import evaluation_mode
 from .parameter_scope import in_scope_of
 from .program_data import ProgramData, bound_program
 from .rng import rng_preserved
@@ -84,8 +85,9 @@ def _widened_pair(model: Callable, guide: Callable | None, data: ProgramData
     minibatches (``pyro.plate("data", N, len(x))``) is kept: it scores the rows it is given."""
     kept: frozenset[str] = frozenset()
     for _ in range(2):
+        # In evaluation mode: a BatchNorm in training mode would update its statistics.
         with rng_preserved(), torch.no_grad(), pyro.validation_enabled(False), \
-                full_plates(kept) as widening:
+                evaluation_mode(model, guide), full_plates(kept) as widening:
             try:
                 model_trace = traced(model, guide, data)[1]
                 failure = None

@@ -72,7 +72,7 @@ def test_every_class_and_form_against_its_exact_evidence(spec):
 
 
 @pytest.mark.slow
-@settings(max_examples=10, deadline=None, derandomize=True, database=None,
+@settings(max_examples=6, deadline=None, derandomize=True, database=None,
           suppress_health_check=list(HealthCheck))
 @given(spec=class_specs())
 def test_random_programs_of_each_class(spec):
