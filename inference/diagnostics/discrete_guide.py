@@ -29,8 +29,8 @@ from collections.abc import Callable
 import torch
 from pyro.poutine.messenger import Messenger
 
+from ..foundations.log_density import log_density
 from ..foundations.pair_layout import PairLayout, per_datapoint
-from ..foundations.traces import site_log_prob
 from .kl import ENUMERATED
 from .passes import particles_of
 from .terms import KLTerm, ParticleTerms
@@ -84,13 +84,15 @@ def enumerated_particles(model: Callable, guide: Callable, x, layout: PairLayout
     for combination in itertools.product(*(range(c) for c in layout.discrete_counts)):
         fixed = _FixedValues(dict(zip(names, combination, strict=True)))(guide)
         terms, passes = particles_of(model, fixed, x, layout, k, data_plate)
-        lq = torch.cat([sum(per_datapoint(site_log_prob(g.nodes[n]), g.nodes[n], layout,
-                                          data_plate).double() for n in names)
+        # Unmasked: a masked point's value is still drawn from q, and still read downstream.
+        lq = torch.cat([sum(per_datapoint(log_density(g.nodes[n]["fn"], g.nodes[n]["value"]),
+                                          g.nodes[n], layout, data_plate).double()
+                            for n in names)
                         .expand(terms.log_weight.shape[0] // len(passes), -1)
                         for g, _ in passes])
         parts.append(terms)
         log_q.append(lq)
-    # Normalized over the values: a masked point's site scores 0 at every value.
+    # Normalized over the values (their probabilities sum to 1 up to rounding).
     q = torch.softmax(torch.stack(log_q), 0)
 
     def mean(values: list[torch.Tensor]) -> torch.Tensor:

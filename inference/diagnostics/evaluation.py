@@ -474,9 +474,10 @@ def _global_prior(terms: ParticleTerms) -> torch.Tensor:
 
 def _global_note(layout: PairLayout, n: int, data_plate: str | None) -> str:
     if data_plate is None:
-        return ("no data plate (no plate around the model's observed sites indexes the rows of "
-                "an argument): the data are one observation, the unit is the data set, one "
-                "joint importance weight per draw")
+        return ("no data plate (no vectorized plate around the model's observed sites indexes "
+                "the rows of an argument; a sequential `for i in pyro.plate(...)` is none): the "
+                "data are one observation, the unit is the data set, one joint importance "
+                "weight per draw")
     latent = [name for name in layout.global_sites if name in layout.latent]
     why = (f"global latent variables {latent}" if latent else
            f"guide site(s) {[g for g in layout.global_sites if g not in layout.observed]} "

@@ -128,3 +128,31 @@ def test_too_many_values_are_monte_carlo_in_both_terms_with_their_se():
 def test_defensive_sampling_is_refused_where_the_discrete_site_is_summed_over():
     with pytest.raises(ConventionError, match="summed over"):
         evaluate(mixture, amortized_guide(encoder()), data(), num_samples=10, defensive=0.2)
+
+
+def test_a_masked_point_weights_its_values_by_q_not_uniformly():
+    """poutine.mask drops a point's k from log p and log q, but k is still drawn from q and
+    read by the observation: that point's ELBO is E_q[log p(x_n | k)], weighted by q."""
+    x, net = data(), encoder(3)
+    keep = torch.ones(len(x), dtype=torch.bool)
+    keep[::4] = False
+
+    def model(x):
+        with pyro.plate("data", len(x)):
+            with pyro.poutine.mask(mask=keep):
+                k = pyro.sample("k", dist.Categorical(PRIOR))
+            pyro.sample("x", dist.Normal(LOCS[k], 1.0), obs=x)
+
+    def guide(x):
+        pyro.module("encoder", net)
+        with pyro.plate("data", len(x)), pyro.poutine.mask(mask=keep):
+            pyro.sample("k", dist.Categorical(logits=net(x.unsqueeze(-1))))
+
+    d = evaluate(model, guide, x, num_samples=10)
+    with torch.no_grad():
+        q = dist.Categorical(logits=net(x.unsqueeze(-1))).probs.double()
+    likelihood = dist.Normal(LOCS, 1.0).log_prob(x.unsqueeze(-1)).double()
+    masked = ~keep
+    assert torch.allclose(d.elbo[masked], (q * likelihood).sum(-1)[masked], atol=1e-4)
+    assert torch.allclose(d.log_evidence[masked],
+                          torch.logsumexp(q.log() + likelihood, -1)[masked], atol=1e-4)
