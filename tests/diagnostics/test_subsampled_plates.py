@@ -62,6 +62,13 @@ def pyro_subsample(x):
         pyro.sample("obs", dist.Normal(mu, 1.0), obs=pyro.subsample(x, event_dim=0))
 
 
+def local_latents(x):
+    """z_n ~ N(0, 1), x_n ~ N(z_n, 1), M of the N points per run."""
+    with pyro.plate("data", len(x), subsample_size=M) as ind:
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.sample("obs", dist.Normal(z, 1.0), obs=x[ind])
+
+
 @pytest.mark.parametrize("model", [plate_indexing_x, sequential_plate, pyro_subsample],
                          ids=["plate-indices", "sequential", "pyro.subsample"])
 def test_a_subsampling_program_is_evaluated_on_all_of_its_data(model):
@@ -87,17 +94,12 @@ def test_local_latents_with_a_parameter_per_point_are_exact_per_point():
     posterior N(x_n / 2, 1/2): every point's ELBO and log p(x_n) = log N(x_n; 0, 2)."""
     x = data()
 
-    def model(x):
-        with pyro.plate("data", len(x), subsample_size=M) as ind:
-            z = pyro.sample("z", dist.Normal(0.0, 1.0))
-            pyro.sample("obs", dist.Normal(z, 1.0), obs=x[ind])
-
     def guide(x):
         loc = pyro.param("loc", x / 2)
         with pyro.plate("data", len(x), subsample_size=M) as ind:
             pyro.sample("z", dist.Normal(loc[ind], 0.5 ** 0.5))
 
-    d = evaluate(model, guide, x, num_samples=50)
+    d = evaluate(local_latents, guide, x, num_samples=50)
     exact = dist.Normal(0.0, 2.0 ** 0.5).log_prob(x)
     assert d.unit != "data set" and d.elbo.shape == (N,)
     assert torch.allclose(d.log_evidence.float(), exact, atol=1e-4)
@@ -130,11 +132,6 @@ def test_a_program_that_cannot_run_at_its_full_size_is_refused_with_the_reason()
     """A guide whose parameter has M entries, one per subsampled point: no full-size program."""
     x = data()
 
-    def model(x):
-        with pyro.plate("data", len(x), subsample_size=M) as ind:
-            z = pyro.sample("z", dist.Normal(0.0, 1.0))
-            pyro.sample("obs", dist.Normal(z, 1.0), obs=x[ind])
-
     def guide(x):
         loc = pyro.param("loc", torch.zeros(M))
         with pyro.plate("data", len(x), subsample_size=M):
@@ -142,7 +139,7 @@ def test_a_program_that_cannot_run_at_its_full_size_is_refused_with_the_reason()
 
     with pytest.raises(ConventionError, match="plate\\(s\\) 'data' \\(10 of 40\\) subsample.*"
                                               "cannot: the guide failed"):
-        evaluate(model, guide, x, num_samples=5)
+        evaluate(local_latents, guide, x, num_samples=5)
 
 
 def test_observations_not_picked_by_the_plate_are_refused():
