@@ -48,6 +48,8 @@ from elbogap.guides.mean_field import MeanFieldGuide
 from elbogap.models.vae import VAE
 from elbogap.training.elbo_step import ElboStep
 
+from . import programs_as_written
+
 DATA_DIM, HIDDEN, LATENT = 784, 400, 50
 TRAIN_SIZE = 60_000
 LOG_2PI = math.log(2 * math.pi)
@@ -472,7 +474,7 @@ def _mib(value: float | None) -> str:
     return "–" if value is None else f"{value:.0f}"
 
 
-SECTIONS = ("training", "evidence", "ais", "scaling", "data_parallel")
+SECTIONS = ("training", "evidence", "ais", "scaling", "data_parallel", "as_written")
 
 
 def markdown(report: dict) -> str:
@@ -508,6 +510,7 @@ def markdown(report: dict) -> str:
               f"{r['global_batch']} | {r['examples_per_second']:.0f} | {r['ms_per_step']:.2f} | "
               f"{r['allreduce_bytes_per_step'] / 2**20:.2f} MiB |"
               for r in report.get("data_parallel", [])]
+    lines += programs_as_written.markdown_rows(report.get("as_written", []))
     return "\n".join(lines) + "\n"
 
 
@@ -542,6 +545,9 @@ def configure(args) -> None:
     args.memory_k = (1000, 10_000) if quick else tuple(10**e for e in range(3, 8))
     args.dp_global_batch = 32 if quick else 256
     args.dp_steps, args.dp_warmup = (3, 1) if quick else (60, 10)
+    args.as_written_k = 50 if quick else 1000
+    args.as_written_chains, args.as_written_steps = (2, 5) if quick else (8, 200)
+    args.vae_points = 10 if quick else 100
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -583,7 +589,8 @@ def main(argv: list[str] | None = None) -> int:
                 "evidence": lambda: evidence_section(args, x_test),
                 "ais": lambda: ais_section(args, x_test),
                 "scaling": lambda: scaling_section(args),
-                "data_parallel": lambda: data_parallel_section(args)}
+                "data_parallel": lambda: data_parallel_section(args),
+                "as_written": lambda: programs_as_written.section(args)}
     for name in args.only or SECTIONS:
         report[name] = sections[name]()
     write_json_atomic(out / "benchmark.json", report)

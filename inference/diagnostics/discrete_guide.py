@@ -32,8 +32,9 @@ from pyro.poutine.messenger import Messenger
 from ..foundations.log_density import log_density
 from ..foundations.pair_layout import PairLayout, per_datapoint
 from .kl import ENUMERATED
-from .passes import particles_of
+from .passes import traced_terms
 from .terms import KLTerm, ParticleTerms
+from .vmapped_pass import vmapped_terms
 
 # Combinations of discrete guide values taken per particle; beyond, Monte Carlo.
 MAX_VALUES = 64
@@ -53,7 +54,8 @@ def discrete_note(layout: PairLayout) -> str | None:
                 f"their {layout.discrete_values} value(s) per particle, each term weighted by "
                 "q(value | x): reconstruction and KL over the same distribution, the importance "
                 "weight Rao-Blackwellized over them")
-    why = ("outside the data plate" if not layout.per_datapoint
+    why = ("the unit is the data set: their values are not summed per point"
+           if not layout.per_datapoint
            else f"{layout.discrete_values} combinations of values, more than {MAX_VALUES}")
     return (f"the guide's discrete site(s) {list(layout.discrete_guide)} ({why}) are Monte "
             "Carlo in both terms of the ELBO, reconstruction and KL over the same draws")
@@ -83,13 +85,18 @@ def enumerated_particles(model: Callable, guide: Callable, x, layout: PairLayout
     parts, log_q = [], []
     for combination in itertools.product(*(range(c) for c in layout.discrete_counts)):
         fixed = _FixedValues(dict(zip(names, combination, strict=True)))(guide)
-        terms, passes = particles_of(model, fixed, x, layout, k, data_plate)
         # Unmasked: a masked point's value is still drawn from q, and still read downstream.
-        lq = torch.cat([sum(per_datapoint(log_density(g.nodes[n]["fn"], g.nodes[n]["value"]),
-                                          g.nodes[n], layout, data_plate).double()
-                            for n in names)
-                        .expand(terms.log_weight.shape[0] // len(passes), -1)
-                        for g, _ in passes])
+        if layout.vmap is not None and k > 1:
+            terms, _, densities = vmapped_terms(model, fixed, x, layout, k, data_plate,
+                                                guide_densities=tuple(names))
+            lq = sum(densities.values())
+        else:
+            terms, passes = traced_terms(model, fixed, x, layout, k, data_plate)
+            lq = torch.cat([sum(per_datapoint(log_density(g.nodes[n]["fn"], g.nodes[n]["value"]),
+                                              g.nodes[n], layout, data_plate).double()
+                                for n in names)
+                            .expand(terms.log_weight.shape[0] // len(passes), -1)
+                            for g, _ in passes])
         parts.append(terms)
         log_q.append(lq)
     # Normalized over the values (their probabilities sum to 1 up to rounding).

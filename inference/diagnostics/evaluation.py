@@ -174,7 +174,7 @@ def evaluate(
 
 
 # Draws of the mode-averaged estimate at most (each scores q at every permutation): in the
-# particle plate, and for a pair taken particle by particle.
+# particle plate or under vmap, and for a pair taken particle by particle.
 MODE_AVERAGED_DRAWS = 1000, 250
 
 
@@ -187,7 +187,8 @@ def _mirror_modes(model: Callable, guide: Callable, x: ProgramData, layout: Pair
         return
     with torch.no_grad():
         result = mode_averaged(model, guide, x, layout, symmetry,
-                               min(d.num_samples, MODE_AVERAGED_DRAWS[not layout.vectorized]))
+                               min(d.num_samples, MODE_AVERAGED_DRAWS[
+                                   not (layout.vectorized or layout.vmap)]))
     d.notes.append(symmetry_note(symmetry, result, d.total.log_evidence))
     d.mirror_modes = {"plate": symmetry.plate, "components": symmetry.size,
                       "mirror_modes": symmetry.mirror_modes,

@@ -1,6 +1,7 @@
 """Passes of a pair over data: the arguments checked, the batches of x a pass covers, the layout
-of each batch, and the traces of k particles (one vectorized pass in a particle plate, or one
-pass per particle for a pair that does not broadcast over it).
+of each batch, and the terms of k particles (one vectorized pass in a particle plate; for a pair
+that does not broadcast over it, one pass under ``torch.func.vmap`` where that was found to
+give the plain passes' terms, else one pass per particle).
 
 Every estimator of this layer walks data the same way: ``evaluate`` per data point (each
 batch's K draws its own), and the joint estimators of a data set (``joint_chunks``: every batch
@@ -19,9 +20,11 @@ from pyro.poutine.trace_struct import Trace
 from ..foundations.conventions import inspect_pair
 from ..foundations.errors import ConfigError, ConventionError, OptionError
 from ..foundations.pair_layout import PairLayout, global_part
+from ..foundations.particle_vmap import StackedDraws
 from ..foundations.progress import tqdm
 from ..foundations.traces import FixedSubsample, particle, trace_pair
 from .terms import ParticleTerms, particle_terms
+from .vmapped_pass import vmapped_terms, with_vmap
 
 
 def checked_arguments(x: torch.Tensor, num_samples: int, batch_size: int | None,
@@ -44,13 +47,23 @@ def first_layout(model: Callable, guide: Callable, x: torch.Tensor, batch_size: 
     point (an autoguide on local latents) runs only on the whole data set it was built for.
     ``verified``, ``replay_particles``: as ``inspect_pair`` takes them."""
     try:
-        return inspect_pair(model, guide, x[:batch_size], data_plate, verified,
-                            replay_particles), batch_size
+        return pass_layout(model, guide, x[:batch_size], data_plate, verified,
+                           replay_particles), batch_size
     except ConventionError:
         if batch_size >= x.shape[0]:
             raise
     # If the whole data set fails too, its error is the one that explains.
-    return inspect_pair(model, guide, x, data_plate, verified, replay_particles), x.shape[0]
+    return pass_layout(model, guide, x, data_plate, verified, replay_particles), x.shape[0]
+
+
+def pass_layout(model: Callable, guide: Callable, x: torch.Tensor, data_plate: str,
+                verified: set | None = None, replay_particles: bool = True) -> PairLayout:
+    """``inspect_pair``'s layout, with the vmapped path for a pair that does not broadcast
+    (``vmapped_pass.with_vmap``), unless a single particle is all that will be drawn."""
+    layout = inspect_pair(model, guide, x, data_plate, verified, replay_particles)
+    if layout.vectorized or not replay_particles:
+        return layout
+    return with_vmap(model, guide, x, layout, data_plate)
 
 
 @dataclass
@@ -86,9 +99,14 @@ def batches(model: Callable, guide: Callable, x: torch.Tensor, batch_size: int,
 def vectorization_notes(layout: PairLayout) -> list[str]:
     if layout.vectorized:
         return []
-    return ["the pair does not broadcast over a leading particle dimension: evaluated one "
-            "particle at a time (slower; see the README, 'What elbogap needs from your "
-            "program')"]
+    if layout.vmap is not None:
+        return [f"the pair does not broadcast over a leading particle dimension: its particles "
+                f"are vectorized with torch.func.vmap ({layout.vmap}), which gave a plain "
+                "pass's terms at the same draws"]
+    cause = f": vmap could not take it ({layout.loop_reason})" if layout.loop_reason else ""
+    return ["the pair does not broadcast over a leading particle dimension and is evaluated one "
+            f"particle at a time{cause} (slower; see the README, 'What elbogap needs from "
+            "your program')"]
 
 
 def traced_particles(model: Callable, guide: Callable, x: torch.Tensor, layout: PairLayout,
@@ -107,12 +125,47 @@ def traced_particles(model: Callable, guide: Callable, x: torch.Tensor, layout: 
 
 
 def particles_of(model: Callable, guide: Callable, x: torch.Tensor, layout: PairLayout, k: int,
+                 data_plate: str, replay=None) -> tuple[ParticleTerms, Trace | list | StackedDraws]:
+    """The terms of ``k`` particles on ``x``, and the global guide sites they were drawn at,
+    to replay on other batches (in the form ``replay`` takes for this layout: a trace in the
+    particle plate, a list of k traces, or the vmapped path's stacked draws)."""
+    if layout.vmap is not None and k > 1:
+        with pyro.validation_enabled(False):
+            terms, draws, _ = vmapped_terms(model, guide, x, layout, k, data_plate, replay)
+        return terms, draws.only(layout.global_sites)
+    terms, passes = traced_terms(model, guide, x, layout, k, data_plate, replay)
+    drawn = [global_part(g, layout) for g, _ in passes]
+    return terms, drawn[0] if layout.vectorized and k > 1 else drawn
+
+
+def traced_terms(model: Callable, guide: Callable, x: torch.Tensor, layout: PairLayout, k: int,
                  data_plate: str, replay=None) -> tuple[ParticleTerms, list]:
-    """The terms of ``k`` particles on ``x``, and the guide traces (to replay global sites)."""
+    """The terms of ``k`` particles from traces of the pair (in the particle plate, or one
+    pass per particle), and those ``(guide, model)`` traces."""
     passes = traced_particles(model, guide, x, layout, k, replay)
     per = [particle_terms(g, m, layout, data_plate, k if len(passes) == 1 else 1, layout.rows(x))
            for g, m in passes]
     return ParticleTerms.cat(per), passes
+
+
+def replay_as(replay, layout: PairLayout, k: int, particle_dim: int
+              ) -> tuple[Trace | list | StackedDraws | None, PairLayout]:
+    """Global draws made on one batch (``particles_of``'s form for its layout), in the form
+    this batch's ``layout`` replays, and the layout to use (a batch handed per-particle draws
+    goes particle by particle where it cannot take them as they are)."""
+    if replay is None:
+        return None, layout
+    if isinstance(replay, Trace):  # in the particle plate
+        if layout.vectorized and k > 1:
+            return replay, layout
+        replay = [particle(replay, j, particle_dim) for j in range(k)]
+    if layout.vmap is not None and k > 1:
+        if isinstance(replay, list):
+            replay = StackedDraws.of_traces(replay)
+        return replay, layout
+    if isinstance(replay, StackedDraws):
+        replay = [replay.particle(j) for j in range(k)]
+    return replay, replace(layout, vectorized=False) if k > 1 else layout
 
 
 def joint_chunks(model, guide, x, first: PairLayout, batch_size: int, num_samples: int,
@@ -132,19 +185,12 @@ def joint_chunks(model, guide, x, first: PairLayout, batch_size: int, num_sample
         replay = None
         for b in batches(model, guide, x, batch_size, first, data_plate):
             if b.start not in layouts:
-                layouts[b.start] = inspect_pair(b.model, b.guide, b.x, data_plate, verified)
-            layout = layouts[b.start]
-            replay_here = replay
-            if isinstance(replay, Trace) and not layout.vectorized:
-                # Draws made in the particle plate, for a batch taken particle by particle.
-                replay_here = [particle(replay, j, first.particle_dim) for j in range(k)]
-            elif isinstance(replay, list) and len(replay) > 1 and layout.vectorized:
-                layout = replace(layout, vectorized=False)
-            terms, passes = particles_of(b.model, b.guide, b.x, layout, k, data_plate,
-                                         replay_here)
+                layouts[b.start] = pass_layout(b.model, b.guide, b.x, data_plate, verified)
+            replay_here, layout = replay_as(replay, layouts[b.start], k, first.particle_dim)
+            terms, drawn = particles_of(b.model, b.guide, b.x, layout, k, data_plate,
+                                        replay_here)
             if replay is None:
-                replay = [global_part(g, layout) for g, _ in passes]
-                replay = replay[0] if layout.vectorized and k > 1 else replay
+                replay = drawn
             yield b.start, layout, terms.first_points(b.keep)
 
     for done in chunks:

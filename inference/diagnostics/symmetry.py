@@ -30,8 +30,10 @@ from dataclasses import dataclass
 import pyro
 import torch
 from pyro import poutine
+from pyro.poutine.trace_struct import Trace
 
 from ..foundations.pair_layout import PairLayout, per_datapoint
+from ..foundations.particle_vmap import DRAWS_IN_A_LOOP, StackedDraws, as_trace, vmapped
 from ..foundations.psis import pareto_khat
 from ..foundations.statistics import log_mean_exp_with_se
 from ..foundations.traces import (
@@ -174,36 +176,91 @@ class ModeAveraged:
 def mode_averaged(model: Callable, guide: Callable, x, layout: PairLayout, symmetry: Symmetry,
                   num_samples: int, chunk: int = 100) -> ModeAveraged | str:
     """The mode-averaged estimate, or why it cannot be taken (a string).  Draws in the
-    particle plate, ``chunk`` at a time, where the pair broadcasts over it."""
+    particle plate, ``chunk`` at a time, where the pair broadcasts over it; under vmap where
+    its pass is vmapped (``layout.vmap``, its first chunk checked against plain passes at the
+    same draws); else one at a time."""
     if symmetry.mirror_modes > MAX_PERMUTATIONS:
         return (f"{symmetry.mirror_modes} permutations per draw, more than "
                 f"{MAX_PERMUTATIONS} to score")
     perms = [torch.tensor(p) for p in itertools.permutations(range(symmetry.size))]
-    per_pass = chunk if layout.vectorized else 1
-    log_w = []
     with torch.no_grad(), pyro.validation_enabled(False):
+        latent = {n: s for n, s in sample_sites(poutine.trace(guide).get_trace(x)).items()
+                  if not s["is_observed"]}
+        if any(is_point_mass(s["fn"]) for s in latent.values()):
+            return ("the guide's sites are point masses driven by auxiliary sites (an "
+                    "autoguide), whose density at a permuted draw is not defined")
+        vmap_way = layout.vmap
+        per_pass = chunk if layout.vectorized or vmap_way is not None else 1
+        log_w = []
         for done in range(0, num_samples, per_pass):
             k = min(per_pass, num_samples - done)
-            particles = k if k > 1 else None
-            g = in_particles(guide, particles, layout.particle_dim)
-            m = in_particles(model, particles, layout.particle_dim)
-            guide_trace = poutine.trace(g).get_trace(x)
-            latent = {n: s for n, s in sample_sites(guide_trace).items()
-                      if not s["is_observed"]}
-            if any(is_point_mass(s["fn"]) for s in latent.values()):
-                return ("the guide's sites are point masses driven by auxiliary sites (an "
-                        "autoguide), whose density at a permuted draw is not defined")
-            values = {n: s["value"] for n, s in latent.items()}
-            log_q = [_log_density(poutine.condition(g, data=symmetry.permuted(values, perm)),
-                                  x, layout, k, values)
-                     for perm in perms]
-            log_q_sym = torch.logsumexp(torch.stack(log_q), 0) - math.log(len(perms))
-            log_w.append(_log_density(poutine.condition(m, data=values), x, layout, k)
-                         - log_q_sym)
+            if vmap_way is not None and k > 1:
+                w = _vmapped_weights(model, guide, x, layout, symmetry, perms, k, vmap_way,
+                                     check=done == 0)
+                if w is not None:
+                    log_w.append(w)
+                    continue
+                vmap_way, per_pass = None, 1  # what vmap gave differs: one at a time
+                log_w.extend(_weights(model, guide, x, layout, symmetry, perms, None)
+                             for _ in range(k))
+                continue
+            log_w.append(_weights(model, guide, x, layout, symmetry, perms,
+                                  k if k > 1 else None))
     log_w = torch.cat(log_w).unsqueeze(1)
     estimate, se = log_mean_exp_with_se(log_w)
     return ModeAveraged(float(estimate[0]), float(se[0]), float(pareto_khat(log_w)[0]),
                         num_samples)
+
+
+def _weights(model: Callable, guide: Callable, x, layout: PairLayout, symmetry: Symmetry,
+             perms: list, particles: int | None, given: Trace | None = None,
+             draws: dict | None = None) -> torch.Tensor:
+    """log p(x, z) - log mean_sigma q(sigma z) of ``particles`` draws (None: one, in no
+    plate) ``[k]``; ``given`` replays the guide's draws; ``draws`` receives them."""
+    k = particles or 1
+    g = in_particles(guide, particles, layout.particle_dim)
+    m = in_particles(model, particles, layout.particle_dim)
+    drawn = g if given is None else poutine.replay(g, trace=given)
+    guide_trace = poutine.trace(drawn).get_trace(x)
+    values = {n: s["value"] for n, s in sample_sites(guide_trace).items()
+              if not s["is_observed"]}
+    if draws is not None:
+        draws.update(values)
+    log_q = [_log_density(poutine.condition(g, data=symmetry.permuted(values, perm)),
+                          x, layout, k, values)
+             for perm in perms]
+    log_q_sym = torch.logsumexp(torch.stack(log_q), 0) - math.log(len(perms))
+    return _log_density(poutine.condition(m, data=values), x, layout, k) - log_q_sym
+
+
+def _vmapped_weights(model: Callable, guide: Callable, x, layout: PairLayout,
+                     symmetry: Symmetry, perms: list, k: int, way: str,
+                     check: bool) -> torch.Tensor | None:
+    """``_weights`` of k draws under vmap (``way`` as ``layout.vmap``); with ``check``, None
+    unless its first two equal plain passes' at the same draws."""
+    given = None
+    if way == DRAWS_IN_A_LOOP:
+        given = StackedDraws.of_traces([poutine.trace(guide).get_trace(x) for _ in range(k)])
+
+    def one(values: dict):
+        draws: dict = {}
+        replay = as_trace(values, given.infer) if values else None
+        w = _weights(model, guide, x, layout, symmetry, perms, None, replay, draws)
+        return w[0], draws
+
+    try:
+        w, draws = vmapped(one, k, None if given is None else given.values,
+                           "error" if given is not None else "different")
+    except Exception:  # noqa: BLE001 - what vmap cannot take here: one at a time
+        return None
+    if check:
+        infer = {name: {} for name in draws}
+        for j in range(2):
+            plain = _weights(model, guide, x, layout, symmetry, perms, None,
+                             as_trace({n: v[j] for n, v in draws.items()}, infer))
+            if not torch.allclose(w[j:j + 1], plain, rtol=1e-4, atol=1e-3):
+                return None
+    return w
 
 
 def _log_density(program: Callable, x, layout: PairLayout, k: int,

@@ -33,6 +33,11 @@ class PairLayout:
     auxiliary: tuple[str, ...] = ()
     # Whether the pair accepts a leading particle dimension (Pyro's vectorize_particles).
     vectorized: bool = True
+    # For a pair that does not: how ``torch.func.vmap`` vectorizes its particles instead
+    # (``particle_vmap``), found to give the plain passes' terms; None: one particle at a time,
+    # for ``loop_reason``.
+    vmap: str | None = None
+    loop_reason: str | None = None
     # Rows the data plate picks of x itself (pyro.plate("data", len(x), subsample_size=B)).
     subsample: int | None = None
     # Whether the observed sites hold less than x: the rest of x is an input the model

@@ -39,6 +39,7 @@ from .kl_weight import KLWeighted
 from .minibatch import ScaleDataPlate
 from .objectives import PerDatapointRenyiELBO
 from .parameters import pair_parameters
+from .vmapped_elbo import ParticlesOfAnyPair
 
 
 class TraceGraphELBO(TraceGraph_ELBO):
@@ -82,6 +83,7 @@ class ElboStep:
         max_plate_nesting: int | None = None,
         renyi_alpha: float = 0.0,
         kl_weighted: bool = False,
+        broadcasts: bool = True,
         clip_norm: float | None = None,
     ):
         self.scale = ScaleDataPlate(data_plate, num_data)
@@ -103,6 +105,10 @@ class ElboStep:
             particles["max_plate_nesting"] = max_plate_nesting
         if elbo == "iwae":
             self.loss = PerDatapointRenyiELBO(num_particles, renyi_alpha, data_plate)
+        elif num_particles > 1 and not broadcasts:
+            self.loss = ParticlesOfAnyPair(
+                ELBOS[elbo], num_particles,
+                **{k: v for k, v in particles.items() if k == "max_plate_nesting"})
         else:
             self.loss = ELBOS[elbo](**particles)
         # A recording takes tensors: the minibatch's arguments go in as their tensors, put
@@ -118,6 +124,8 @@ class ElboStep:
             self.compiled.disable("TraceEnum_ELBO runs eagerly")
         elif elbo == "iwae":
             self.compiled.disable("the per-datapoint importance-weighted bound runs eagerly")
+        elif num_particles > 1 and not broadcasts:
+            self.compiled.disable("particles of a pair that does not broadcast run eagerly")
         elif elbo == "tracegraph":
             self.compiled.disable("TraceGraph_ELBO runs eagerly")
         elif pyro.settings.get("module_local_params"):

@@ -158,7 +158,8 @@ class _Training:
                              distributed=distributed, jit=options.jit,
                              max_plate_nesting=self.plan.layout.max_plate_nesting,
                              renyi_alpha=options.renyi_alpha,
-                             kl_weighted=options.kl_schedule.active, clip_norm=options.clip_norm)
+                             kl_weighted=options.kl_schedule.active, clip_norm=options.clip_norm,
+                             broadcasts=self.plan.layout.vectorized)
         self.result = FitResult(step=self.step, plan=self.plan)
         self.stopping = EarlyStopping.check(options, self.plan, run_path,
                                             writes=distributed.is_main)
@@ -260,6 +261,8 @@ class _Training:
             record["lr"] = options.lr * step.lr_multiplier
         if options.clip_norm is not None:
             record["clipped_steps"] = step.clipped
+        if getattr(step.loss, "note", None):
+            record["particles"] = step.loss.note
         parameters = pair_parameters(self.model, self.guide)
         stop = self.stopping is not None and self.stopping.after_epoch(
             epoch, self.result.history + [record], self.watched, parameters)

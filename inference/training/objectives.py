@@ -22,6 +22,14 @@ import torch
 from ..foundations.conventions import inspect_pair
 from ..foundations.errors import ConventionError, OptionError
 from ..foundations.pair_layout import PairLayout, per_datapoint
+from ..foundations.particle_vmap import (
+    StackedDraws,
+    as_trace,
+    latent_draws,
+    unbatched_reason,
+    vmapped,
+)
+from ..foundations.rng import rng_preserved
 from ..foundations.traces import data_frame, sample_sites, site_log_prob, trace_pair
 
 
@@ -36,6 +44,9 @@ class PerDatapointRenyiELBO:
                                              f"elbo='trace'), got {alpha}")
         self.num_particles, self.alpha, self.data_plate = num_particles, alpha, data_plate
         self._layout: PairLayout | None = None
+        self._loop_reason: str | None = None
+        # How the particles of a pair that does not broadcast are drawn, and why.
+        self.note: str | None = None
 
     def _log_weights(self, model: Callable, guide: Callable, x: torch.Tensor
                      ) -> tuple[torch.Tensor, float]:
@@ -48,21 +59,65 @@ class PerDatapointRenyiELBO:
                     f"the importance-weighted bound (elbo='iwae', --elbo iwae) bounds each data "
                     f"point's evidence: sites "
                     f"{list(self._layout.global_sites)} are outside plate '{self.data_plate}'")
-            if not self._layout.vectorized:
-                raise ConventionError("the importance-weighted bound (elbo='iwae', --elbo iwae) "
-                                      "draws its particles in one plate: the pair must broadcast "
-                                      "over a leading particle dimension")
+            if not self._layout.vectorized and self.num_particles > 1:
+                self._loop_reason = self._vmap_reason(model, guide, x)
+                self.note = (
+                    "the pair does not broadcast over a leading particle dimension: the "
+                    "bound's particles are " + (
+                        "vectorized with torch.func.vmap (checked against plain passes)"
+                        if self._loop_reason is None else
+                        f"drawn one by one: vmap could not take it ({self._loop_reason})"))
         layout, k = self._layout, self.num_particles
+        if not layout.vectorized and k > 1 and self._loop_reason is None:
+            (log_w, scale), _ = self._vmapped(model, guide, x, k)
+            return log_w, scale
+        if not layout.vectorized:
+            parts = [self._point_log_weights(*trace_pair(model, guide, x), 1) for _ in range(k)]
+            return torch.cat([p[0] for p in parts]), parts[0][1]
         guide_trace, model_trace = trace_pair(model, guide, x, k, layout.particle_dim)
+        return self._point_log_weights(guide_trace, model_trace, k)
+
+    def _point_log_weights(self, guide_trace, model_trace, k: int) -> tuple[torch.Tensor, float]:
         log_w, scale = 0.0, 1.0
         for sign, trace in ((1.0, model_trace), (-1.0, guide_trace)):
             for site in sample_sites(trace).values():
                 if data_frame(site, self.data_plate) is None:
                     continue
-                values = per_datapoint(site_log_prob(site), site, layout, self.data_plate)
+                values = per_datapoint(site_log_prob(site), site, self._layout, self.data_plate)
                 log_w = log_w + sign * values
                 scale = float(site["scale"])
         return torch.as_tensor(log_w).expand(k, -1), scale
+
+    def _vmapped(self, model: Callable, guide: Callable, x, k: int, given=None):
+        """``_point_log_weights`` of k particles of one plain pass each, under vmap; and the
+        draws."""
+        meta: dict = {}
+
+        def one(values: dict):
+            replay = as_trace(values, given.infer) if values else None
+            guide_trace, model_trace = trace_pair(model, guide, x, replay_guide=replay)
+            log_w, meta["scale"] = self._point_log_weights(guide_trace, model_trace, 1)
+            draws = latent_draws(guide_trace)
+            meta["infer"] = {name: guide_trace.nodes[name]["infer"] for name in draws}
+            return log_w[0], draws
+
+        log_w, draws = vmapped(one, k, None if given is None else given.values,
+                               "different" if given is None else "error")
+        return (log_w, meta["scale"]), StackedDraws(draws, meta["infer"])
+
+    def _vmap_reason(self, model: Callable, guide: Callable, x) -> str | None:
+        """None where two vmapped particles' log-weights equal plain passes' at their draws."""
+        try:
+            with rng_preserved(), torch.no_grad():
+                (log_w, _), draws = self._vmapped(model, guide, x, 2)
+                for j in range(2):
+                    traces = trace_pair(model, guide, x, replay_guide=draws.particle(j))
+                    plain, _ = self._point_log_weights(*traces, 1)
+                    if not torch.allclose(log_w[j], plain[0], rtol=1e-4, atol=1e-3):
+                        return "under vmap a particle's log-weights differ from a plain pass's"
+        except Exception as e:  # noqa: BLE001 - what vmap cannot take, named
+            return unbatched_reason(e)
+        return None
 
     def differentiable_loss(self, model: Callable, guide: Callable, x: torch.Tensor
                             ) -> torch.Tensor:

@@ -124,12 +124,5 @@ def plan_evaluation(model: Callable, guide: Callable, data: Dataset,
         if data.test is not None and data.test.shape[0] > 0 and layout.per_datapoint:
             test = data.test if layout.subsample is not None else data.test[:2]
             held_out = _runs_on(model, guide, test, plate)
-    if options.num_particles > 1 and not layout.vectorized:
-        raise OptionError(
-            "num_particles",
-            f"{{option}} {options.num_particles}: the pair does not broadcast over a leading "
-            "particle dimension (see the README, 'What elbogap needs from your program'), so "
-            "Pyro cannot vectorize its particles; use {option} 1"
-        )
     return EvaluationPlan(layout, held_out,
                           "validation" if data.validation is not None else "test")

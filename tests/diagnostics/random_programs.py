@@ -11,6 +11,11 @@ normalizes along a fixed axis of a ``[N, D]`` batch with N = D.  A model may als
 a discrete state per data point, marked for parallel enumeration and summed out, that shifts the
 decoder's output.  A spec may also ask for a program the diagnostics must refuse: a site marked
 for *sequential* enumeration, a point mass in the guide.
+
+A program may also be written so that it does not broadcast over a leading particle dimension
+(``UNBROADCAST``), as most programs users write are not: ``nn.functional.linear`` on a sampled
+weight, a ``PyroModule[nn.Linear]`` whose weight is a ``PyroSample``, a sampled table indexed by
+a sampled integer, a Python loop over the plate's rows.
 """
 
 from __future__ import annotations
@@ -23,10 +28,13 @@ import torch
 import torch.nn.functional as F
 from hypothesis import strategies as st
 from pyro import poutine
+from pyro.nn import PyroModule, PyroSample
 from torch import nn
 
 FAMILIES = ("normal", "lognormal", "gamma", "beta", "dirichlet", "bernoulli")
 DECODERS = ("linear", "softmax_axis", "dropout", "batchnorm")
+# Constructs that do not broadcast over particles; the first three add global sites.
+UNBROADCAST = ("sampled_weight", "pyro_module", "sampled_index", "row_loop")
 
 
 @dataclass(frozen=True)
@@ -54,10 +62,11 @@ class Spec:
     decoder: str
     mixture: bool  # a discrete state per point, enumerated in the model and summed out
     refusal: str | None  # None, "sequential", "point_mass"
+    unbroadcast: str | None = None  # one of UNBROADCAST
 
     @property
     def per_datapoint(self) -> bool:
-        return all(site.local for site in self.sites)
+        return all(site.local for site in self.sites) and self.unbroadcast in (None, "row_loop")
 
 
 @st.composite
@@ -78,6 +87,10 @@ def specs(draw) -> Spec:
     # between sites of the same kind (both global or both in the plate).
     reversible = len({site.local for site in sites}) == 1
     obs_masked = draw(st.booleans())
+    unbroadcast = draw(st.sampled_from((None, None) + UNBROADCAST))
+    if unbroadcast == "row_loop" and decoder == "batchnorm":
+        # BatchNorm in training mode refuses a batch of one row (torch's own error).
+        unbroadcast = "sampled_weight"
     return Spec(
         n=n, d=d, plate=draw(st.sampled_from(("data", "rows", "documents"))), sites=tuple(sites),
         reversed_guide=reversible and draw(st.booleans()),
@@ -88,7 +101,8 @@ def specs(draw) -> Spec:
         # obs_mask's unobserved values are latents whose prior would depend on the state: a
         # refusal of its own (tests/real_programs/test_programs_as_written.py), not drawn here.
         mixture=not obs_masked and draw(st.booleans()),
-        refusal=draw(st.sampled_from((None, None, None, None, "sequential", "point_mass"))))
+        refusal=draw(st.sampled_from((None, None, None, None, "sequential", "point_mass"))),
+        unbroadcast=unbroadcast)
 
 
 def center(value: torch.Tensor, family: str) -> torch.Tensor:
@@ -129,6 +143,19 @@ def posterior_guess(family: str, c: torch.Tensor) -> dist.Distribution:
     return dist.Bernoulli(logits=0.2 * c)
 
 
+class Head(PyroModule):
+    """A ``PyroModule[nn.Linear]`` whose weight is a ``PyroSample`` (site ``head.weight``), as
+    Pyro's Bayesian regression tutorial writes one."""
+
+    def __init__(self, m: int, d: int):
+        super().__init__()
+        self.head = PyroModule[nn.Linear](m, d)
+        self.head.weight = PyroSample(dist.Normal(0.0, 1.0).expand([d, m]).to_event(2))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features)
+
+
 class Decoder(nn.Module):
     def __init__(self, spec: Spec):
         super().__init__()
@@ -159,6 +186,25 @@ def build(spec: Spec):
     obs_mask = torch.ones(spec.n, dtype=torch.bool)
     obs_mask[-1] = False
 
+    head = Head(len(spec.sites), spec.d)
+
+    def unbroadcast(f: torch.Tensor) -> torch.Tensor:
+        """The decoder's output with the spec's construct that does not broadcast."""
+        m = len(spec.sites)
+        if spec.unbroadcast == "row_loop":
+            return torch.stack([decoder(f[i:i + 1])[0] for i in range(f.shape[-2])])
+        h = decoder(f)
+        if spec.unbroadcast == "sampled_weight":
+            w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([spec.d, m]).to_event(2))
+            h = h + F.linear(f, w)
+        elif spec.unbroadcast == "pyro_module":
+            h = h + head(f)
+        elif spec.unbroadcast == "sampled_index":
+            table = pyro.sample("table", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
+            j = pyro.sample("j", dist.Categorical(torch.ones(3) / 3))
+            h = h + table[j]
+        return h
+
     def features(values: dict, x: torch.Tensor) -> torch.Tensor:
         parts = [center(values[site.name], site.family).float() for site in spec.sites]
         parts = torch.broadcast_tensors(*parts, x[..., 0])[:-1]
@@ -179,13 +225,14 @@ def build(spec: Spec):
             else:
                 values[site.name] = pyro.sample(site.name, prior(site.family, c))
             previous = site
+        h = unbroadcast(features(values, x))
         with plate:
             shift = 0.0
             if spec.mixture or spec.refusal == "sequential":
                 how = "sequential" if spec.refusal == "sequential" else "parallel"
                 k = pyro.sample("k", dist.Bernoulli(x.new_full((), 0.3)), infer={"enumerate": how})
                 shift = 1.5 * k.unsqueeze(-1)
-            h = decoder(features(values, x)) + shift
+            h = h + shift
             if spec.deterministic:
                 pyro.deterministic("h_total", h.sum(-1))
             if spec.model_factor:
@@ -212,6 +259,14 @@ def build(spec: Spec):
             else:
                 values[site.name] = pyro.sample(site.name, fn)
             previous = site
+        m = len(spec.sites)
+        if spec.unbroadcast == "sampled_weight":
+            pyro.sample("w", dist.Normal(0.1, 0.7).expand([spec.d, m]).to_event(2))
+        elif spec.unbroadcast == "pyro_module":
+            pyro.sample("head.weight", dist.Normal(-0.1, 0.8).expand([spec.d, m]).to_event(2))
+        elif spec.unbroadcast == "sampled_index":
+            pyro.sample("table", dist.Normal(0.2, 0.8).expand([3]).to_event(1))
+            pyro.sample("j", dist.Categorical(torch.tensor([0.5, 0.3, 0.2])))
         with plate:
             if spec.obs_masked:
                 pyro.sample("x_unobserved",

@@ -274,7 +274,7 @@ def correlation_model(y):
 
 
 def correlation_model_mm(y):
-    """The same density written with torch.mm, which does not broadcast: chain by chain."""
+    """The same density written with torch.mm, which does not broadcast: vmapped over chains."""
     factor = pyro.sample("L", LKJ)
     with pyro.plate("obs", y.shape[0]):
         pyro.sample("y", dist.MultivariateNormal(torch.zeros(2),
@@ -289,7 +289,8 @@ def correlation_prior_guide(y):
 def test_ais_anneals_an_lkj_site_whose_state_has_fewer_dimensions_than_the_site():
     """The chain's state of an LKJCholesky site is its free entries (a vector), the site a
     matrix: the momentum's kinetic energy and the chains' shapes follow the state.  AIS from the
-    prior against the evidence by quadrature over the correlation; chain by chain it runs."""
+    prior against the evidence by quadrature over the correlation; vmapped over the chains (the
+    torch.mm form) it runs too."""
     pyro.set_rng_seed(0)
     y = dist.MultivariateNormal(torch.zeros(2), scale_tril=correlation_cholesky(
         torch.tensor(0.6))).sample((5,))

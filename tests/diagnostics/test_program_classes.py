@@ -60,7 +60,7 @@ def check_class(spec: ClassSpec) -> None:
     assert b.summary()["check"] != "failed", spec
 
 
-# The covariance model is annealed chain by chain (torch.mm does not broadcast): a minute.
+# The covariance model is annealed with vmap over its chains (torch.mm does not broadcast).
 EVERY_FORM = [pytest.param(ClassSpec(kind, form, 4, 1), id=f"{kind}-{form}",
                            marks=[pytest.mark.slow] if kind == "covariance" else [])
               for kind, forms in FORMS.items() for form in forms]

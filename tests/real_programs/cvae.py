@@ -3,7 +3,7 @@
 As there: ``model(xs, ys=None)`` and ``guide(xs, ys=None)``, a size-less ``pyro.plate("data")``,
 a prior network p(z | xs) and a generation network, the observed quadrants picked by
 boolean-mask indexing, ``loc[(xs == -1)].view(batch_size, -1)``, which does not broadcast over a
-leading particle dimension (elbogap evaluates it one particle at a time), and without ``ys`` the
+leading particle dimension (elbogap vectorizes it with torch.func.vmap), and without ``ys`` the
 model records its prediction with ``pyro.deterministic`` while the guide falls back on the prior
 network.  ``xs`` holds the observed quadrants (-1 where hidden), ``ys`` the whole image.
 

@@ -212,7 +212,8 @@ def test_a_mixture_with_enumerated_assignments_matches_its_exact_evidence_and_tr
     svi = SVI(mixture, guide, pyro.optim.Adam({"lr": 0.05}), TraceEnum_ELBO(max_plate_nesting=1))
     for _ in range(400):
         svi.step(data)
-    # locs[assignment] does not broadcast over particles: one at a time, so K is modest.
+    # locs[assignment] does not broadcast over particles, and Pyro's enumeration reads
+    # value.data, which vmap forbids: one particle at a time, so K is modest.
     d = evaluate(mixture, guide, data, num_samples=1000)
     assert d.unit == "data set" and d.observed == ("obs",)
     assert any("['assignment']" in note and "summed out exactly" in note for note in d.notes)

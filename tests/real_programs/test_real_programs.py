@@ -358,7 +358,7 @@ def test_eight_schools_against_quadrature():
 
 
 @pytest.mark.slow
-def test_bayesian_regression_tutorial_does_not_broadcast_and_is_evaluated_per_particle():
+def test_bayesian_regression_tutorial_does_not_broadcast_and_is_vmapped():
     features, y = bayesian_regression.data()
     model = bayesian_regression.BayesianRegression()
     guide = AutoDiagonalNormal(model)
@@ -366,7 +366,7 @@ def test_bayesian_regression_tutorial_does_not_broadcast_and_is_evaluated_per_pa
     d = evaluate(model, guide, features, y, num_samples=1500)
     t = d.total
     exact = bayesian_regression.exact_log_evidence(features, y)
-    assert any("one particle at a time" in n for n in d.notes)
+    assert any("vectorized with torch.func.vmap" in n for n in d.notes)
     assert d.unit == "data set" and t.elbo < exact
     if t.khat < 0.5:
         assert_within(t.log_evidence, exact, t.log_evidence_se)
@@ -409,15 +409,7 @@ def test_cvae_masks_and_size_less_plate_train_and_evaluate():
                                                         progress=False))
     record = result.history[-1]
     assert math.isfinite(record["train_elbo"]) and record["test_elbo"] is not None
-    assert any("one particle at a time" in n for n in record["diagnostics"]["notes"])
-
-
-def test_cvae_particles_need_broadcasting_error_before_training():
-    net = cvae.CVAE()
-    with pytest.raises(ConfigError,
-                       match="^num_particles 4: the pair does not broadcast.*use num_particles 1"):
-        fit(net.model, net.guide, dataset(*cvae.data(40)),
-            FitOptions(epochs=1, batch_size=8, num_particles=4, progress=False))
+    assert any("vectorized with torch.func.vmap" in n for n in record["diagnostics"]["notes"])
 
 
 def test_ss_vae_enumerated_guide_trains_with_trace_enum():
