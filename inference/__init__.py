@@ -25,6 +25,7 @@ from .data.dataset import Dataset, subset
 from .diagnostics.ais import AnnealedEvidence, annealed_evidence
 from .diagnostics.amortization import GapDecomposition, decompose_gap
 from .diagnostics.bdmc import BidirectionalBounds, bdmc
+from .diagnostics.calibration import Calibration, calibration
 from .diagnostics.evaluation import evaluate
 from .diagnostics.predictive import PosteriorPredictive, posterior_predictive
 from .diagnostics.results import DataSetTotals, Diagnostics
@@ -45,6 +46,7 @@ __all__ = [
     "AUTOGUIDES",
     "AnnealedEvidence",
     "BidirectionalBounds",
+    "Calibration",
     "Comparison",
     "ConfigError",
     "ConventionError",
@@ -67,6 +69,7 @@ __all__ = [
     "Run",
     "annealed_evidence",
     "bdmc",
+    "calibration",
     "build_pair",
     "compare",
     "configure_cpu",

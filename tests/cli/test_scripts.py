@@ -106,6 +106,20 @@ def test_evaluate_reloads_the_checkpoint(fitted_run):
     assert again["num_samples"] == 20
 
 
+def test_calibrate_writes_strict_json_and_both_plots_of_the_runs_guide(fitted_run):
+    out, _ = fitted_run
+    result = run("calibrate.py", str(out), "-M", "200", "-L", "39", "--bins", "10")
+    assert result.returncode == 0, result.stderr
+    stem = out / "calibration-test-M200-L39"
+    summary = json.loads(stem.with_suffix(".json").read_text())  # strict JSON: no NaN
+    assert summary["num_simulations"] == 200 and summary["data"] == "digits"
+    assert len(summary["sites"]["z"]) == 10  # the default VAE's ten latent dimensions
+    assert (out / f"{stem.name}-ecdf.png").is_file() and (out / f"{stem.name}-ranks.png").is_file()
+    assert "miscalibrated" in result.stdout and "Holm p" in result.stdout
+    refused = run("calibrate.py", str(out), "-L", "40")
+    assert refused.returncode != 0 and "bins" in refused.stderr and "\n" not in refused.stderr.strip()
+
+
 def test_report_is_self_contained_and_exports_arviz_data(fitted_run):
     out, _ = fitted_run
     result = run("report.py", str(out), "-K", "100", "--max-points", "60",
@@ -293,7 +307,8 @@ def test_a_run_that_never_completed_an_epoch_does_not_block_the_rerun(tmp_path, 
     assert "is a file, not a directory" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("script", ["fit", "evaluate", "report", "kl_directions", "benchmark"])
+@pytest.mark.parametrize("script", ["fit", "evaluate", "report", "kl_directions", "calibrate",
+                                    "benchmark"])
 def test_help_states_every_flag_and_each_default_once(script):
     parser = load_script(script).parser()
     undocumented = [a.option_strings for a in parser._actions if a.option_strings and not a.help]

@@ -33,7 +33,7 @@ def command_files() -> dict[str, Path]:
 def test_every_command_file_is_parsing_and_calls():
     files = command_files()
     assert set(files) == {"elbogap-fit", "elbogap-evaluate", "elbogap-report", "elbogap-compare",
-                          "elbogap-kl-directions"}
+                          "elbogap-kl-directions", "elbogap-calibrate"}
     shared = files["elbogap-fit"].parent / "command_line.py"
     for command, path in {**files, "(shared)": shared}.items():
         source = path.read_text()
