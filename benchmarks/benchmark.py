@@ -48,7 +48,7 @@ from elbogap.guides.mean_field import MeanFieldGuide
 from elbogap.models.vae import VAE
 from elbogap.training.elbo_step import ElboStep
 
-from . import programs_as_written
+from . import calibration_cost, programs_as_written
 
 DATA_DIM, HIDDEN, LATENT = 784, 400, 50
 TRAIN_SIZE = 60_000
@@ -470,11 +470,21 @@ def scaling_section(args) -> list[dict]:
     return rows
 
 
+def calibration_section(args, x_test: torch.Tensor) -> list[dict]:
+    pyro.clear_param_store()
+    vae, enc = elbogap_pair()
+    x = x_test[: args.calibration_points]
+    return (calibration_cost.amortized_rows(vae, enc, x, args.calibration_simulations,
+                                            args.evidence_rounds)
+            + calibration_cost.refit_rows(args.vsbc_refits, args.vsbc_steps))
+
+
 def _mib(value: float | None) -> str:
     return "–" if value is None else f"{value:.0f}"
 
 
-SECTIONS = ("training", "evidence", "ais", "scaling", "data_parallel", "as_written")
+SECTIONS = ("training", "evidence", "ais", "scaling", "data_parallel", "as_written",
+            "calibration")
 
 
 def markdown(report: dict) -> str:
@@ -511,6 +521,7 @@ def markdown(report: dict) -> str:
               f"{r['allreduce_bytes_per_step'] / 2**20:.2f} MiB |"
               for r in report.get("data_parallel", [])]
     lines += programs_as_written.markdown_rows(report.get("as_written", []))
+    lines += calibration_cost.markdown_rows(report.get("calibration", []))
     return "\n".join(lines) + "\n"
 
 
@@ -548,6 +559,8 @@ def configure(args) -> None:
     args.as_written_k = 50 if quick else 1000
     args.as_written_chains, args.as_written_steps = (2, 5) if quick else (8, 200)
     args.vae_points = 10 if quick else 100
+    args.calibration_points, args.calibration_simulations = (50, 100) if quick else (256, 2048)
+    args.vsbc_refits, args.vsbc_steps = (2, 10) if quick else (5, 500)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -590,7 +603,8 @@ def main(argv: list[str] | None = None) -> int:
                 "ais": lambda: ais_section(args, x_test),
                 "scaling": lambda: scaling_section(args),
                 "data_parallel": lambda: data_parallel_section(args),
-                "as_written": lambda: programs_as_written.section(args)}
+                "as_written": lambda: programs_as_written.section(args),
+                "calibration": lambda: calibration_section(args, x_test)}
     for name in args.only or SECTIONS:
         report[name] = sections[name]()
     write_json_atomic(out / "benchmark.json", report)

@@ -26,6 +26,7 @@ from .diagnostics.ais import AnnealedEvidence, annealed_evidence
 from .diagnostics.amortization import GapDecomposition, decompose_gap
 from .diagnostics.bdmc import BidirectionalBounds, bdmc
 from .diagnostics.calibration import Calibration, calibration
+from .diagnostics.vsbc import VSBC, vsbc
 from .diagnostics.evaluation import evaluate
 from .diagnostics.predictive import PosteriorPredictive, posterior_predictive
 from .diagnostics.results import DataSetTotals, Diagnostics
@@ -64,6 +65,7 @@ __all__ = [
     "Pair",
     "PosteriorPredictive",
     "ProgramData",
+    "VSBC",
     "Report",
     "ReportSettings",
     "Run",
@@ -88,4 +90,5 @@ __all__ = [
     "resumed_run",
     "subset",
     "train",
+    "vsbc",
 ]

@@ -45,6 +45,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ais-chains", type=int, default=s.ais_chains, help="AIS chains per point")
     p.add_argument("--no-bdmc", dest="bdmc", action="store_false",
                    help="skip the BDMC bracket on --ais-points simulated points")
+    p.add_argument("--calibration-simulations", type=int, default=s.calibration_simulations,
+                   help="points simulated for the guide's calibration (0: skip it; else 100 "
+                        "or more)")
     p.add_argument("--data-plate", help="the plate over data points (default: the run's)")
     p.add_argument("--seed", type=int, default=s.seed,
                    help="fixes every draw (the report's numbers are a fresh estimate)")

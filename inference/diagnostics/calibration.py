@@ -96,15 +96,21 @@ class Calibration:
         return out
 
     def plot_ranks(self, max_panels: int = 12) -> Figure:
-        """Rank histograms, one panel per latent coordinate, the worst first."""
+        """Rank histograms, one panel per latent coordinate, the worst first (in Jupyter shown
+        at once; returned as well)."""
         return shown(plot_rank_histograms(self._panels(max_panels, False), self.num_draws,
                                           self.bins))
 
     def plot_ecdf(self, max_panels: int = 12) -> Figure:
-        """ECDF-difference plots with simultaneous 95 % bands, the worst coordinates first."""
+        """ECDF-difference plots with simultaneous 95 % bands, the worst coordinates first (in
+        Jupyter shown at once; returned as well)."""
+        return shown(self.ecdf_figure(max_panels))
+
+    def ecdf_figure(self, max_panels: int = 12) -> Figure:
+        """``plot_ecdf``'s figure, not shown (for a report or a file)."""
         z, lower, upper = ecdf_difference_band(self.num_simulations, self.num_draws + 1)
-        return shown(plot_ecdf_differences(self._panels(max_panels, True), z.numpy(),
-                                           lower.numpy(), upper.numpy()))
+        return plot_ecdf_differences(self._panels(max_panels, True), z.numpy(), lower.numpy(),
+                                     upper.numpy())
 
     def summary(self) -> dict:
         sites = {}
@@ -181,11 +187,16 @@ def _check_options(num_simulations: int, num_draws: int, bins: int, level: float
 def _check_pair(model: Callable, guide: Callable, x: ProgramData, layout: PairLayout,
                 data_plate: str | None, seed: int) -> None:
     """Refuse what amortized SBC cannot take, saying why."""
+    if not layout.latent:
+        raise ConventionError(
+            "the model has no latent sample site to calibrate (a pyro.param is a point "
+            "estimate, not drawn from a prior)")
     if not layout.per_datapoint:
         raise ConventionError(
             f"amortized calibration asks the guide for q(z | x*) on simulated points, but sites "
             f"{list(layout.global_sites)} are outside the data plate: a guide of global latents "
-            "is fitted to one data set, and must be refitted per simulated data set (VSBC)")
+            "is fitted to one data set, and must be refitted per simulated data set: "
+            "elbogap.vsbc")
     trace = poutine.trace(guide).get_trace(x)
     for name in layout.latent:
         if trace.nodes[name]["fn"].support.is_discrete:
@@ -201,7 +212,7 @@ def _check_pair(model: Callable, guide: Callable, x: ProgramData, layout: PairLa
         raise ConventionError(
             "the guide draws the same z whatever the data (it is not conditioned on x: an "
             "autoguide's parameters per point, say): it has no q(z | x*) for a simulated point "
-            "to be calibrated against; refit a guide per simulated data set (VSBC)")
+            "to be calibrated against; refit it per simulated data set: elbogap.vsbc")
 
 
 def _simulated(model: Callable, x: ProgramData, data_plate: str | None):
@@ -258,11 +269,11 @@ def _tested(ranks: dict[str, torch.Tensor], num_draws: int, bins: int,
         spread_z[name] = ((u - 0.5).abs().mean(0) - 0.25) / math.sqrt(1 / 48 / m)
         shift_z[name] = (u.mean(0) - 0.5) / math.sqrt(1 / 12 / m)
     return Calibration(ranks=ranks, num_draws=num_draws, bins=bins, level=level,
-                       p_value=p_value, p_adjusted=_holm(p_value), spread_z=spread_z,
+                       p_value=p_value, p_adjusted=holm(p_value), spread_z=spread_z,
                        shift_z=shift_z)
 
 
-def _holm(p_value: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def holm(p_value: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Holm's step-down adjusted p-values across every coordinate of every site."""
     names = list(p_value)
     flat = torch.cat([p_value[n] for n in names])

@@ -116,6 +116,10 @@ def test_calibrate_writes_strict_json_and_both_plots_of_the_runs_guide(fitted_ru
     assert len(summary["sites"]["z"]) == 10  # the default VAE's ten latent dimensions
     assert (out / f"{stem.name}-ecdf.png").is_file() and (out / f"{stem.name}-ranks.png").is_file()
     assert "miscalibrated" in result.stdout and "Holm p" in result.stdout
+    refitted = run("calibrate.py", str(out), "--vsbc", "-M", "2", "--refit-steps", "2", "-L",
+                   "9", "--no-progress")
+    assert refitted.returncode == 0, refitted.stderr
+    assert json.loads((out / "vsbc-test-M2.json").read_text())["num_steps"] == 2
     refused = run("calibrate.py", str(out), "-L", "40")
     assert refused.returncode != 0 and "bins" in refused.stderr and "\n" not in refused.stderr.strip()
 
@@ -130,11 +134,13 @@ def test_report_is_self_contained_and_exports_arviz_data(fitted_run):
     assert page.count('src="data:image/png;base64,') >= 9
     assert "src=\"http" not in page and "<script" not in page
     for heading in ("Reliability of the evidence estimate", "Active units", "Gap decomposition",
-                    "Latent space", "Where the gap comes from"):
+                    "Latent space", "Where the gap comes from", "Calibration of the guide"):
         assert heading in page
     report = json.loads((out / "report.json").read_text())
     assert report["num_data"] == 60 and report["gap_decomposition"]["num_data"] == 10
     assert 0 <= report["khat"]["share_unreliable"] <= 1
+    assert report["calibration"]["num_simulations"] == 1000
+    assert len(report["calibration"]["sites"]["z"]) == 10
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         import arviz

@@ -76,7 +76,7 @@ def test_what_calibration_cannot_take_is_refused_with_the_reason():
     def global_guide(x):
         pyro.sample("mu", dist.Normal(0.1, 0.5))
 
-    with pytest.raises(ConventionError, match="outside the data plate.*VSBC"):
+    with pytest.raises(ConventionError, match="outside the data plate.*elbogap.vsbc"):
         calibration(global_model, global_guide, X, num_simulations=200)
 
     def unconditioned_guide(x):
@@ -93,6 +93,13 @@ def test_what_calibration_cannot_take_is_refused_with_the_reason():
 
     with pytest.raises(ConventionError, match="prior"):
         calibration(improper_model, posterior_guide(), X, num_simulations=200)
+    def param_model(x):
+        loc = pyro.param("loc", torch.zeros(3))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Normal(loc, 1.0).to_event(1), obs=x)
+
+    with pytest.raises(ConventionError, match="no latent sample site"):
+        calibration(param_model, lambda x: None, X, num_simulations=200)
     with pytest.raises(OptionError, match="bins"):
         calibration(model, posterior_guide(), X, num_draws=100, bins=20)
     with pytest.raises(OptionError, match="num_simulations"):

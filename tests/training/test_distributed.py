@@ -218,12 +218,14 @@ def small_pair():
 
 
 ANNEALING = {"num_chains": 3, "num_steps": 6, "leapfrog_steps": 2, "seed": 11}
+REFITS = {"num_simulations": 5, "num_steps": 3, "num_draws": 10, "seed": 13}
 
 
 def annealing_worker(rank, port, out):
     from elbogap.diagnostics.ais import annealed_evidence
     from elbogap.diagnostics.amortization import split_gap
     from elbogap.diagnostics.bdmc import bdmc
+    from elbogap.diagnostics.vsbc import vsbc
 
     ctx = join(rank, port)
     vae, enc, x = small_pair()
@@ -233,14 +235,17 @@ def annealing_worker(rank, port, out):
     b = bdmc(vae.model, enc.guide, x, distributed=ctx, **ANNEALING)
     g = split_gap(vae.model, enc.guide, x, steps=5, num_samples=20, seed=5, group_size=3,
                   distributed=ctx)
+    v = vsbc(vae.model, enc.guide, x, distributed=ctx, **REFITS)
     torch.save({"ais": a.log_weights, "lower": b.lower, "upper": b.upper,
-                "local": g.elbo_local, "amortized": g.elbo_amortized}, Path(out) / f"rank{rank}.pt")
+                "local": g.elbo_local, "amortized": g.elbo_amortized,
+                "vsbc": v.probabilities["z"]}, Path(out) / f"rank{rank}.pt")
     ctx.shutdown()
 
 
 def test_ais_bdmc_and_the_gap_split_on_two_ranks_equal_one_process(tmp_path):
-    """Each rank anneals and fits its share; every point's numbers are keyed by the seed and the
-    point alone, so two processes give the single process's numbers, on every rank."""
+    """Each rank anneals and fits its share (VSBC's refits too); every point's (and refit's)
+    numbers are keyed by the seed and the point alone, so two processes give the single
+    process's numbers, on every rank."""
     from elbogap.diagnostics.ais import annealed_evidence
     from elbogap.diagnostics.amortization import split_gap
     from elbogap.diagnostics.bdmc import bdmc
@@ -254,6 +259,9 @@ def test_ais_bdmc_and_the_gap_split_on_two_ranks_equal_one_process(tmp_path):
     single.update(lower=b.lower, upper=b.upper)
     g = split_gap(vae.model, enc.guide, x, steps=5, num_samples=20, seed=5, group_size=3)
     single.update(local=g.elbo_local, amortized=g.elbo_amortized)
+    from elbogap.diagnostics.vsbc import vsbc
+
+    single["vsbc"] = vsbc(vae.model, enc.guide, x, **REFITS).probabilities["z"]
     assert single["ais"].shape == (3, 7) and single["lower"].shape == (7,)
     for result in ranks:
         for name, value in single.items():
