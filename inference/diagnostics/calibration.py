@@ -12,11 +12,15 @@ Per coordinate:
 * **uniformity**: Pearson's chi-square over ``bins`` equal bins of the ranks, its p-value, and
   Holm's step-down correction across all coordinates (a verdict other than "calibrated" only
   where the corrected p-value is below ``level``);
-* **direction**, from u = (r + 1/2) / (L + 1): the spread mean |u - 1/2| - 1/4 (0 under
-  uniformity; > 0, ranks at both ends: q too narrow; < 0, ranks in the middle: too wide) and
-  the shift mean u - 1/2 (> 0: the true value sits above q's draws: q is shifted low), each as a
-  z-score (their standard deviations under uniformity are sqrt(1/48) and sqrt(1/12) per
-  simulation); a miscalibrated coordinate is named by the larger of the two.
+* **direction**, from the probit of the fractional rank, w = Phi^-1((r + 1/2) / (L + 1)): where
+  q = N(m + delta s, (c s)^2) misses a posterior N(m, s^2), w ~ N(-delta / c, 1 / c^2), so its
+  mean measures the shift alone and its variance the width alone.  The shift z-score of mean w
+  (> 0: the true value sits above q's draws: q is **shifted low**; < 0: **shifted high**) and
+  the spread z-score of var w against its value under uniform ranks (> 0: ranks at both ends,
+  q **too narrow**; < 0: ranks in the middle, **too wide**), each against the moments of w
+  over the L + 1 ranks; a miscalibrated coordinate is named by each of the two beyond
+  Bonferroni's two-sided bound at ``level`` over the coordinates (or "miscalibrated", where
+  neither is: a departure of another shape).
 
 A guide that is not conditioned on the data (an autoguide's parameters per point, global
 latents) has no q(z | x*) to ask: such a pair is refused with the reason.
@@ -68,16 +72,22 @@ class Calibration:
         return next(iter(self.ranks.values())).shape[0]
 
     def verdict(self, site: str) -> list[str]:
-        """Per coordinate of ``site``: "calibrated", or the direction of its miscalibration."""
+        """Per coordinate of ``site``: "calibrated", or the directions of its miscalibration."""
+        coordinates = sum(len(p) for p in self.p_value.values())
+        bound = math.sqrt(2) * float(torch.special.erfinv(torch.tensor(
+            1 - self.level / coordinates, dtype=torch.float64)))
         out = []
         for p, spread, shift in zip(self.p_adjusted[site].tolist(), self.spread_z[site].tolist(),
                                     self.shift_z[site].tolist(), strict=True):
             if p >= self.level:
                 out.append(CALIBRATED)
-            elif abs(spread) >= abs(shift):
-                out.append("too narrow" if spread > 0 else "too wide")
-            else:
-                out.append("shifted low" if shift > 0 else "shifted high")
+                continue
+            found = []
+            if abs(shift) > bound:
+                found.append("shifted low" if shift > 0 else "shifted high")
+            if abs(spread) > bound:
+                found.append("too narrow" if spread > 0 else "too wide")
+            out.append(", ".join(found) or "miscalibrated")
         return out
 
     def worst(self, count: int) -> list[tuple[str, int]]:
@@ -265,12 +275,19 @@ def _tested(ranks: dict[str, torch.Tensor], num_draws: int, bins: int,
         # The chi-square survival function with bins - 1 degrees of freedom.
         p_value[name] = torch.special.gammaincc(torch.tensor((bins - 1) / 2.0,
                                                              dtype=torch.float64), stat / 2)
-        u = (r.double() + 0.5) / (num_draws + 1)
-        spread_z[name] = ((u - 0.5).abs().mean(0) - 0.25) / math.sqrt(1 / 48 / m)
-        shift_z[name] = (u.mean(0) - 0.5) / math.sqrt(1 / 12 / m)
+        grid = _probit((torch.arange(num_draws + 1, dtype=torch.float64) + 0.5)
+                       / (num_draws + 1))
+        v0, m4 = grid.pow(2).mean(), grid.pow(4).mean()  # under uniform ranks (mean 0)
+        w = grid[r]
+        shift_z[name] = w.mean(0) / torch.sqrt(v0 / m)
+        spread_z[name] = (w.var(0) - v0) / torch.sqrt((m4 - v0**2) / m)
     return Calibration(ranks=ranks, num_draws=num_draws, bins=bins, level=level,
                        p_value=p_value, p_adjusted=holm(p_value), spread_z=spread_z,
                        shift_z=shift_z)
+
+
+def _probit(u: torch.Tensor) -> torch.Tensor:
+    return math.sqrt(2) * torch.special.erfinv(2 * u - 1)
 
 
 def holm(p_value: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
