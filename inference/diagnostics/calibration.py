@@ -46,7 +46,7 @@ from ..foundations.module_mode import evaluation_mode
 from ..foundations.pair_layout import PairLayout, datapoint_rows
 from ..foundations.program_data import ProgramData
 from ..foundations.rng import seeded
-from ..foundations.traces import first_line, in_particles, sample_sites
+from ..foundations.traces import first_line, in_particles, sample_sites, user_frame
 from ..presentation.figures import plot_ecdf_differences, plot_rank_histograms, shown
 from .bdmc import simulate
 
@@ -170,6 +170,10 @@ def calibration(
                 simulation = _simulated(model, x_like, data_plate)
                 draws = _guide_draws(guide, simulation.data, layout, num_draws, data_plate)
             for name, values in draws.items():
+                if not torch.isfinite(values).all():
+                    raise ConventionError(
+                        f"the guide's draws of site '{name}' on data simulated from the model "
+                        "are not finite: their ranks say nothing")
                 site = prior[name]
                 truth = datapoint_rows(simulation.latents[name].unsqueeze(0), site, layout,
                                        data_plate, site["fn"].event_dim)
@@ -213,10 +217,11 @@ def _check_pair(model: Callable, guide: Callable, x: ProgramData, layout: PairLa
             raise ConventionError(f"latent site '{name}' is discrete: its ranks among the "
                                   "guide's draws have ties, which calibration by ranks excludes")
     # A guide conditioned on the data draws other values on other data, from the same noise.
-    simulation = _simulated(model, x, data_plate)
+    with seeded(stream_key(seed, "sbc/check")):
+        simulation = _simulated(model, x, data_plate)
     with seeded(stream_key(seed, "sbc/conditioned")):
         here = poutine.trace(guide).get_trace(x)
-    with seeded(stream_key(seed, "sbc/conditioned")):
+    with seeded(stream_key(seed, "sbc/conditioned")), pyro.validation_enabled(False):
         there = poutine.trace(guide).get_trace(simulation.data)
     if all(torch.equal(here.nodes[n]["value"], there.nodes[n]["value"]) for n in layout.latent):
         raise ConventionError(
@@ -245,7 +250,12 @@ def _guide_draws(guide: Callable, data: ProgramData, layout: PairLayout, num_dra
                        .get_trace(data), num_draws)]
             _check_draws(traces[0][0], layout, num_draws)
         except Exception:  # noqa: BLE001 - a guide that does not broadcast: one draw a pass
-            traces = [(poutine.trace(guide).get_trace(data), 1) for _ in range(num_draws)]
+            try:
+                traces = [(poutine.trace(guide).get_trace(data), 1) for _ in range(num_draws)]
+            except Exception as e:  # noqa: BLE001 - the user's guide, said in one line
+                raise ConventionError(f"the guide failed on data simulated from the model"
+                                      f"{user_frame(e)}: {type(e).__name__}: {first_line(e)}"
+                                      ) from e
     out = {}
     for name in layout.latent:
         rows = [datapoint_rows(t.nodes[name]["value"], t.nodes[name], layout, data_plate,

@@ -277,6 +277,8 @@ class Report:
                   *_fmt(s["marginal_kl"]))]))
             self.notes.append(Note(s["note"] + "."))
         held_out = self.run.split == "test"
+        if held_out and self.settings.calibration_simulations:
+            self._calibration(x)
         ais = self._annealed(held_out) if self.settings.ais_points else None
         if not held_out:
             self.notes.append(Note("No amortization gap: the guide has parameters per training "
@@ -284,8 +286,6 @@ class Report:
                                    "guide q*."))
         elif self.settings.amortization_points:
             self._gap_decomposition(ais)
-        if held_out and self.settings.calibration_simulations:
-            self._calibration(x)
         if held_out:
             self.idata = guide_inference_data(
                 self.run.model, self.run.guide,
