@@ -65,6 +65,7 @@ from .passes import (
     checked_arguments,
     first_layout,
     joint_chunks,
+    pass_layout,
     vectorization_notes,
 )
 from .results import DATA_SET, DataSetTotals, Diagnostics, concatenate, first_points, on_cpu
@@ -356,8 +357,8 @@ def _per_data_point(model: Callable, guide: Callable, x: torch.Tensor, first: Pa
     parts = []
     for b in batches(model, guide, x, batch_size, first, data_plate):
         layout = (first if b.start == 0
-                  else inspect_pair(b.model, b.guide, b.x, data_plate, verified,
-                                    replay_particles=num_samples > 1))
+                  else pass_layout(b.model, b.guide, b.x, data_plate, verified,
+                                   replay_particles=num_samples > 1))
         if not layout.per_datapoint:
             raise ConventionError(
                 f"sites {list(layout.global_sites)} are outside plate '{data_plate}' in the "

@@ -59,11 +59,19 @@ def first_layout(model: Callable, guide: Callable, x: torch.Tensor, batch_size: 
 def pass_layout(model: Callable, guide: Callable, x: torch.Tensor, data_plate: str,
                 verified: set | None = None, replay_particles: bool = True) -> PairLayout:
     """``inspect_pair``'s layout, with the vmapped path for a pair that does not broadcast
-    (``vmapped_pass.with_vmap``), unless a single particle is all that will be drawn."""
+    (``vmapped_pass.with_vmap``), unless a single particle is all that will be drawn.  As the
+    broadcast check, the vmap check runs once per batch shape of a call (``verified``)."""
     layout = inspect_pair(model, guide, x, data_plate, verified, replay_particles)
     if layout.vectorized or not replay_particles:
         return layout
-    return with_vmap(model, guide, x, layout, data_plate)
+    key = ("vmap", tuple(x.shape), layout.latent, layout.observed)
+    for entry in verified or ():
+        if entry[:4] == key:
+            return replace(layout, vmap=entry[4], loop_reason=entry[5])
+    layout = with_vmap(model, guide, x, layout, data_plate)
+    if verified is not None:
+        verified.add((*key, layout.vmap, layout.loop_reason))
+    return layout
 
 
 @dataclass

@@ -255,3 +255,23 @@ def test_the_gmm_tutorial_with_the_assignment_in_the_guide_is_vmapped_and_agrees
                          dtype=torch.float64)
     se = math.hypot(d.total.elbo_se, pyros.std().item() / math.sqrt(2000))
     assert abs(d.total.elbo - pyros.mean().item()) < 4 * se
+
+
+def test_every_batch_of_a_pair_that_does_not_broadcast_is_vmapped_and_checked_once_per_shape(
+        monkeypatch):
+    """Per-point evaluation in batches: the later batches take vmap too (not one particle at a
+    time), and the vmap check runs once per batch shape, not once per batch."""
+    from elbogap.diagnostics import passes
+
+    net = cvae.CVAE()
+    xs, ys = cvae.data(40)
+    loops, checks = [], []
+    traced, check = passes.traced_particles, passes.with_vmap
+    monkeypatch.setattr(passes, "traced_particles", lambda *a, **k: loops.append(a[4]) or
+                        traced(*a, **k))
+    monkeypatch.setattr(passes, "with_vmap", lambda *a: checks.append(a[2].shape[0]) or
+                        check(*a))
+    d = evaluate(net.model, net.guide, xs, ys, num_samples=30, batch_size=12)
+    assert any("vectorized with torch.func.vmap" in n for n in d.notes)
+    assert not [k for k in loops if k > 1]  # no batch went particle by particle
+    assert sorted(checks) == [4, 12]  # batches of 12, 12, 12 and 4 rows
