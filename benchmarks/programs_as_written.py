@@ -234,15 +234,9 @@ def ais_vmap_vs_loop_difference(model, guide, args, chains: int) -> float:
     program = program_pair(model, guide, args, {}, None)
     path = ais.annealing_path(program.model, program.guide, program.data, chains, "prior",
                               program.data_plate)
-    u = path._draws(path.x)
-    found = []
-    for terms in (path.terms, super(ais.VmappedPath, path).terms):
-        state = {k: v.detach().requires_grad_(True) for k, v in u.items()}
-        with pyro.validation_enabled(False):
-            values = terms(state)
-        grads = torch.autograd.grad(sum(v.sum() for v in values), list(state.values()))
-        found.append([v.detach() for v in values] + list(grads))
-    return max(_largest_difference(a, b) for a, b in zip(*found, strict=True))
+    under_vmap, chain_by_chain = path.both_ways(path._draws(path.x))
+    return max(_largest_difference(a, b)
+               for a, b in zip(under_vmap, chain_by_chain, strict=True))
 
 
 def _largest_difference(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -344,22 +344,27 @@ class VmappedPath(ChainByChainPath):
     def reduce(self, values: torch.Tensor, site: dict) -> torch.Tensor:
         return torch.func.vmap(lambda one: self._reduce_one(one, site))(values)
 
+    def both_ways(self, u: dict[str, torch.Tensor]) -> tuple[list, list]:
+        """The terms at state ``u`` and their gradients, vmapped and chain by chain."""
+        found = []
+        for terms in (self.terms, super().terms):
+            state = {k: v.detach().requires_grad_(True) for k, v in u.items()}
+            with pyro.validation_enabled(False):
+                values = terms(state)
+            grads = torch.autograd.grad(sum(v.sum() for v in values), list(state.values()),
+                                        allow_unused=True)
+            found.append([v.detach() for v in values] + [g for g in grads if g is not None])
+        return found[0], found[1]
+
     def differs(self) -> str | None:
         """None where, at the chains' starting states, the terms and their gradients equal the
         chain-by-chain ones; else the reason (what vmap could not take, or what differs)."""
         try:
-            with rng_preserved(), pyro.validation_enabled(False):
-                u = self._draws(self.x)
-                found = []
-                for terms in (self.terms, super().terms):
-                    state = {k: v.detach().requires_grad_(True) for k, v in u.items()}
-                    values = terms(state)
-                    grads = torch.autograd.grad(sum(v.sum() for v in values),
-                                                list(state.values()), allow_unused=True)
-                    found.append(list(values) + [g for g in grads if g is not None])
+            with rng_preserved():
+                under_vmap, chain_by_chain = self.both_ways(self._draws(self.x))
         except Exception as e:  # noqa: BLE001 - what vmap cannot take: chain by chain, with why
             return unbatched_reason(e)
-        for a, b in zip(*found, strict=True):
+        for a, b in zip(under_vmap, chain_by_chain, strict=True):
             if a.shape != b.shape or not torch.allclose(a.double(), b.double(), rtol=1e-4,
                                                         atol=1e-3, equal_nan=True):
                 return "under vmap a chain's log-density or its gradient differs from its own pass"

@@ -22,7 +22,7 @@ from ..foundations.conventions import inspect_pair
 from ..foundations.data_plate import takes_program_arguments
 from ..foundations.distributed import SINGLE, Distributed, over_point_groups
 from ..foundations.errors import ConventionError
-from ..foundations.minimize import minimize
+from ..foundations.minimize import minimize, restored
 from ..foundations.program_data import ProgramData
 from ..foundations.statistics import mean_and_se
 from ..foundations.traces import sample_sites, trace_pair
@@ -252,14 +252,9 @@ def _finetuned_gap(model: Callable, guide: Callable, x: ProgramData, steps: int,
         with poutine.trace(param_only=True) as params:
             guide(point)
         tensors = [site["value"].unconstrained() for site in params.trace.nodes.values()]
-        saved = [t.detach().clone() for t in tensors]
-        try:
+        with restored(tensors):
             fit_local_guide(model, guide, tensors, point, steps=steps, lr=lr)
             d = evaluate(model, guide, point, num_samples=num_samples, data_plate=data_plate)
-        finally:
-            with torch.no_grad():
-                for t, value in zip(tensors, saved, strict=True):
-                    t.copy_(value)
         per_point.append(d)
     local = concatenate(per_point, num_samples)
     return GapDecomposition.of(

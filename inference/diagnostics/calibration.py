@@ -167,8 +167,9 @@ def calibration(
         done, round_ = 0, 0
         while done < num_simulations:
             with seeded(stream_key(seed, f"sbc/{round_}"), x_like.device):
-                simulation = _simulated(model, x_like, data_plate)
-                draws = _guide_draws(guide, simulation.data, layout, num_draws, data_plate)
+                simulation = simulated(model, x_like, data_plate)
+                draws = guide_draws_per_point(guide, simulation.data, layout, num_draws,
+                                              data_plate)
             for name, values in draws.items():
                 if not torch.isfinite(values).all():
                     raise ConventionError(
@@ -201,10 +202,7 @@ def _check_options(num_simulations: int, num_draws: int, bins: int, level: float
 def _check_pair(model: Callable, guide: Callable, x: ProgramData, layout: PairLayout,
                 data_plate: str | None, seed: int) -> None:
     """Refuse what amortized SBC cannot take, saying why."""
-    if not layout.latent:
-        raise ConventionError(
-            "the model has no latent sample site to calibrate (a pyro.param is a point "
-            "estimate, not drawn from a prior)")
+    require_latent(layout)
     if not layout.per_datapoint:
         raise ConventionError(
             f"amortized calibration asks the guide for q(z | x*) on simulated points, but sites "
@@ -218,7 +216,7 @@ def _check_pair(model: Callable, guide: Callable, x: ProgramData, layout: PairLa
                                   "guide's draws have ties, which calibration by ranks excludes")
     # A guide conditioned on the data draws other values on other data, from the same noise.
     with seeded(stream_key(seed, "sbc/check")):
-        simulation = _simulated(model, x, data_plate)
+        simulation = simulated(model, x, data_plate)
     with seeded(stream_key(seed, "sbc/conditioned")):
         here = poutine.trace(guide).get_trace(x)
     with seeded(stream_key(seed, "sbc/conditioned")), pyro.validation_enabled(False):
@@ -230,7 +228,15 @@ def _check_pair(model: Callable, guide: Callable, x: ProgramData, layout: PairLa
             "to be calibrated against; refit it per simulated data set: elbogap.vsbc")
 
 
-def _simulated(model: Callable, x: ProgramData, data_plate: str | None):
+def require_latent(layout: PairLayout) -> None:
+    if not layout.latent:
+        raise ConventionError(
+            "the model has no latent sample site to calibrate (a pyro.param is a point "
+            "estimate, not drawn from a prior)")
+
+
+def simulated(model: Callable, x: ProgramData, data_plate: str | None):
+    """``bdmc.simulate``, a prior that cannot be sampled refused in one line."""
     try:
         return simulate(model, x, data_plate)
     except ConventionError:
@@ -240,10 +246,11 @@ def _simulated(model: Callable, x: ProgramData, data_plate: str | None):
                               f"{type(e).__name__}: {first_line(e)}") from e
 
 
-def _guide_draws(guide: Callable, data: ProgramData, layout: PairLayout, num_draws: int,
+def guide_draws_per_point(guide: Callable, data: ProgramData, layout: PairLayout, num_draws: int,
                  data_plate: str | None) -> dict[str, torch.Tensor]:
-    """``num_draws`` draws of each latent site per point, ``[L, N, D]``: in the particle plate,
-    or one pass per draw for a guide that does not broadcast over it."""
+    """``num_draws`` draws of each latent site per point, ``[L, N, D]`` (``[L, 1, D]`` for a
+    site outside the data plate): in the particle plate, or one pass per draw for a guide that
+    does not broadcast over it."""
     with pyro.validation_enabled(False):
         try:
             traces = [(poutine.trace(in_particles(guide, num_draws, layout.particle_dim))

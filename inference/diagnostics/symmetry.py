@@ -33,7 +33,7 @@ from pyro import poutine
 from pyro.poutine.trace_struct import Trace
 
 from ..foundations.pair_layout import PairLayout, per_datapoint
-from ..foundations.particle_vmap import DRAWS_IN_A_LOOP, StackedDraws, as_trace, vmapped
+from ..foundations.particle_vmap import DRAWS_IN_A_LOOP, StackedDraws, vmapped_pair
 from ..foundations.psis import pareto_khat
 from ..foundations.statistics import log_mean_exp_with_se
 from ..foundations.traces import (
@@ -201,11 +201,11 @@ def mode_averaged(model: Callable, guide: Callable, x, layout: PairLayout, symme
                     log_w.append(w)
                     continue
                 vmap_way, per_pass = None, 1  # what vmap gave differs: one at a time
-                log_w.extend(_weights(model, guide, x, layout, symmetry, perms, None)
+                log_w.extend(_weights(model, guide, x, layout, symmetry, perms, None)[0]
                              for _ in range(k))
                 continue
             log_w.append(_weights(model, guide, x, layout, symmetry, perms,
-                                  k if k > 1 else None))
+                                  k if k > 1 else None)[0])
     log_w = torch.cat(log_w).unsqueeze(1)
     estimate, se = log_mean_exp_with_se(log_w)
     return ModeAveraged(float(estimate[0]), float(se[0]), float(pareto_khat(log_w)[0]),
@@ -213,10 +213,10 @@ def mode_averaged(model: Callable, guide: Callable, x, layout: PairLayout, symme
 
 
 def _weights(model: Callable, guide: Callable, x, layout: PairLayout, symmetry: Symmetry,
-             perms: list, particles: int | None, given: Trace | None = None,
-             draws: dict | None = None) -> torch.Tensor:
+             perms: list, particles: int | None, given: Trace | None = None
+             ) -> tuple[torch.Tensor, Trace]:
     """log p(x, z) - log mean_sigma q(sigma z) of ``particles`` draws (None: one, in no
-    plate) ``[k]``; ``given`` replays the guide's draws; ``draws`` receives them."""
+    plate) ``[k]``, and the guide's trace of the draws; ``given`` replays the guide's draws."""
     k = particles or 1
     g = in_particles(guide, particles, layout.particle_dim)
     m = in_particles(model, particles, layout.particle_dim)
@@ -224,13 +224,12 @@ def _weights(model: Callable, guide: Callable, x, layout: PairLayout, symmetry: 
     guide_trace = poutine.trace(drawn).get_trace(x)
     values = {n: s["value"] for n, s in sample_sites(guide_trace).items()
               if not s["is_observed"]}
-    if draws is not None:
-        draws.update(values)
     log_q = [_log_density(poutine.condition(g, data=symmetry.permuted(values, perm)),
                           x, layout, k, values)
              for perm in perms]
     log_q_sym = torch.logsumexp(torch.stack(log_q), 0) - math.log(len(perms))
-    return _log_density(poutine.condition(m, data=values), x, layout, k) - log_q_sym
+    return (_log_density(poutine.condition(m, data=values), x, layout, k) - log_q_sym,
+            guide_trace)
 
 
 def _vmapped_weights(model: Callable, guide: Callable, x, layout: PairLayout,
@@ -242,22 +241,18 @@ def _vmapped_weights(model: Callable, guide: Callable, x, layout: PairLayout,
     if way == DRAWS_IN_A_LOOP:
         given = StackedDraws.of_traces([poutine.trace(guide).get_trace(x) for _ in range(k)])
 
-    def one(values: dict):
-        draws: dict = {}
-        replay = as_trace(values, given.infer) if values else None
-        w = _weights(model, guide, x, layout, symmetry, perms, None, replay, draws)
-        return w[0], draws
+    def one(replay):
+        w, guide_trace = _weights(model, guide, x, layout, symmetry, perms, None, replay)
+        return w[0], guide_trace
 
     try:
-        w, draws = vmapped(one, k, None if given is None else given.values,
-                           "error" if given is not None else "different")
+        w, draws = vmapped_pair(one, k, given)
     except Exception:  # noqa: BLE001 - what vmap cannot take here: one at a time
         return None
     if check:
-        infer = {name: {} for name in draws}
         for j in range(2):
-            plain = _weights(model, guide, x, layout, symmetry, perms, None,
-                             as_trace({n: v[j] for n, v in draws.items()}, infer))
+            plain, _ = _weights(model, guide, x, layout, symmetry, perms, None,
+                                draws.particle(j))
             if not torch.allclose(w[j:j + 1], plain, rtol=1e-4, atol=1e-3):
                 return None
     return w

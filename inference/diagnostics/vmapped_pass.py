@@ -24,10 +24,8 @@ from ..foundations.particle_vmap import (
     DRAWS_IN_A_LOOP,
     DRAWS_INSIDE,
     StackedDraws,
-    as_trace,
-    latent_draws,
     unbatched_reason,
-    vmapped,
+    vmapped_pair,
 )
 from ..foundations.rng import rng_preserved
 from ..foundations.traces import trace_pair
@@ -44,7 +42,7 @@ def vmapped_terms(model: Callable, guide: Callable, x, layout: PairLayout, k: in
     unmasked log-density per point ``[k, N]`` of each guide site of ``guide_densities``;
     ``replay`` fixes the guide sites it holds (global ones, drawn on another batch)."""
     n = layout.rows(x)
-    meta: dict = {}
+    methods: dict[str, str] = {}
     given = replay
     if layout.vmap == DRAWS_IN_A_LOOP:
         traces = []
@@ -54,26 +52,21 @@ def vmapped_terms(model: Callable, guide: Callable, x, layout: PairLayout, k: in
                 traces.append(poutine.trace(fixed).get_trace(x))
         given = StackedDraws.of_traces(traces)
 
-    def one(values: dict) -> tuple[dict, dict]:
-        replay_trace = as_trace(values, given.infer) if values else None
+    def one(replay_trace):
         guide_trace, model_trace = trace_pair(model, guide, x, replay_guide=replay_trace)
         terms = particle_terms(guide_trace, model_trace, layout, data_plate, 1, n)
-        meta["methods"] = {name: term.method for name, term in terms.kl.items()}
-        draws = latent_draws(guide_trace)
-        meta["infer"] = {name: guide_trace.nodes[name]["infer"] for name in draws}
+        methods.update({name: term.method for name, term in terms.kl.items()})
         densities = {}
         for name in guide_densities:
             site = guide_trace.nodes[name]
             densities[name] = per_datapoint(log_density(site["fn"], site["value"]), site,
                                             layout, data_plate).double()
-        return draws, _flat(terms), densities
+        return (_flat(terms), densities), guide_trace
 
     randomness = "different" if layout.vmap == DRAWS_INSIDE else "error"
     with pyro.validation_enabled(False):
-        draws, flat, densities = vmapped(one, k, None if given is None else given.values,
-                                         randomness)
-    return (_terms(flat, meta["methods"]), StackedDraws(draws, meta["infer"]),
-            {name: v[:, 0] for name, v in densities.items()})
+        (flat, densities), draws = vmapped_pair(one, k, given, randomness)
+    return (_terms(flat, methods), draws, {name: v[:, 0] for name, v in densities.items()})
 
 
 def with_vmap(model: Callable, guide: Callable, x, layout: PairLayout,

@@ -20,7 +20,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import pyro
 import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO
@@ -29,13 +28,11 @@ from ..foundations.conventions import inspect_pair
 from ..foundations.data_plate import takes_program_arguments
 from ..foundations.distributed import SINGLE, Distributed, over_point_groups
 from ..foundations.errors import ConventionError, OptionError
-from ..foundations.minimize import minimize
+from ..foundations.minimize import minimize, restored
 from ..foundations.module_mode import evaluation_mode
 from ..foundations.program_data import ProgramData
 from ..foundations.progress import tqdm
-from ..foundations.traces import first_line, in_particles, sample_sites
-from .bdmc import simulate
-from .calibration import CALIBRATED, holm
+from .calibration import CALIBRATED, guide_draws_per_point, holm, require_latent, simulated
 
 
 @dataclass
@@ -108,41 +105,27 @@ def vsbc(
     seed = distributed.common_seed(seed)
     with evaluation_mode(model, guide):
         layout = inspect_pair(model, guide, x_like, data_plate)
-        if not layout.latent:
-            raise ConventionError(
-                "the model has no latent sample site to calibrate (a pyro.param is a point "
-                "estimate, not drawn from a prior)")
+        require_latent(layout)
         with poutine.trace(param_only=True) as params:
             guide(x_like)
         tensors = [site["value"].unconstrained() for site in params.trace.nodes.values()]
         if not tensors:
             raise ConventionError("the guide has no parameters (pyro.param) to refit")
-        saved = [t.detach().clone() for t in tensors]
         elbo = Trace_ELBO(vectorize_particles=False, max_plate_nesting=layout.max_plate_nesting)
         bar = tqdm(total=num_simulations, desc="VSBC refits", unit="refit",
                    disable=not (progress and distributed.is_main))
         started = time.perf_counter()
 
         def refit(m: int, _: int) -> dict[str, torch.Tensor]:
-            try:
-                simulation = simulate(model, x_like, data_plate)
-            except ConventionError:
-                raise
-            except Exception as e:  # noqa: BLE001 - a prior that cannot be sampled
-                raise ConventionError(f"VSBC simulates from the model's prior, which "
-                                      f"failed: {type(e).__name__}: {first_line(e)}") from e
-            conditioned, data, truth = simulation.rows(0, x_like.shape[0])
-            try:
+            conditioned, data, truth = simulated(model, x_like, data_plate).rows(
+                0, x_like.shape[0])
+            with restored(tensors):
                 minimize(lambda: elbo.differentiable_loss(conditioned, guide, data), tensors,
                          steps=num_steps, lr=lr)
                 with torch.no_grad():
-                    below = {name: (_draws(guide, data, name, num_draws, layout.particle_dim)
-                                    < truth[name].reshape(-1)).double().mean(0)
-                             for name in layout.latent}
-            finally:
-                with torch.no_grad():
-                    for t, value in zip(tensors, saved, strict=True):
-                        t.copy_(value)
+                    draws = guide_draws_per_point(guide, data, layout, num_draws, data_plate)
+                    below = {name: (values.reshape(num_draws, -1) < truth[name].reshape(-1))
+                             .double().mean(0) for name, values in draws.items()}
             if bar.n == 0 and progress and distributed.is_main:
                 each = time.perf_counter() - started
                 share = math.ceil(num_simulations / distributed.world_size)
@@ -166,24 +149,6 @@ def vsbc(
         ks[name] = torch.stack([ks_two_sample(p[:, d], 1 - p[:, d]) for d in range(p.shape[1])])
         pv[name] = kolmogorov_sf(ks[name] * math.sqrt(p.shape[0] / 2))
     return VSBC(probabilities, ks, pv, holm(pv), level, num_steps, num_draws, seconds)
-
-
-def _draws(guide: Callable, data: ProgramData, name: str, num_draws: int,
-           particle_dim: int) -> torch.Tensor:
-    """``num_draws`` draws of site ``name`` from the guide, flattened ``[L, D]``: in a particle
-    plate, or one pass per draw for a guide that does not broadcast over it."""
-    with pyro.validation_enabled(False):
-        one = sample_sites(poutine.trace(guide).get_trace(data))[name]["value"]
-        try:
-            value = sample_sites(poutine.trace(in_particles(guide, num_draws, particle_dim))
-                                 .get_trace(data))[name]["value"]
-            if value.shape[0] == num_draws and value.numel() == num_draws * one.numel():
-                return value.reshape(num_draws, -1)
-        except Exception:  # noqa: BLE001 - a guide that does not broadcast: one draw a pass
-            pass
-        values = [sample_sites(poutine.trace(guide).get_trace(data))[name]["value"].reshape(-1)
-                  for _ in range(num_draws)]
-    return torch.stack(values)
 
 
 def ks_two_sample(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

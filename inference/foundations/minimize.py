@@ -1,10 +1,25 @@
-"""Adam on a loss closure, with a step size that decays tenfold over the run."""
+"""Adam on a loss closure, with a step size that decays tenfold over the run; and parameters
+put back after a fit that was only to be looked at."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
+
+
+@contextlib.contextmanager
+def restored(parameters: list[torch.Tensor]) -> Iterator[None]:
+    """Run a block that changes ``parameters`` in place (a refit, a fine-tuning), then put
+    their values back, whatever happened in it."""
+    saved = [t.detach().clone() for t in parameters]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for t, value in zip(parameters, saved, strict=True):
+                t.copy_(value)
 
 
 def minimize(

@@ -146,6 +146,28 @@ def vmapped(fn: Callable, k: int, given: dict[str, torch.Tensor] | None,
         return vmap(one, randomness=randomness)(particles, given)
 
 
+def vmapped_pair(fn: Callable[[Trace | None], tuple[object, Trace]], k: int,
+                 given: StackedDraws | None = None, randomness: str | None = None
+                 ) -> tuple[object, StackedDraws]:
+    """``fn(replay)`` for k particles under vmap, and the guide's draws it made: ``fn`` runs
+    one particle's pass, the guide replayed on ``replay`` (one particle's ``given`` draws as a
+    trace; None where none are given) and returns its output with the guide's trace.
+    ``randomness``: "different" where nothing is given (each particle draws its own), "error"
+    where draws are given (a site the replay missed would draw: it raises instead)."""
+    infer: dict[str, dict] = {}
+
+    def one(values: dict):
+        out, guide_trace = fn(as_trace(values, given.infer) if values else None)
+        draws = latent_draws(guide_trace)
+        infer.update({name: guide_trace.nodes[name]["infer"] for name in draws})
+        return out, draws
+
+    if randomness is None:
+        randomness = "different" if given is None else "error"
+    out, draws = vmapped(one, k, None if given is None else given.values, randomness)
+    return out, StackedDraws(draws, infer)
+
+
 def unbatched_reason(error: BaseException) -> str:
     """Why vmap could not take a program, in one line, with the user's line where it is in
     their code."""

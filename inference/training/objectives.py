@@ -22,13 +22,7 @@ import torch
 from ..foundations.conventions import inspect_pair
 from ..foundations.errors import ConventionError, OptionError
 from ..foundations.pair_layout import PairLayout, per_datapoint
-from ..foundations.particle_vmap import (
-    StackedDraws,
-    as_trace,
-    latent_draws,
-    unbatched_reason,
-    vmapped,
-)
+from ..foundations.particle_vmap import unbatched_reason, vmapped_pair
 from ..foundations.rng import rng_preserved
 from ..foundations.traces import data_frame, sample_sites, site_log_prob, trace_pair
 
@@ -91,19 +85,16 @@ class PerDatapointRenyiELBO:
     def _vmapped(self, model: Callable, guide: Callable, x, k: int, given=None):
         """``_point_log_weights`` of k particles of one plain pass each, under vmap; and the
         draws."""
-        meta: dict = {}
+        scale: list[float] = []
 
-        def one(values: dict):
-            replay = as_trace(values, given.infer) if values else None
+        def one(replay):
             guide_trace, model_trace = trace_pair(model, guide, x, replay_guide=replay)
-            log_w, meta["scale"] = self._point_log_weights(guide_trace, model_trace, 1)
-            draws = latent_draws(guide_trace)
-            meta["infer"] = {name: guide_trace.nodes[name]["infer"] for name in draws}
-            return log_w[0], draws
+            log_w, site_scale = self._point_log_weights(guide_trace, model_trace, 1)
+            scale.append(site_scale)
+            return log_w[0], guide_trace
 
-        log_w, draws = vmapped(one, k, None if given is None else given.values,
-                               "different" if given is None else "error")
-        return (log_w, meta["scale"]), StackedDraws(draws, meta["infer"])
+        log_w, draws = vmapped_pair(one, k, given)
+        return (log_w, scale[0]), draws
 
     def _vmap_reason(self, model: Callable, guide: Callable, x) -> str | None:
         """None where two vmapped particles' log-weights equal plain passes' at their draws."""

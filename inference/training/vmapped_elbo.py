@@ -20,13 +20,7 @@ import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO
 
-from ..foundations.particle_vmap import (
-    StackedDraws,
-    as_trace,
-    latent_draws,
-    unbatched_reason,
-    vmapped,
-)
+from ..foundations.particle_vmap import StackedDraws, unbatched_reason, vmapped_pair
 from ..foundations.rng import rng_preserved
 
 
@@ -38,22 +32,15 @@ class VmappedTraceELBO:
 
     def _elbos(self, model: Callable, guide: Callable, args: tuple, kwargs: dict, k: int,
                given: StackedDraws | None = None) -> tuple[torch.Tensor, StackedDraws]:
-        meta: dict = {}
-
-        def one(values: dict):
-            replayed = guide if not values else poutine.replay(
-                guide, trace=as_trace(values, given.infer))
+        def one(replay):
+            replayed = guide if replay is None else poutine.replay(guide, trace=replay)
             guide_trace = poutine.trace(replayed).get_trace(*args, **kwargs)
             model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
                 *args, **kwargs)
-            draws = latent_draws(guide_trace)
-            meta["infer"] = {name: guide_trace.nodes[name]["infer"] for name in draws}
-            return model_trace.log_prob_sum() - guide_trace.log_prob_sum(), draws
+            return model_trace.log_prob_sum() - guide_trace.log_prob_sum(), guide_trace
 
         with pyro.validation_enabled(False):
-            elbos, draws = vmapped(one, k, None if given is None else given.values,
-                                   "different" if given is None else "error")
-        return elbos, StackedDraws(draws, meta["infer"])
+            return vmapped_pair(one, k, given)
 
     def differentiable_loss(self, model: Callable, guide: Callable, *args, **kwargs
                             ) -> torch.Tensor:
