@@ -10,7 +10,7 @@ import sys
 
 import pyro
 
-from elbogap import bdmc, diagnose, load_run, subset
+from elbogap import bdmc, diagnose, load_run
 from elbogap.cli.command_line import (
     CommandParser,
     add_common_flags,
@@ -28,7 +28,7 @@ from elbogap.presentation.table import (
     format_predictive,
     format_run_summary,
 )
-from elbogap.runs.diagnose import predicts, split_points
+from elbogap.runs.diagnose import AIS_POINTS, annealing_points, predicts, split_points
 from elbogap.runs.ownership import own
 
 
@@ -39,32 +39,30 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=("test", "train", "validation"),
                    help="default: where the run was diagnosed (train for a guide with parameters "
                         "per training point, or with global latents)")
-    p.add_argument("--max-points", type=int,
-                   help="evaluate only this many points (a fixed random subset, seed 0)")
+    p.add_argument("--max-points", type=int, help="evaluate only this many points (a fixed "
+                   "random subset, seed 0); not with global latents (the unit: the data set)")
     p.add_argument("--batch-size", type=int, default=100, help="data points per pass")
     p.add_argument("--data-plate", help="the plate over data points (default: the run's)")
     p.add_argument("--seed", type=int, default=0, help="fixes the guide's draws")
     p.add_argument("--defensive", type=float, default=0.0, metavar="A", help="share of the "
                    "proposal of log p(x) drawn from the prior p(z) (defensive importance "
                    "sampling: a second opinion where the guide may miss a mode)")
-    p.add_argument("--no-compile", action="store_true", help="never compile the pass of the "
-                   "particles (by default it is compiled, and checked against the eager pass, "
-                   "where the evaluation would take over a minute)")
+    p.add_argument("--no-compile", action="store_true", help="never compile the particles' pass "
+                   "(compiled and checked where the evaluation would take over a minute)")
     p.add_argument("--train-mode", action="store_true", help="keep the pair's modules in "
                    "training mode (Dropout, BatchNorm) instead of evaluation mode")
     add_device_flag(p)
     a = p.add_argument_group("annealed importance sampling (AIS)")
-    a.add_argument("--method", choices=("is", "ais"), default="is",
-                   help="is: importance sampling with the guide (K draws); ais: AIS beside it on "
-                        "--points points")
+    a.add_argument("--method", choices=("is", "ais"), default="is", help="is: importance "
+                   "sampling with the guide (K draws); ais: AIS beside it on --points points")
     a.add_argument("--bdmc", action="store_true", help="bracket log p(x) of --points points "
                    "simulated from the model by forward and reverse AIS (BDMC)")
     a.add_argument("--ais-steps", type=int, default=500, help="intermediate distributions T")
     a.add_argument("--chains", type=int, default=16, help="AIS chains per point")
     a.add_argument("--ais-start", choices=("guide", "prior"), default="guide",
                    help="where the chains start (prior: for guides without a density)")
-    a.add_argument("--points", type=int, default=100,
-                   help="points for --method ais and --bdmc (a fixed random subset, seed 0)")
+    a.add_argument("--points", type=int, help=f"points for AIS and BDMC (a fixed random subset, "
+                   f"seed 0; default {AIS_POINTS}; with global latents the whole data set)")
     add_trust_flag(p)
     add_common_flags(p)
     return p
@@ -112,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def annealed(args: argparse.Namespace, run, x, k: int, plate: str, ctx: Distributed) -> int:
     """--method ais and --bdmc: AIS beside importance sampling, and the BDMC bracket."""
-    x = subset(x, args.points)
+    x = annealing_points(run, x, run.split, args.points)
     # AIS and BDMC are keyed by --seed point by point: the same numbers for any --nproc.
     settings = {"num_chains": args.chains, "num_steps": args.ais_steps, "start": args.ais_start,
                 "data_plate": plate, "progress": not args.no_progress, "seed": args.seed,

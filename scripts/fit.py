@@ -78,7 +78,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--num-samples", "-K", type=int, default=1000,
                    help="K, importance samples per test point in the final evaluation")
     g.add_argument("--eval-every", type=int, default=o.eval_every,
-                   help="epochs between diagnostics during training")
+                   help="epochs between the full diagnostics during training (default: as "
+                        "often as keeps them within 10 %% of the training time; the first and "
+                        "last epoch always)")
     g.add_argument("--eval-samples", type=int, default=o.eval_samples,
                    help="K for the diagnostics during training")
     g.add_argument("--eval-points", type=int, default=o.eval_points, help="points diagnosed "

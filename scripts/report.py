@@ -48,6 +48,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-simulations", type=int, default=s.calibration_simulations,
                    help="points simulated for the guide's calibration (0: skip it; else 100 "
                         "or more)")
+    p.add_argument("--time-budget", type=float, default=s.time_budget, help="seconds after "
+                   "which sections not yet begun are left out, each said so (0: no limit)")
     p.add_argument("--data-plate", help="the plate over data points (default: the run's)")
     p.add_argument("--seed", type=int, default=s.seed,
                    help="fixes every draw (the report's numbers are a fresh estimate)")

@@ -48,6 +48,31 @@ class Dataset:
     # Rows held out of the training set to watch during training instead of the test set.
     validation: torch.Tensor | ProgramData | None = None
 
+    @classmethod
+    def from_tensors(cls, train, test=None, *, validation=None, name: str = "data",
+                     image_shape: tuple[int, int] | None = None) -> Dataset:
+        """A data set of one's own tensors, for one's own model: each split a tensor of one row
+        per point, or the program's arguments for it (a tuple or dict of tensors,
+        ``ProgramData``).  The likelihood is the model's own (nothing is assumed of the values);
+        ``image_shape`` only where the rows are images to draw."""
+        splits = {"train": train, "test": test, "validation": validation}
+        for split, value in splits.items():
+            if value is not None and not (torch.is_tensor(value) or isinstance(
+                    value, ProgramData | tuple | list | dict)):
+                raise DataOptionError(split, f"must be a tensor or the program's arguments "
+                                             f"(a tuple or dict of tensors), got "
+                                             f"{type(value).__name__}")
+        if train is None:
+            raise DataOptionError("train", "a data set needs its training split")
+        as_data = {k: _as_program_data(v) for k, v in splits.items()}
+        if image_shape is not None and torch.is_tensor(train) and \
+                train[0].numel() != image_shape[0] * image_shape[1]:
+            raise DataOptionError("image_shape", f"{{option}} {image_shape} does not hold a row "
+                                                 f"of {train[0].numel()} values")
+        return cls(name=name, train=as_data["train"], test=as_data["test"],
+                   validation=as_data["validation"], image_shape=image_shape,
+                   likelihood="the model's")
+
     def __repr__(self) -> str:
         # The splits' shapes, not their values: a notebook cell shows a line, not a tensor dump.
         splits = ", ".join(f"{name} {tuple(split.shape)}" for name, split in
@@ -81,6 +106,15 @@ class Dataset:
         if self.dynamic_binarization:
             return _binarized(self.train, generator)
         return self.train
+
+
+def _as_program_data(value):
+    """A split as ``Dataset`` holds it: a tensor stays one, arguments become ``ProgramData``."""
+    if value is None or torch.is_tensor(value) or isinstance(value, ProgramData):
+        return value
+    if isinstance(value, dict):
+        return ProgramData.of(**value)
+    return ProgramData.of(*value)
 
 
 def _binarized(x: torch.Tensor | ProgramData, generator: torch.Generator | None):

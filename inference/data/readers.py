@@ -314,6 +314,16 @@ def _named_arrays(path: Path, arrays: dict[str, np.ndarray], num_test: int | Non
         raise DataError(f"{path}: arrays {sorted(arrays)} of shapes "
                         f"{[a.shape for a in arrays.values()]}: expected some with a leading "
                         "dimension of data points >= 2")
+    # An array of nearly N rows is a per-point array that lost or gained some, not a table
+    # of its own (a table's rows are few beside N): passed whole, its rows would be paired
+    # with the wrong points.
+    near = {name: a.shape[0] for name, a in arrays.items()
+            if a.ndim and a.shape[0] != n and a.shape[0] >= n / 2}
+    if near:
+        counts = ", ".join(f"{name} has {a.shape[0]}" for name, a in arrays.items() if a.ndim)
+        raise DataError(f"{path}: the arrays' row counts differ ({counts}): every array of one "
+                        "row per data point needs the same rows (arrays of a different size "
+                        "are passed whole to the model, as tables of their own)")
     num_test = max(1, n // 10) if num_test is None else num_test
     rows = frozenset(name for name, a in arrays.items() if a.ndim and a.shape[0] == n)
     # Every array of n rows split by the same fixed permutation: the same rows of each.

@@ -56,12 +56,13 @@ from ..foundations.traces import (
     first_line,
     guide_is_a_function_of_x,
     in_particles,
-    is_point_mass,
     sample_sites,
     site_log_prob,
     traced_model,
 )
+from ..foundations.wording import counted
 from .evaluation import evaluate
+from .guide_density import AuxiliaryDensity, auxiliary_density
 from .passes import checked_arguments
 
 STARTS = ("guide", "prior")
@@ -96,6 +97,10 @@ class AnnealedEvidence:
     elbo_se: torch.Tensor | None = None
     unit: str = "data point"  # "data set" for global latents: one estimate of log p(x_1..N)
     notes: list[str] = field(default_factory=list)
+    # Data points behind the estimates (the data set's N where there is one estimate of it).
+    num_points: int = 0
+    # The same number of chains with a fraction of the steps, beside the full schedule.
+    convergence: dict | None = None
 
     @property
     def gap(self) -> torch.Tensor | None:
@@ -118,10 +123,12 @@ class AnnealedEvidence:
                    step_size=cat("step_size"), num_chains=first.num_chains,
                    num_steps=first.num_steps, start=first.start, elbo=cat("elbo"),
                    elbo_se=cat("elbo_se"), unit=first.unit,
-                   notes=list(dict.fromkeys(n for p in parts for n in p.notes)))
+                   notes=list(dict.fromkeys(n for p in parts for n in p.notes)),
+                   num_points=sum(p.num_points for p in parts))
 
     def summary(self) -> dict:
-        out = {"method": "ais", "unit": self.unit, "num_data": len(self.log_evidence),
+        out = {"method": "ais", "unit": self.unit,
+               "num_data": self.num_points or len(self.log_evidence),
                "num_chains": self.num_chains,
                "num_steps": self.num_steps, "start": self.start,
                "log_evidence": mean_and_se(self.log_evidence),
@@ -130,9 +137,49 @@ class AnnealedEvidence:
         if self.elbo is not None:
             out["elbo"] = mean_and_se(self.elbo)
             out["evidence_gap"] = mean_and_se(self.gap)
+        if self.convergence is not None:
+            out["convergence"] = dict(self.convergence)
         if self.notes:
             out["notes"] = list(self.notes)
         return out
+
+
+# A change of the estimate with the schedule's length below this is no change (nats): where
+# every chain's weight is the same (q is the posterior) both SEs are 0.
+CONVERGENCE_TOLERANCE = 1e-3
+
+
+def convergence_check(full: AnnealedEvidence, shorter: AnnealedEvidence) -> dict:
+    """AIS's estimate at a fraction of the schedule beside the full one.  AIS's log p̂ is a
+    stochastic lower bound that rises with the number of steps to log p(x): where the full
+    schedule is higher than its fraction by more than twice their Monte Carlo SE, the estimate
+    is still rising, and the full one may be low too.  Independent chains: the SE of the
+    difference is that of the two estimates together."""
+    n = len(full.log_evidence)
+    diff = (full.log_evidence - shorter.log_evidence).double()
+    se = math.sqrt(float((full.log_evidence_se.double() ** 2
+                          + shorter.log_evidence_se.double() ** 2).sum())) / n
+    mean = float(diff.mean())
+    short_mean = float(shorter.log_evidence.double().mean())
+    full_mean = float(full.log_evidence.double().mean())
+    said = (f"with {shorter.num_steps} of the {full.num_steps} steps the same number of chains "
+            f"gives {short_mean:.3f}, the full schedule {full_mean:.3f}")
+    if mean > 2 * se + CONVERGENCE_TOLERANCE:
+        verdict, reading = "not converged", (
+            f"AIS has not converged: {said}, higher by {mean:.3f} ± {se:.3f} nats; the "
+            "estimate still rises with the number of steps, so it may be low too: raise "
+            "num_steps (--ais-steps) until a fraction of the schedule agrees with the whole")
+    elif mean < -(2 * se + CONVERGENCE_TOLERANCE):
+        verdict, reading = "unsettled", (
+            f"AIS fell with more steps ({said}, lower by {-mean:.3f} ± {se:.3f} nats), beyond "
+            "its Monte Carlo noise: its chains do not mix (look at the acceptance and step "
+            "sizes), and neither estimate can be believed")
+    else:
+        verdict, reading = "converged", (
+            f"AIS agrees with itself at a fraction of the schedule ({said}; difference "
+            f"{mean:+.3f} ± {se:.3f} nats)")
+    return {"num_steps": shorter.num_steps, "log_evidence": short_mean,
+            "difference": {"mean": mean, "se": se}, "verdict": verdict, "reading": reading}
 
 
 class AnnealingPath:
@@ -151,7 +198,9 @@ class AnnealingPath:
         # q(z | x) of a guide whose sites depend on x alone is the same at every step: its
         # distributions are read once (no encoder pass per leapfrog step).
         self.guide_sites = None
-        if start == "guide" and guide_is_a_function_of_x(self.guide, x, tuple(supports)) is None:
+        self.auxiliary = _auxiliary(self.guide, x, start, supports)
+        if start == "guide" and self.auxiliary is None and \
+                guide_is_a_function_of_x(self.guide, x, tuple(supports)) is None:
             # Unvalidated: a leapfrog step may take z numerically out of the support.
             with torch.no_grad(), pyro.validation_enabled(False):
                 self.guide_sites = sample_sites(poutine.trace(self.guide).get_trace(x))
@@ -194,6 +243,14 @@ class AnnealingPath:
             for name in u)
         if self.start == "prior":
             base = sum(reduce(site_log_prob(sites[name]), sites[name]) for name in u)
+        elif self.auxiliary is not None:
+            # An autoguide: its auxiliary sites set at u, each point mass adds log |du/dz|.
+            aux = self.auxiliary.values(u)
+            guide_trace = poutine.trace(poutine.condition(self.guide, data=aux)).get_trace(self.x)
+            # Conditioned, the auxiliary sites read as observed: they are q's density here.
+            base = sum(reduce(site_log_prob(site), site)
+                       for name, site in sample_sites(guide_trace).items()
+                       if name in aux or not site["is_observed"])
         elif self.guide_sites is not None:
             base = sum(reduce(apply_mask(self.guide_sites[name]["fn"].log_prob(z[name]),
                                          self.guide_sites[name]), self.guide_sites[name])
@@ -234,7 +291,13 @@ class AnnealingPath:
         for n, seed in enumerate(point_seeds(key, first, self.rows)):
             with seeded(seed, self.x.device):
                 try:
-                    parts.append(self._draws(self.x[n: n + 1]))
+                    one = self._draws(self.x[n: n + 1])
+                    # A guide with parameters per point (an autoguide's plate of its full
+                    # size) draws all its points for one row: not that point's start alone.
+                    if any((d := self.point_dim(k, v)) is not None and v.shape[d] != 1
+                           for k, v in one.items()):
+                        raise ValueError("the guide draws more than one row for one point")
+                    parts.append(one)
                 except Exception:  # noqa: BLE001 - the user's program, on one row of x
                     # A program that runs only on all of its rows (a constant of N entries, an
                     # autoguide's parameters per point): its points draw their starts together,
@@ -294,7 +357,9 @@ class ChainByChainPath(AnnealingPath):
         self.chains = chains
         self.rows = x.shape[0] if layout.per_datapoint else 1
         self.guide_sites = None
-        if start == "guide" and guide_is_a_function_of_x(guide, x, tuple(supports)) is None:
+        self.auxiliary = _auxiliary(guide, x, start, supports)
+        if start == "guide" and self.auxiliary is None and \
+                guide_is_a_function_of_x(guide, x, tuple(supports)) is None:
             with torch.no_grad(), pyro.validation_enabled(False):
                 self.guide_sites = sample_sites(poutine.trace(guide).get_trace(x))
         with torch.no_grad():
@@ -404,12 +469,26 @@ def _check_pair(model: Callable, guide: Callable, x: torch.Tensor, start: str,
         if fn.support.is_discrete:
             raise ConventionError(f"latent site '{name}' is discrete: AIS with HMC moves only "
                                   "continuous latents (enumerate or marginalize it out)")
-        if start == "guide" and (name not in guide_sites or is_point_mass(guide_sites[name]["fn"])):
-            raise ConventionError(
-                f"guide site '{name}' has no density at an arbitrary z (an autoguide's point "
-                "mass, driven by an auxiliary site): use start='prior' (--ais-start prior)")
+        if start == "guide" and name not in guide_sites:
+            raise ConventionError(f"the guide has no site '{name}' to start the chains from: "
+                                  "use start='prior' (--ais-start prior)")
         supports[name] = fn.support
+    if start == "guide":
+        # An autoguide's point masses: refused here, with the reason, unless their auxiliary
+        # sites can be rebuilt from z (checked on a draw).
+        with torch.no_grad():
+            auxiliary_density(lambda: guide_trace, layout.latent, supports)
     return layout, supports
+
+
+def _auxiliary(guide: Callable, x, start: str, supports: dict) -> AuxiliaryDensity | None:
+    """The autoguide's auxiliary sites as a function of z, read on a draw of ``guide`` as the
+    path calls it (in the chains' plate, or one chain)."""
+    if start != "guide":
+        return None
+    with torch.no_grad(), pyro.validation_enabled(False):
+        return auxiliary_density(lambda: poutine.trace(guide).get_trace(x), tuple(supports),
+                                 supports)
 
 
 @dataclass
@@ -510,6 +589,7 @@ def annealed_evidence(
     train_mode: bool = False,
     seed: int | None = None,
     distributed: Distributed = SINGLE,
+    check_fraction: float | None = 0.25,
 ) -> AnnealedEvidence:
     """AIS estimate of log p(x) for every data point of a pair of local latents; for a pair with
     global latents, of log p(x_1..N) of the whole data set (``unit == "data set"``, one value).
@@ -518,8 +598,9 @@ def annealed_evidence(
         them).
     :param num_steps: intermediate distributions T (sigmoid schedule); each costs
         ``leapfrog_steps + 1`` evaluations of the pair and its gradient.
-    :param start: ``"guide"`` (anneal from q(z | x); also gives the ELBO and the AIS gap) or
-        ``"prior"`` (from p(z): for guides without a density, such as autoguides).
+    :param start: ``"guide"`` (anneal from q(z | x); also gives the ELBO and the AIS gap; an
+        autoguide's density is read through its auxiliary sites, ``guide_density``) or
+        ``"prior"`` (from p(z): for guides without a density at an arbitrary z).
     :param batch_size: data points per pass; memory grows with ``num_chains * batch_size``
         (default: as many as keep that at evaluate's rows per chunk, 4096 on a CPU).
     :param train_mode: keep the pair's modules in training mode (else evaluation mode).
@@ -528,9 +609,34 @@ def annealed_evidence(
         torch's stream, so ``pyro.set_rng_seed`` fixes it).
     :param distributed: under torchrun, each rank anneals its share of the points and every
         rank gets all of them back, in order (a data set's chains are annealed whole).
+    :param check_fraction: whether AIS converged: as many chains again, with this fraction of
+        the steps (their own draws), and their estimate set beside the full one
+        (``convergence``; a note where the full one is higher beyond their SEs: it is still
+        rising).  None: no check (the cost is this fraction of the run).
     """
+    if check_fraction is not None and not 0 < check_fraction < 1:
+        raise OptionError("check_fraction", f"must be between 0 and 1, or None; got "
+                                            f"{check_fraction}")
     seed = distributed.common_seed(seed)
-    key = stream_key(seed, "ais")
+    settings = dict(num_chains=num_chains, leapfrog_steps=leapfrog_steps, start=start,
+                    step_size=step_size, batch_size=batch_size, data_plate=data_plate,
+                    progress=progress, train_mode=train_mode, distributed=distributed)
+    full = _annealed(model, guide, x, stream_key(seed, "ais"), num_steps=num_steps, **settings)
+    shorter_steps = max(1, round(num_steps * check_fraction)) if check_fraction else num_steps
+    if shorter_steps < num_steps:
+        shorter = _annealed(model, guide, x, stream_key(seed, "ais/shorter"),
+                            num_steps=shorter_steps, **settings)
+        full.convergence = convergence_check(full, shorter)
+        if full.convergence["verdict"] != "converged":
+            full.notes.append(full.convergence["reading"])
+    return full
+
+
+def _annealed(model: Callable, guide: Callable, x: ProgramData, key: int, *, num_chains: int,
+              num_steps: int, leapfrog_steps: int, start: str, step_size: float,
+              batch_size: int | None, data_plate: str, progress: bool, train_mode: bool,
+              distributed: Distributed) -> AnnealedEvidence:
+    """One AIS run of every point's chains, keyed by ``key``."""
     with evaluation_mode(model, guide, train_mode):
         batch_size, path = points_per_pass(model, guide, x, num_chains, start, data_plate,
                                            batch_size, "annealed_evidence", num_steps,
@@ -581,7 +687,7 @@ def _anneal_points(model: Callable, guide: Callable, x: ProgramData, first: int,
         acceptance=torch.cat([p[1] for p in parts]), step_size=torch.cat([p[2] for p in parts]),
         num_chains=num_chains, num_steps=num_steps, start=start, elbo=elbo, elbo_se=elbo_se,
         unit="data point" if path.layout.per_datapoint else "data set",
-        notes=[path.note] if getattr(path, "note", None) else [])
+        notes=[path.note] if getattr(path, "note", None) else [], num_points=x.shape[0])
 
 
 def annealing_path(model: Callable, guide: Callable, x: torch.Tensor, chains: int, start: str,
@@ -628,7 +734,8 @@ def ais_beside_importance(model: Callable, guide: Callable, x: ProgramData, *,
                           start: str = "guide", batch_size: int | None = None,
                           data_plate: str | None = None, progress: bool = False,
                           seed: int | None = None,
-                          distributed: Distributed = SINGLE) -> dict:
+                          distributed: Distributed = SINGLE,
+                          check_fraction: float | None = 0.25) -> dict:
     """AIS and importance sampling (K = ``num_samples``) on the same points: both summaries, the
     per-point difference AIS - IS, and per point both estimates with IS's k-hat.  ``seed``
     keys AIS (see ``annealed_evidence``); under torchrun both share the points out."""
@@ -639,7 +746,8 @@ def ais_beside_importance(model: Callable, guide: Callable, x: ProgramData, *,
                           distributed=distributed)
     ais = annealed_evidence(model, guide, x, num_chains=num_chains, num_steps=num_steps,
                             start=start, batch_size=batch_size, data_plate=data_plate,
-                            progress=progress, seed=seed, distributed=distributed)
+                            progress=progress, seed=seed, distributed=distributed,
+                            check_fraction=check_fraction)
     is_evidence = (importance.log_evidence if importance.unit == "data point" else
                    torch.tensor([importance.total.log_evidence], dtype=torch.float64))
     summary = importance.summary()
@@ -675,7 +783,7 @@ def agreement_where_khat_high(difference: torch.Tensor) -> dict:
     Carlo error says k-hat overstated the problem, AIS above says it did not."""
     entry = {"num_points": int(difference.shape[0]), **mean_and_se(difference)}
     mean, se = entry["mean"], entry["se"] or 0.0
-    where = f"on the {entry['num_points']} points with k-hat > {KHAT_UNRELIABLE}, "
+    where = f"on the {counted(entry['num_points'], 'point')} with k-hat > {KHAT_UNRELIABLE}, "
     if abs(mean) <= 2 * se:
         reading = (f"AIS agrees with importance sampling ({mean:+.3f} ± {se:.3f}): there k-hat "
                    "overstated the problem")

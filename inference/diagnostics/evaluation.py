@@ -56,6 +56,7 @@ from ..foundations.pair_layout import PairLayout
 from ..foundations.program_data import ProgramData
 from ..foundations.progress import tqdm
 from ..foundations.weight_moments import WeightMoments
+from ..foundations.wording import counted
 from .compiled_pass import CompiledPass
 from .defensive import MixtureSums, check_defensive, defensive_note, prior_draws, prior_particles
 from .discrete_guide import discrete_note, enumerated_particles, enumerates
@@ -486,7 +487,7 @@ def _global_note(layout: PairLayout, n: int, data_plate: str | None) -> str:
            "outside the data plate draw(s) the latents of all points jointly")
     if not latent and any(name in layout.observed for name in layout.global_sites):
         why = "no data plate: the model observes x as one whole"
-    return f"{why}: the unit is the data set ({n} points), one joint importance weight per draw"
+    return f"{why}: the unit is the data set ({counted(n, 'point')}), one joint importance weight per draw"
 
 
 def _is_global_unit(name: str, layout: PairLayout) -> bool:

@@ -15,6 +15,7 @@ import torch
 from ..foundations.pair_layout import PairLayout
 from ..foundations.rng import rng_preserved
 from ..foundations.traces import site_log_prob, trace_pair
+from ..foundations.wording import counted
 from .results import DATA_POINT, Diagnostics
 
 # Draws of the guide tried when looking for the sites at fault.
@@ -37,7 +38,7 @@ def refuse_non_finite(model: Callable, guide: Callable, x, d: Diagnostics,
         d.ess = torch.where(bad, torch.nan, d.ess)
         first = int(bad.nonzero()[0])
         probe = x[first:first + 1] if layout.subsample is None else x
-        where = f"{count} of {d.num_data} points"
+        where = f"{count} of {counted(d.num_data, 'point')}"
         which = "their ELBO, log p(x) and evidence gap, and the means over points with them,"
     else:
         t = d.total

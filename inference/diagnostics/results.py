@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 from ..foundations.psis import MIN_SAMPLES_KHAT, khat_summary
 from ..foundations.statistics import finite_or_none, mean_and_se
 from ..presentation.figures import plot_khat_histogram, plot_kl_per_dim, shown
-from ..presentation.table import format_summary, summary_html
+from ..presentation.table import format_summary, labels, summary_html
 from .kl import MONTE_CARLO
 
 # Burda et al. (2016): a latent dimension is active when Cov_x(E_q[z_d | x]) exceeds this.
@@ -112,7 +112,7 @@ class Diagnostics:
     def plot_kl_per_dim(self) -> Figure:
         """A matplotlib figure: the mean KL to the prior of every latent dimension.  In
         Jupyter it is shown at once (each plot of a cell is seen); it is returned as well."""
-        return shown(plot_kl_per_dim(self.summary()["kl_per_dim"]))
+        return shown(plot_kl_per_dim(self.summary()["kl_per_dim"], self.unit == DATA_SET))
 
     def plot_khat(self) -> Figure:
         """A matplotlib figure: the histogram of the importance weights' Pareto k-hat.  In
@@ -163,6 +163,12 @@ class Diagnostics:
         if self.num_samples >= MIN_SAMPLES_KHAT:
             out["khat"] = khat_summary(self.khat, self.unit, self.ess,
                                        self.proposal_draws or self.num_samples)
+            # One name in one output: the verdict calls the evidence what the table does.
+            evidence = labels(out)["evidence"]
+            verdict = out["khat"]["verdict"]
+            for said in ("log p(x_1..N)", "log p(x)"):
+                verdict = verdict.replace(said, evidence)
+            out["khat"]["verdict"] = verdict
         out["ess"] = {"mean": float(self.ess.mean()), "min": float(self.ess.min()),
                       "of": self.proposal_draws or self.num_samples}
         out["active_units"] = active_units_summary(self)

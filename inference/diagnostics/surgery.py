@@ -31,6 +31,7 @@ from ..foundations.traces import (
     site_log_prob,
     trace_pair,
 )
+from ..foundations.wording import counted
 from .passes import checked_arguments
 
 DEFAULT_CHUNK_ELEMENTS = 2**24
@@ -55,7 +56,7 @@ class ElboSurgery:
                 "mean_kl": mean_and_se(self.mutual_information + self.marginal_kl),
                 "log_num_data": math.log(self.num_data), "num_samples": self.num_samples,
                 "note": f"I_q(x; z) <= log N = {math.log(self.num_data):.3f} nats for N = "
-                        f"{self.num_data} points: an aggregate posterior of N points cannot "
+                        f"{counted(self.num_data, 'point')}: an aggregate posterior of N points cannot "
                         "carry more"}
 
 

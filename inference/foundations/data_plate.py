@@ -22,6 +22,13 @@ import torch
 from pyro.poutine.trace_struct import Trace
 
 from .conventions import traced
+from .data_checks import (
+    argument_names,
+    check_finite,
+    check_observed_rows,
+    check_observed_support,
+    check_row_counts,
+)
 from .enumeration import enumerating, marked_for_enumeration
 from .errors import ConfigError, ConventionError
 from .full_plates import full_plates, observations_cut, widened
@@ -52,22 +59,35 @@ class _Plate:
 
 
 def program_pair(model: Callable, guide: Callable | None, args: tuple, kwargs: dict[str, Any],
-                 data_plate: str | None = None, widen: bool = False) -> Program:
+                 data_plate: str | None = None, widen: bool = False,
+                 check_support: bool = True) -> Program:
     """The pair and its arguments as a ``Program``: the data plate found (or the one named
     checked) and the arguments it batches marked.  ``args`` may be one ``ProgramData`` (a
     diagnostic calling another); a ``Program``'s own model and guide are taken as they are.
     Without a guide the model's own draws are read (``guide`` is then None).  With ``widen``
     (every diagnostic) the pair runs with its subsampling plates at their full size
-    (``full_plates``), checked on a trace, or is refused saying why it cannot."""
+    (``full_plates``), checked on a trace, or is refused saying why it cannot.  The data are
+    checked first (``data_checks``: non-finite values, row counts, every observed value in its
+    site's support; ``check_support=False`` for grey levels binarized afresh every epoch)."""
     if len(args) == 1 and not kwargs and isinstance(args[0], ProgramData):
         data = args[0]
     else:
         data = ProgramData(tuple(args), dict(kwargs))
     model, guide = bound_program(model), None if guide is None else bound_program(guide)
     if not (data.located and data_plate in (None, data.plate)):
+        # The data first: a NaN or mismatched rows is the data's fault, and said so.
+        names = argument_names(model, data)
+        check_finite(data, names)
         with rng_preserved(), torch.no_grad(), pyro.validation_enabled(False):
-            guide_trace, model_trace = traced(model, guide, data)
+            try:
+                guide_trace, model_trace = traced(model, guide, data)
+            except ConventionError as e:
+                check_row_counts(data, names, e)
+                raise
         plate, rows = find_data_plate(model_trace, data, data_plate)
+        check_observed_rows(model_trace, data, names, rows)
+        if check_support:
+            check_observed_support(model_trace, data, names, plate)
         data = replace(data.with_rows(rows), plate=plate, located=True,
                        enum_dim=_enumeration_dim(guide_trace, model_trace))
     if widen and not getattr(model, "widens", False):

@@ -25,6 +25,8 @@ import warnings
 import numpy as np
 import torch
 
+from .wording import counted
+
 KHAT_GOOD = 0.5
 KHAT_UNRELIABLE = 0.7
 # What no k-hat can see: it judges the tail of the weights the proposal drew, so a mode of the
@@ -156,17 +158,17 @@ def khat_summary(khat: torch.Tensor, unit: str = "data point", ess: torch.Tensor
     undefined = int(torch.isnan(khat).sum())
     verdicts = []
     if undefined:
-        verdicts.append(f"{undefined} of {n} points have no k-hat: their importance weights are "
+        verdicts.append(f"{undefined} of {counted(n, 'point')} have no k-hat: their importance weights are "
                         "not finite numbers (see the notes)")
     if bad:
         verdicts.append(
-            f"{bad} of {n} points ({100 * bad / n:.1f} %) have k-hat > {KHAT_UNRELIABLE}: their "
+            f"{bad} of {counted(n, 'point')} ({100 * bad / n:.1f} %) have k-hat > {KHAT_UNRELIABLE}: their "
             f"{every} are NOT reliable (the guide's tails are too light for "
             "importance sampling); treat those numbers as lower bounds"
         )
     if wobbly:
         verdicts.append(
-            f"{wobbly} of {n} points ({100 * wobbly / n:.1f} %) have k-hat > {KHAT_UNRELIABLE} "
+            f"{wobbly} of {counted(n, 'point')} ({100 * wobbly / n:.1f} %) have k-hat > {KHAT_UNRELIABLE} "
             f"on nearly equal weights (ESS >= {ESS_NEARLY_ALL:.0%} of K): k-hat unstable there "
             "(its Pareto fit rests on the few draws that reach a far tail, and changes with "
             f"K), not a sign that their {one} is off; a larger K or AIS settles them"

@@ -199,8 +199,13 @@ def user_frame(e: BaseException) -> str:
 
 def first_line(e: Exception) -> str:
     """The first line of an exception's message: Pyro appends whole trace tables below it."""
-    text = str(e).strip()
-    return text.splitlines()[0] if text else ""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    if not lines:
+        return ""
+    # "Error while computing log_prob at site 'obs':" says where; the reason is the next line.
+    if lines[0].endswith(":") and len(lines) > 1:
+        return f"{lines[0]} {lines[1]}"
+    return lines[0]
 
 
 def apply_mask(values: torch.Tensor, site: dict, event_ndim: int = 0) -> torch.Tensor:

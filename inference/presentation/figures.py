@@ -17,6 +17,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from ..foundations.atomic import write_atomic
+from ..foundations.wording import counted
+from .table import labels
 
 
 class ShownFigure(Figure):
@@ -140,17 +142,38 @@ def plot_elbo_curves(history: Sequence[dict], objective: str = "ELBO") -> Figure
     return fig
 
 
+def _named(records: Sequence[dict]) -> dict[str, str]:
+    """The quantities' names for the pair of these records (``table.labels``): log p(y | inputs)
+    for a conditional model, the data set's totals for global latents."""
+    return labels(records[-1]["diagnostics"] if records else {})
+
+
+def unreliable_share(diagnostics: dict) -> float:
+    """The share of points whose k-hat says their log p(x) cannot be believed (k-hat > 0.7,
+    not counting k-hat unstable on nearly equal weights); 1 or 0 for a data set's one k-hat."""
+    khat = diagnostics.get("khat") or {}
+    return float(khat.get("share_unreliable", 0.0)) - float(khat.get("share_unstable", 0.0))
+
+
+# Above this share of points with k-hat > 0.7, an epoch's mean log p(x) is drawn as not
+# reliable: dashed, no band (its standard error cannot be believed either).
+UNRELIABLE_MAJORITY = 0.5
+
+
 def plot_terms_curves(history: Sequence[dict]) -> Figure:
     records = _diagnosed(history)
     epochs = [r["epoch"] for r in records]
+    named = _named(records)
     fig, (left, right) = subplots(1, 2, figsize=(10, 4))
     for ax, key, title in (
-        (left, "reconstruction", "reconstruction  E_q[log p(x|z)]"),
-        (right, "kl_prior", "KL(q(z|x) || p(z))"),
+        (left, "reconstruction", f"reconstruction  {named['reconstruction']}"),
+        (right, "kl_prior", named["kl"]),
     ):
         mean, se = _series(records, key)
-        ax.plot(epochs, mean)
-        ax.fill_between(epochs, mean - 2 * se, mean + 2 * se, alpha=0.25, label="± 2 SE")
+        ax.plot(epochs, mean, label="estimate")
+        if np.any(se > 0):
+            # A data set's totals carry no SE over points: no band, and none in the legend.
+            ax.fill_between(epochs, mean - 2 * se, mean + 2 * se, alpha=0.25, label="± 2 SE")
         ax.set_xlabel("epoch")
         _integer_ticks(ax.xaxis)
         ax.set_ylabel("nats per data point")
@@ -160,6 +183,20 @@ def plot_terms_curves(history: Sequence[dict]) -> Figure:
     return fig
 
 
+def _drawn_with_reliability(ax, epochs, mean, se, unreliable, color, label) -> None:
+    """A curve solid with its ± 2 SE band where it can be believed; dashed, marked and
+    without a band at the epochs where it cannot (``unreliable``)."""
+    epochs, unreliable = np.asarray(epochs), np.asarray(unreliable, dtype=bool)
+    fine = np.where(unreliable, np.nan, mean)
+    ax.plot(epochs, fine, color=color, label=label if not unreliable.all() else None)
+    ax.fill_between(epochs, fine - 2 * se, fine + 2 * se, color=color, alpha=0.2)
+    if unreliable.any():
+        # Joined to its reliable neighbours, so that the curve stays one line.
+        near = unreliable | np.r_[unreliable[1:], False] | np.r_[False, unreliable[:-1]]
+        ax.plot(epochs, np.where(near, mean, np.nan), color=color, ls="--", marker="x",
+                label=f"{label}: NOT reliable (k-hat > 0.7)")
+
+
 def plot_evidence_gap(history: Sequence[dict]) -> Figure:
     records = _diagnosed(history)
     epochs = [r["epoch"] for r in records]
@@ -167,11 +204,16 @@ def plot_evidence_gap(history: Sequence[dict]) -> Figure:
     fig, (top, bottom) = subplots(2, 1, figsize=(6, 6), sharex=True)
     exact = [r.get("exact") for r in records]
     has_exact = bool(records) and all(e is not None for e in exact)
-    for color, key, label in (("C0", "log_evidence", f"log p(x), importance sampling K={k}"),
+    named = _named(records)
+    evidence = named["evidence"]
+    shares = np.array([unreliable_share(r["diagnostics"]) for r in records])
+    unreliable = shares > UNRELIABLE_MAJORITY
+    for color, key, label in (("C0", "log_evidence", f"{evidence}, importance sampling K={k}"),
                               ("C1", "elbo", "ELBO")):
         mean, se = _series(records, key)
-        top.plot(epochs, mean, color=color, label=label)
-        top.fill_between(epochs, mean - 2 * se, mean + 2 * se, color=color, alpha=0.2)
+        _drawn_with_reliability(top, epochs, mean, se,
+                                unreliable if key == "log_evidence" else np.zeros_like(unreliable),
+                                color, label)
         if has_exact:
             top.plot(epochs, [e[key] for e in exact], "k--", lw=1,
                      label="closed form" if key == "elbo" else None)
@@ -184,21 +226,37 @@ def plot_evidence_gap(history: Sequence[dict]) -> Figure:
     mean, total_se = _series(records, "evidence_gap")
     se = np.array([r["diagnostics"].get("evidence_gap_mc_se", s) or 0.0
                    for r, s in zip(records, total_se, strict=True)])
-    bottom.plot(epochs, mean, color="C3", label="estimated (± 2 Monte Carlo SE)")
-    bottom.fill_between(epochs, mean - 2 * se, mean + 2 * se, color="C3", alpha=0.25)
+    _drawn_with_reliability(bottom, epochs, mean, se, unreliable, "C3",
+                            "estimated (± 2 Monte Carlo SE)")
     if has_exact:
         bottom.plot(epochs, [e["evidence_gap"] for e in exact], "k--", lw=1,
                     label="closed form KL(q || p(z|x))")
+    if records and shares[-1] > 0:
+        # The table's caveat, on the figure: the last epoch's k-hat verdict.
+        # Below the axes, where no curve runs under it (saved with bbox_inches="tight").
+        bottom.text(0.0, -0.22, "last epoch: " + _wrapped(
+            records[-1]["diagnostics"]["khat"]["verdict"].split(";")[0]),
+                    transform=bottom.transAxes, fontsize=7.5, color="C3", va="top")
     bottom.legend()
     bottom.set_xlabel("epoch")
     _integer_ticks(bottom.xaxis)
     bottom.set_ylabel("nats per data point")
-    bottom.set_title("evidence gap  log p(x) - ELBO  ≈ KL(q(z|x) || p(z|x))")
+    kl = ("KL(q || p(latents | data))" if records and
+          records[-1]["diagnostics"].get("unit") == "data set" else "KL(q(z|x) || p(z|x))")
+    bottom.set_title(f"evidence gap  {evidence} - ELBO  ≈ {kl}")
     bottom.grid(alpha=0.3)
     return fig
 
 
-def plot_kl_per_dim(kl_per_dim: dict[str, Sequence[float]]) -> Figure:
+def _wrapped(text: str, width: int = 90) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width))
+
+
+def plot_kl_per_dim(kl_per_dim: dict[str, Sequence[float]], data_set: bool = False) -> Figure:
+    """KL to the prior per dimension of each latent site: the mean over data points, or with
+    ``data_set`` (global latents) the data set's one KL."""
     sites = list(kl_per_dim)
     fig, axes = subplots(len(sites), 1, figsize=(7, 2.6 * len(sites)), squeeze=False,
                              layout="constrained")
@@ -208,7 +266,8 @@ def plot_kl_per_dim(kl_per_dim: dict[str, Sequence[float]]) -> Figure:
         _integer_ticks(ax.xaxis)
         ax.set_xlabel(f"dimension of latent site '{site}'")
         ax.set_ylabel("KL (nats)")
-        ax.set_title(f"mean KL(q || p(z)) per dimension, site '{site}'")
+        ax.set_title(f"KL(q || p) per dimension of the data set's latent site '{site}'"
+                     if data_set else f"mean KL(q(z|x) || p(z)) per dimension, site '{site}'")
         ax.grid(alpha=0.3, axis="y")
     return fig
 
@@ -262,7 +321,7 @@ def plot_khat_histogram(khat: np.ndarray) -> Figure:
     ax.axvline(0.7, color="C3", ls="--", lw=1.2, label="0.7: unreliable above")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
     perfect = int((~np.isfinite(khat)).sum())
-    note = f" ({perfect} points with constant weights not shown)" if perfect else ""
+    note = f" ({counted(perfect, 'point')} with constant weights not shown)" if perfect else ""
     ax.set_xlabel("Pareto k-hat of the importance weights (dimensionless)")
     ax.set_ylabel("data points")
     ax.set_title(f"reliability of log p(x) per data point{note}")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import html
 import math
 
+from ..foundations.wording import counted
+
 
 def labels(summary: dict) -> dict[str, str]:
     """What the quantities are called for this pair: log p(x) for a model of x, whatever its
@@ -147,7 +149,10 @@ def summary_html(summary: dict) -> str:
 def format_annealed(summary: dict, importance: dict | None = None) -> str:
     """AIS beside importance sampling on the same points, and the BDMC bracket when present."""
     a = summary["ais"]
-    lines = [f"annealed importance sampling on {a['num_data']} points: {a['num_chains']} chains x "
+    data_set = a.get("unit") == "data set"
+    on = (f"of log p(x_1..N) of the whole data set, N={a['num_data']}" if data_set
+          else f"on {counted(a['num_data'], 'point')}")
+    lines = [f"annealed importance sampling {on}: {a['num_chains']} chains x "
              f"{a['num_steps']} steps from the {a['start']} (HMC acceptance "
              f"{a['acceptance']['mean']:.2f}, step size {a['step_size']['mean']:.3f})"]
     rows = [("log p(x)  AIS", a["log_evidence"])]
@@ -160,8 +165,12 @@ def format_annealed(summary: dict, importance: dict | None = None) -> str:
                  ("AIS - importance sampling", summary["ais_minus_is"])]
     width = max(len(name) for name, _ in rows)
     lines += [f"{name:<{width}}  {_fmt(entry)}" for name, entry in rows]
-    lines.append(f"(Monte Carlo SE of the AIS log p(x) per point, mean over points: "
-                 f"{a['log_evidence_mc_se']:.3f})")
+    lines.append(f"(Monte Carlo SE of the AIS log p(x_1..N): {a['log_evidence_mc_se']:.3f})"
+                 if data_set else f"(Monte Carlo SE of the AIS log p(x) per point, mean over "
+                 f"points: {a['log_evidence_mc_se']:.3f})")
+    if "convergence" in a:
+        lines.append(a["convergence"]["reading"])
+    lines += [f"note: {n}" for n in a.get("notes", []) if n != a.get("convergence", {}).get("reading")]
     if importance is not None and importance.get("khat"):
         lines.append(f"importance sampling's Pareto k-hat: {importance['khat']['verdict']}")
     if "where_khat_high" in summary:
@@ -172,8 +181,8 @@ def format_annealed(summary: dict, importance: dict | None = None) -> str:
 def format_bdmc(summary: dict) -> str:
     b = summary
     se = f" ± {b['bracket_se']:.3f}" if b.get("bracket_se") is not None else ""
-    simulated = (f"{b['data_sets']} data sets of {b['num_data']} points" if b.get("data_sets")
-                 else f"{b['num_data']} points")
+    simulated = (f"{b['data_sets']} data sets of {counted(b['num_data'], 'point')}" if b.get("data_sets")
+                 else counted(b['num_data'], 'point'))
     return (f"BDMC on {simulated} simulated from the model ({b['num_chains']} chains x "
             f"{b['num_steps']} steps): log p(x) between {b['lower']:.3f} (forward AIS) and "
             f"{b['upper']:.3f} (reverse AIS); bracket {b['bracket']:.3f}{se} nats: "

@@ -16,6 +16,7 @@ from ..foundations.atomic import write_json_atomic, write_text_atomic
 from ..foundations.errors import ConfigError, ConventionError, OptionError
 from ..foundations.program_data import ProgramData
 from ..foundations.statistics import mean_and_se
+from ..foundations.wording import counted
 from ..presentation.figures import figure_png, plot_runs_overlaid
 from ..presentation.html import FigureItem, Note, Table, render_html
 from .run_directory import Run, load_run
@@ -168,7 +169,7 @@ def compare(run_dirs: list[str | Path], *, num_samples: int = 1000, points: int 
             notes.append(f"{name}: q* of the gap's split is {gaps.q_star}.")
     paired = [None] + [_paired(d, diagnostics[0]) if shared else None for d in diagnostics[1:]]
     k = num_samples
-    notes.append(f"Every run evaluated afresh on {summaries[0]['num_data']} points with K={k} and "
+    notes.append(f"Every run evaluated afresh on {counted(summaries[0]['num_data'], 'point')} with K={k} and "
                  f"seed {seed}; a paired difference is the mean over points of the per-point "
                  "difference, its SE that mean's (smaller than either run's own SE, which holds "
                  "the spread between points).")

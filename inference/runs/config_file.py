@@ -34,7 +34,7 @@ RUN_DEFAULTS = {"data": "digits", "data_dir": None, "binarize": "dynamic", "mode
 # Every key of a written config and the type of its value: the settings, completed (no "auto",
 # no None where a default applies), then what fit found and used.
 CONFIG_KEYS: dict[str, object] = {
-    "data": str, "data_dir": str | None, "binarize": str, "model": str, "guide": str,
+    "data": str, "data_dir": str | None, "binarize": str | None, "model": str, "guide": str,
     "likelihood": str, "likelihood_scale": float | None, "latent_dim": int | None,
     "hidden_dims": list[int] | None, "num_samples": int, "test_points": int | None,
     "eval_batch_size": int, "val_fraction": float | None, "flows": int | None,
@@ -93,7 +93,7 @@ def check_config(config: dict, path: Path | str = CONFIG) -> None:
 def _check_value(path: Path | str, key: str, value: object, hint: object) -> None:
     if not _matches(value, hint):
         raise ConfigError(f"{path}: {key} must be {_described(hint)}, got {json.dumps(value)}")
-    if key in CHOICES and value not in CHOICES[key]:
+    if key in CHOICES and value not in CHOICES[key] and not (key == "binarize" and value is None):
         raise ConfigError(f"{path}: {key} must be one of {list(CHOICES[key])}, got "
                           f"{json.dumps(value)}")
     if key in POSITIVE:

@@ -20,9 +20,13 @@ from ..diagnostics.predictive import PosteriorPredictive, posterior_predictive
 from ..diagnostics.reconstruction import reconstruct, sample_prior_means
 from ..diagnostics.results import DATA_SET, Diagnostics
 from ..foundations.atomic import write_json_atomic
+from ..foundations.conventions import inspect_pair
+from ..foundations.data_plate import program_pair
+from ..foundations.device import rows_per_chunk as default_rows_per_chunk
 from ..foundations.distributed import SINGLE, Distributed
 from ..foundations.errors import ElbogapError, OptionError
 from ..foundations.rng import rng_preserved
+from ..foundations.wording import counted
 from ..presentation.figures import (
     plot_elbo_curves,
     plot_evidence_gap,
@@ -78,16 +82,52 @@ def predicts(run: Run, split: str) -> bool:
     return split != "train" and run.split == "train"
 
 
+def whole_data_set(run: Run, x) -> bool:
+    """Whether the run's pair has global latents on ``x``: its unit is then the data set, one
+    log p(x_1..N), which a subset of the points would change (never subset silently)."""
+    program = program_pair(run.model, run.guide, (x,), {}, run.options.data_plate, widen=True)
+    with rng_preserved(), torch.no_grad():
+        layout = inspect_pair(program.model, program.guide, program.data, program.data_plate)
+    return not layout.per_datapoint
+
+
+# Points AIS and BDMC take of a run whose unit is the data point (scripts/evaluate.py).
+AIS_POINTS = 100
+
+
+def refuse_subset(run: Run, x, split: str, option: str, n: int) -> None:
+    """A run whose unit is the data set (global latents) is estimated on all of it: ``n`` of
+    its points would be another data set, with another log p(x_1..N).  Refused, naming N."""
+    if whole_data_set(run, x):
+        raise OptionError(
+            option, f"{{option}} {n}: run {run.dir} has global latents, so its unit is the whole "
+                    f"{split} set (one log p(x_1..N), N={x.shape[0]}), and {n} of its points "
+                    f"would be another data set with another log p(x); leave {{option}} out to "
+                    f"take all {x.shape[0]}")
+
+
 def split_points(run: Run, split: str, points: int | None = None) -> torch.Tensor:
-    """``points`` of a run's ``split`` (a fixed random subset, seed 0; all by default).  The
-    training split is drawn as training sees it (a dynamic binarization: one draw)."""
+    """``points`` of a run's ``split`` (a fixed random subset, seed 0; all by default; refused
+    below all of a data set whose unit is the whole).  The training split is drawn as training
+    sees it (a dynamic binarization: one draw)."""
     if split not in SPLITS:
         raise OptionError("split", f"must be one of {SPLITS}, got {split!r}")
     if split == "validation" and run.data.validation is None:
         raise OptionError("split", f"{{option}} validation: run {run.dir} has no validation "
                           "split (it was trained without a validation fraction, --val-fraction)")
     x = run.data.train_epoch() if split == "train" else getattr(run.data, split)
+    if points is not None and points < x.shape[0] and not predicts(run, split):
+        # Held-out points' predictive densities are point by point; a data set is not.
+        refuse_subset(run, x, split, "max_points", points)
     return subset(x, points)
+
+
+def annealing_points(run: Run, x, split: str, points: int | None):
+    """The points AIS and BDMC take of ``x``: ``points`` of them (``AIS_POINTS`` by default,
+    a fixed random subset), or all of a data set whose unit is the whole (refusing fewer)."""
+    if points is not None and points < x.shape[0]:
+        refuse_subset(run, x, split, "points", points)
+    return x if whole_data_set(run, x) else subset(x, points or AIS_POINTS)
 
 
 def diagnose(run: Run, x: torch.Tensor, split: str, *, num_samples: int,
@@ -121,28 +161,46 @@ def held_out_summary(run: Run, d: Diagnostics, x: torch.Tensor, *, num_samples: 
                     data_plate=data_plate).estimate.summary()
 
 
-def final_evaluation_seconds(run: Run, x: torch.Tensor, processes: int = 1) -> float | None:
-    """What the final evaluation of ``x`` will take here, timed on a few points at two small
-    K without moving any random stream (None: the pair runs only on its whole data set).
+def final_evaluation_seconds(run: Run, x: torch.Tensor, processes: int = 1,
+                             batch_size: int | None = None) -> float | None:
+    """What the final evaluation of ``x`` (``batch_size`` points per pass, as it will run) will
+    take here, timed without moving any random stream (None: the pair cannot be evaluated so).
 
-    One probe scaled up counted its fixed costs (the first, cold call; the pair's checks) once
-    per draw (70 s said for 0.5 s taken on the digits VAE); the difference of two probes is
-    the cost of the draws alone."""
+    Two probes on all the points at K1 < K2 (the cost is fixed + K x per draw): a pair
+    evaluated particle by particle pays per pass what a vectorized one pays per point and draw,
+    and a pass's cost grows with the points in ways a few of them do not show (20 points
+    scaled up said 1.4 s for 28 s on 2000 points).  K1 fills a chunk of evaluate's rows, so
+    that the probes pay per draw what the evaluation will (with 5 and 15 draws a vectorized
+    pair was said to take 4.7 times what it took); the first call, on a few points, warms up.
+    The second probe is taken only where the first, scaled up (fixed costs counted K / K1
+    times: an upper bound), says the evaluation may take over half of the
+    ``ANNOUNCE_AFTER_SECONDS``; then the probes cost about (K1 + K2) / K of the evaluation."""
     k = run.config["num_samples"]
-    probe = x[: min(x.shape[0], 20)]
-    seconds = []
+    per_pass = min(batch_size or x.shape[0], x.shape[0])
+    low = min(k, max(5, -(-default_rows_per_chunk(torch.device("cpu")) // per_pass)))
+    high = min(k, 3 * low)
+    seconds = {}
+
+    def timed(n, draws):
+        start = time.perf_counter()
+        evaluate(run.model, run.guide, x[:n], num_samples=draws, batch_size=batch_size,
+                 data_plate=run.options.data_plate)
+        return time.perf_counter() - start
+
     try:
         with rng_preserved():
-            for probe_k in (10, 10, 110):  # the first call warms up, and is not counted
-                start = time.perf_counter()
-                evaluate(run.model, run.guide, probe, num_samples=probe_k,
-                         data_plate=run.options.data_plate)
-                seconds.append(time.perf_counter() - start)
+            timed(min(x.shape[0], 20), 5)
+            seconds[low] = timed(x.shape[0], low)
+            # Only where it may be announced: below, the first probe's bound says it is short.
+            if high > low and seconds[low] * k / low > ANNOUNCE_AFTER_SECONDS / 2:
+                seconds[high] = timed(x.shape[0], high)
     except ElbogapError:
         return None
-    per_draw = max(seconds[2] - seconds[1], 0.0) / (100 * probe.shape[0])
-    fixed = max(seconds[1] - per_draw * 10 * probe.shape[0], 0.0)
-    return fixed + per_draw * x.shape[0] * k / processes
+    if high == low or high not in seconds:
+        return seconds[low] * k / low / processes
+    per_draw = max(seconds[high] - seconds[low], 0.0) / (high - low)
+    fixed = max(seconds[low] - low * per_draw, 0.0)
+    return fixed + k * per_draw / processes
 
 
 def final_summary(run: Run, progress: bool = True,
@@ -153,9 +211,11 @@ def final_summary(run: Run, progress: bool = True,
     config = run.config
     x = run.points(config.get("test_points"))
     if distributed.is_main:
-        seconds = final_evaluation_seconds(run, x, distributed.world_size)
+        seconds = final_evaluation_seconds(run, x, distributed.world_size,
+                                           config["eval_batch_size"])
         if seconds is not None and seconds > ANNOUNCE_AFTER_SECONDS:
-            print(f"final evaluation: {x.shape[0]} {run.split} points x K={config['num_samples']}, "
+            points = counted(x.shape[0], run.split + " point")
+            print(f"final evaluation: {points} x K={config['num_samples']}, "
                   f"about {seconds / 60:.1f} min here (--num-samples and --test-points bound it)")
     diagnosis = diagnose(run, x, run.split, num_samples=config["num_samples"],
                          batch_size=config["eval_batch_size"], progress=progress,
@@ -186,7 +246,8 @@ def run_figures(run: Run, kl_per_dim: dict) -> dict:
         "elbo.png": plot_elbo_curves(history, run.options.objective),
         "reconstruction_kl.png": plot_terms_curves(history),
         "evidence_gap.png": plot_evidence_gap(history),
-        "kl_per_dim.png": plot_kl_per_dim(kl_per_dim),
+        "kl_per_dim.png": plot_kl_per_dim(kl_per_dim, data_set=any(
+            r["diagnostics"].get("unit") == DATA_SET for r in history[-1:] if "diagnostics" in r)),
     }
     if data.image_shape is not None:
         # A guide with parameters per training point reconstructs only the training set.

@@ -25,6 +25,7 @@ from ..foundations.distributed import SINGLE, Distributed
 from ..foundations.errors import ConventionError, OptionError, check_positive
 from ..foundations.module_mode import evaluation_mode
 from ..foundations.statistics import mean_and_se
+from ..foundations.wording import counted
 from ..presentation.figures import (
     figure_png,
     plot_active_units,
@@ -78,6 +79,9 @@ class ReportSettings:
     ais_chains: int = 16
     bdmc: bool = True  # bracket AIS on ais_points points simulated from the model
     calibration_simulations: int = 1000  # simulation-based calibration of the guide; 0: none
+    # Seconds after which the sections not yet begun (calibration, AIS and BDMC, the gap's
+    # split, guide draws) are left out, each with a note saying so; 0: no limit.
+    time_budget: float = 600.0
     data_plate: str | None = None  # None: the run's
     seed: int = 0
     progress: bool = True
@@ -90,6 +94,9 @@ class ReportSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise OptionError(name, f"must be 0 or more, got {value}")
+        if not (isinstance(self.time_budget, float | int) and self.time_budget >= 0):
+            raise OptionError("time_budget", f"must be 0 (no limit) or a positive number of "
+                                             f"seconds, got {self.time_budget}")
         if 0 < self.calibration_simulations < 100:
             raise OptionError("calibration_simulations", "must be 0 (none) or at least 100 (5 "
                               f"per bin of the 20-bin test), got {self.calibration_simulations}")
@@ -158,6 +165,7 @@ class Report:
     @classmethod
     def _build(cls, run: Run, settings: ReportSettings, distributed: Distributed) -> Report:
         pyro.set_rng_seed(settings.seed)
+        started = time.perf_counter()
         x = run.points(settings.max_points)
         plate = settings.data_plate or run.options.data_plate
         d = diagnose(run, x, run.split, num_samples=settings.num_samples, batch_size=100,
@@ -173,9 +181,10 @@ class Report:
         split = run.split if d.unit == DATA_POINT else "train"
         report = cls(run, settings, d, {"data": run.config["data"], "split": split, **summary},
                      distributed=distributed)
+        report.started = started
         report.notes.append(Note(
             f"The numbers below are a fresh estimate (K={settings.num_samples}, seed "
-            f"{settings.seed}, {d.num_data} {split} points), not those of the run's "
+            f"{settings.seed}, {counted(d.num_data, split + ' point')}), not those of the run's "
             "diagnostics.json: they differ from them within their Monte Carlo standard errors."))
         report.notes += [Note(n) for n in d.notes]
         if "khat" in summary:
@@ -189,6 +198,24 @@ class Report:
         else:
             report._data_set()
         return report
+
+    started: float | None = None
+
+    def _in_budget(self, section: str, without: str | None) -> bool:
+        """Whether ``section`` is begun: not once the report has spent its time budget, when a
+        note says it was left out and how to have it.  Every rank reads rank 0's clock."""
+        budget = self.settings.time_budget
+        if not budget or self.started is None:
+            return True
+        spent = time.perf_counter() - self.started
+        over = self.distributed.mean(float(self.distributed.is_main and spent > budget)) > 0
+        if over:
+            self.notes.append(Note(
+                f"Left out: {section}. The report had spent {spent:.0f} s of its time budget of "
+                f"{budget:g} s (ReportSettings.time_budget, --time-budget): raise it, or give 0 "
+                "for no limit" + (f" ({without} leaves the section out without a note)."
+                                  if without else "."), warning=True))
+        return not over
 
     @property
     def plate(self) -> str:
@@ -214,7 +241,8 @@ class Report:
             f"Summary for the data set the guide was fitted to ({self.diagnostics.num_data} "
             "training points; nats, totals)", ("quantity", "total", "± Monte Carlo SE"), rows))
         self.notes += [Note(f"{n[0].upper()}{n[1:]}.") for n in monte_carlo_kl_notes(summary)]
-        if self.settings.ais_points:
+        if self.settings.ais_points and self._in_budget("annealed importance sampling and BDMC",
+                                                        "--ais-points 0"):
             self._annealed(held_out=False)
         ps = held_out_summary(self.run, self.diagnostics,
                               subset(self.run.data.test, self.settings.max_points),
@@ -233,7 +261,7 @@ class Report:
             "active.", warning=units["warning"] is not None))
         k = self.settings.num_samples
         self.tables.append(Table(
-            f"Summary on {d.num_data} {self.run.split} points (nats per data point)",
+            f"Summary on {counted(d.num_data, self.run.split + ' point')} (nats per data point)",
             ("quantity", "mean", "± SE over points"),
             [("ELBO", *_fmt(summary["elbo"])),
              (f"reconstruction {name['reconstruction']}", *_fmt(summary["reconstruction"])),
@@ -277,16 +305,19 @@ class Report:
                   *_fmt(s["marginal_kl"]))]))
             self.notes.append(Note(s["note"] + "."))
         held_out = self.run.split == "test"
-        if held_out and self.settings.calibration_simulations:
+        if held_out and self.settings.calibration_simulations and self._in_budget(
+                "calibration of the guide", "--calibration-simulations 0"):
             self._calibration(x)
-        ais = self._annealed(held_out) if self.settings.ais_points else None
+        ais = self._annealed(held_out) if self.settings.ais_points and self._in_budget(
+            "annealed importance sampling and BDMC", "--ais-points 0") else None
         if not held_out:
             self.notes.append(Note("No amortization gap: the guide has parameters per training "
                                    "point (it is not amortized), so it is already the local "
                                    "guide q*."))
-        elif self.settings.amortization_points:
+        elif self.settings.amortization_points and self._in_budget(
+                "the gap's split into approximation and amortization", "--amortization-points 0"):
             self._gap_decomposition(ais)
-        if held_out:
+        if held_out and self._in_budget("guide draws for ArviZ (inference_data.nc)", None):
             self.idata = guide_inference_data(
                 self.run.model, self.run.guide,
                 subset(self.run.data.test, self.settings.idata_points),
@@ -307,7 +338,7 @@ class Report:
                  f"{d['shift_z']:+.2f}", d["verdict"])
                 for name, dims in s["sites"].items() for d in dims]
         self.tables.append(Table(
-            f"Calibration of the guide ({s['num_simulations']} points simulated from the model, "
+            f"Calibration of the guide ({counted(s['num_simulations'], 'point')} simulated from the model, "
             f"{s['num_draws']} guide draws each)",
             ("coordinate", "Holm p", "spread z", "shift z", "verdict"), rows))
         self.notes.append(Note(
@@ -428,7 +459,7 @@ class Report:
     @property
     def subtitle(self) -> str:
         c, d = self.run.config, self.diagnostics
-        unit = (f"N={d.num_data} {self.numbers['split']} points" if d.unit == DATA_POINT else
+        unit = (f"N={counted(d.num_data, self.numbers['split'] + ' point')}" if d.unit == DATA_POINT else
                 f"unit: the data set (N={d.num_data} training points)")
         return (f"run {self.run.dir} · data {c['data']} · model {c['model']} · guide "
                 f"{c['guide']} · K={self.settings.num_samples} · {unit}")

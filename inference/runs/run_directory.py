@@ -180,6 +180,9 @@ def run_config(data: Dataset, settings: dict) -> dict:
         raise OptionError("binarize", f"{{option}} {config['binarize']} is for data mnist (the "
                                       f"other data sets are read as they are), not "
                                       f"{config['data']}")
+    if config["data"] != "mnist":
+        # Only mnist is binarized; the others are read as they are, and their config says so.
+        config["binarize"] = None
     model = config["model"]
     if is_user_factory(model):
         if config["likelihood"] == "auto":

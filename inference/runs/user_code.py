@@ -58,11 +58,21 @@ def load_object(spec: str, digest: str | None = None) -> object:
     module.__file__ = str(path)
     # Registered while it runs, as an import would: dataclasses and pickling look it up.
     sys.modules[module_name] = module
+    # As ``python file.py`` would: the file's own folder is importable while it runs, so that
+    # it can import its siblings (helpers.py beside it).  Its siblings are trusted with it:
+    # only the file itself is checked against the run's sha256.
+    folder = str(path.resolve().parent)
+    added = folder not in sys.path
+    if added:
+        sys.path.insert(0, folder)
     try:
         exec(compile(source, str(path), "exec", dont_inherit=True), module.__dict__)
     except Exception as e:
         raise OptionError("model", f"{{option}} {spec}: importing {path} failed: "
                                    f"{type(e).__name__}: {e}") from e
+    finally:
+        if added and folder in sys.path:
+            sys.path.remove(folder)
     if not hasattr(module, name):
         raise OptionError("model", f"{{option}} {spec}: {path} defines no '{name}'")
     return getattr(module, name)

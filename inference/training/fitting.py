@@ -23,10 +23,10 @@ from ..diagnostics.evaluation import evaluate
 from ..foundations.atomic import write_text_atomic
 from ..foundations.device import CPU, move_pair, resolve_device
 from ..foundations.distributed import SINGLE, Distributed
-from ..foundations.errors import ElbogapError
+from ..foundations.errors import ElbogapError, OptionError
 from ..foundations.parameter_scope import in_scope_of
 from ..foundations.progress import tqdm
-from ..foundations.rng import rng_state, set_rng_state
+from ..foundations.rng import rng_state, seeded, set_rng_state
 from ..foundations.strict_json import strict_json
 from .checkpoint import checkpoint_records, save_checkpoint
 from .early_stopping import EarlyStopping
@@ -64,6 +64,10 @@ class FitResult:
         return f"FitResult({len(self.history)} epochs; last epoch {last['epoch']}: {shown})"
 
 
+# eval_every None: the full diagnostics take at most about this share of the training time.
+DIAGNOSTICS_SHARE = 0.1
+
+
 def fit(
     model: Callable,
     guide: Callable,
@@ -85,8 +89,11 @@ def fit(
     whole.  A program with no data plate (the data one observation) trains on all of it per step.
 
     Every epoch logs the train ELBO per data point (mean of the SVI losses / N) and the test
-    ELBO (one guide draw, analytic KL); every ``eval_every`` epochs also the full diagnostics of
-    ``evaluate`` on the first ``eval_points`` test points with ``eval_samples`` draws.  With
+    ELBO (one guide draw, analytic KL); also the full diagnostics of ``evaluate`` on
+    ``eval_points`` test points with ``eval_samples`` draws: every ``eval_every`` epochs, or by
+    default (None) at the first and last epoch and in between as often as keeps them within
+    10 % of the training time (``DIAGNOSTICS_SHARE``).  They draw from a stream of their own,
+    so which epochs are diagnosed never changes the training.  With
     ``run_dir`` the history goes to ``metrics.jsonl`` and parameters and optimizer state to
     ``checkpoint.pt`` after every epoch (both written atomically).  Parameters live in Pyro's
     global param store, which ``fit`` does not clear (a loaded run's pair: its own, see
@@ -153,6 +160,13 @@ class _Training:
         # Every rank reads the run directory (a resumed early stop's best.pt); rank 0 alone writes.
         run_path = Path(run_dir) if run_dir is not None else None
         self.run_dir = run_path if distributed.is_main else None
+        if self.run_dir is not None:
+            # Made now, not found missing after the first epoch's training.
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise OptionError("run_dir", f"{{option}} {run_dir}: cannot create it "
+                                  f"({e.strerror or e})") from None
         self.step = ElboStep(model, guide, self.n, lr=options.lr, elbo=options.elbo,
                              num_particles=options.num_particles, data_plate=options.data_plate,
                              distributed=distributed, jit=options.jit,
@@ -174,6 +188,10 @@ class _Training:
         held_out = data.validation if self.plan.monitored == "validation" else data.test
         self.held_out_x = held_out.to(self.device) if held_out is not None else None
         self.started = time.perf_counter()
+        # Seconds spent training and on the full diagnostics (eval_every None keeps the second
+        # within DIAGNOSTICS_SHARE of the first).
+        self.train_seconds, self.diagnostics_seconds = 0.0, 0.0
+        self.last_diagnostics: float | None = None
         # Off from the start (jit=False, or a resumed run that had fallen back) is no news.
         self.eager_told = not self.step.compiled.enabled
 
@@ -271,16 +289,35 @@ class _Training:
             distributed.is_main and options.time_budget is not None
             and time.perf_counter() - self.started >= options.time_budget
         )) > 0
-        if epoch % options.eval_every == 0 or epoch == options.epochs or out_of_time:
-            diagnostics = evaluate(self.model, self.guide, self.eval_x,
-                                   num_samples=options.eval_samples,
-                                   data_plate=options.data_plate, distributed=distributed)
+        self.train_seconds += record["seconds"]
+        if self.diagnostics_due(epoch) or epoch == options.epochs or out_of_time:
+            started = time.perf_counter()
+            # On a stream of its own: whether an epoch is diagnosed (by the clock, with
+            # eval_every None) must not change the draws of the training that follows.
+            with seeded(options.seed * 1_000_003 + epoch * 7_919 + distributed.rank,
+                        self.device):
+                diagnostics = evaluate(self.model, self.guide, self.eval_x,
+                                       num_samples=options.eval_samples,
+                                       data_plate=options.data_plate, distributed=distributed)
             record["diagnostics"] = {"split": self.plan.monitored if self.plan.held_out
                                      else "train", **diagnostics.summary()}
+            self.last_diagnostics = time.perf_counter() - started
+            self.diagnostics_seconds += self.last_diagnostics
         if stop:
             # The pair ends as it was at its best epoch, and the checkpoint with it.
             record["early_stop"] = self.stopping.stop(parameters)
         return record, stop or out_of_time
+
+    def diagnostics_due(self, epoch: int) -> bool:
+        """Whether this epoch gets the full diagnostics: every ``eval_every`` epochs, or by
+        default (None) whenever they keep within ``DIAGNOSTICS_SHARE`` of the training time so
+        far (the first epoch always, to time them; the last always).  Rank 0's clock decides."""
+        every = self.options.eval_every
+        if every is not None:
+            return epoch % every == 0
+        due = (self.last_diagnostics is None or self.diagnostics_seconds + self.last_diagnostics
+               <= DIAGNOSTICS_SHARE * self.train_seconds)
+        return self.distributed.mean(float(self.distributed.is_main and due)) > 0
 
     def save(self, record: dict) -> None:
         """The record joins the history; rank 0 writes ``metrics.jsonl`` and the checkpoint."""

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 
 from ..foundations.errors import OptionError, check_positive
+from ..foundations.wording import counted
 from .elbo_step import ELBOS
 from .kl_weight import KLSchedule
 from .schedule import LR_SCHEDULES
@@ -25,7 +26,7 @@ class FitOptions:
     num_particles: int = 1
     elbo: str = "trace"
     renyi_alpha: float = 0.0  # elbo="iwae": 0 is IWAE; the Renyi bound of order alpha otherwise
-    eval_every: int = 1
+    eval_every: int | None = None  # None: as often as keeps diagnostics ~10 % of training time
     eval_samples: int = 100
     eval_points: int = 500
     data_plate: str | None = None  # None: found (elbogap.foundations.data_plate)
@@ -44,12 +45,26 @@ class FitOptions:
     clip_norm: float | None = None  # clip the gradients' global norm to this
     patience: int | None = None  # stop after this many epochs without a better validation ELBO
 
+    def __post_init__(self) -> None:
+        # Refused where they are written, not at fit() after the data are read.
+        self.check_values()
+
     def check(self, num_train: int, world_size: int = 1) -> None:
         """Refuse settings that cannot work for ``num_train`` training points shared by
         ``world_size`` processes."""
+        self.check_values()
+        if self.batch_size * world_size > num_train:
+            per = f" x {world_size} processes" if world_size > 1 else ""
+            raise OptionError("batch_size", f"{{option}} {self.batch_size}{per} is larger than "
+                              f"the training set ({counted(num_train, 'point')})")
+
+    def check_values(self) -> None:
+        """Refuse values no data set could make work (epochs 0, a negative learning rate)."""
         for name in ("epochs", "batch_size", "num_particles", "eval_every", "eval_samples",
                      "eval_points", "max_nonfinite_steps"):
             value = getattr(self, name)
+            if name == "eval_every" and value is None:
+                continue
             if value is None:
                 raise OptionError(name, "must be a positive integer, got None")
             check_positive(**{name: value})
@@ -86,10 +101,6 @@ class FitOptions:
             raise OptionError("elbo", "{option} iwae trains a bound with no separate KL term, "
                               "which beta and kl_warmup would weight: train it at beta 1 without "
                               "a warm-up")
-        if self.batch_size * world_size > num_train:
-            per = f" x {world_size} processes" if world_size > 1 else ""
-            raise OptionError("batch_size", f"{{option}} {self.batch_size}{per} is larger than "
-                              f"the training set ({num_train} points)")
 
     @property
     def kl_schedule(self) -> KLSchedule:

@@ -61,7 +61,9 @@ def located(model: Callable, guide: Callable, data: Dataset, options: FitOptions
     """The pair bound to its program's arguments, every split of ``data`` as those arguments
     (``ProgramData``) and ``options.data_plate`` the data plate found on the training split.
     With no data plate (the data one observation) every step takes all of it: batch size 1."""
-    program = program_pair(model, guide, (data.train,), {}, options.data_plate)
+    # Dynamically binarized grey levels become 0/1 each epoch: their support is the draws'.
+    program = program_pair(model, guide, (data.train,), {}, options.data_plate,
+                           check_support=not data.dynamic_binarization)
     data = replace(data, train=program.data, test=_like(data.test, program.data),
                    validation=_like(data.validation, program.data))
     options = replace(options, data_plate=program.data_plate,

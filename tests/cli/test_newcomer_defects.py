@@ -146,7 +146,7 @@ def test_the_final_evaluation_estimate_counts_fixed_costs_once(monkeypatch):
 
     clock = [0.0]
 
-    def evaluate(model, guide, x, *, num_samples, data_plate):
+    def evaluate(model, guide, x, *, num_samples, data_plate, batch_size=None):
         clock[0] += 0.5 + 1e-3 * x.shape[0] * num_samples
 
     monkeypatch.setattr(diagnose, "evaluate", evaluate)
