@@ -172,8 +172,9 @@ def convergence_check(full: AnnealedEvidence, shorter: AnnealedEvidence) -> dict
     elif mean < -(2 * se + CONVERGENCE_TOLERANCE):
         verdict, reading = "unsettled", (
             f"AIS fell with more steps ({said}, lower by {-mean:.3f} ± {se:.3f} nats), beyond "
-            "its Monte Carlo noise: its chains do not mix (look at the acceptance and step "
-            "sizes), and neither estimate can be believed")
+            f"the two's Monte Carlo SEs: with weights this spread out, SEs over "
+            f"{full.num_chains} chains understate the noise (or the chains do not mix), and "
+            "neither estimate can be believed: more chains (num_chains) and more steps")
     else:
         verdict, reading = "converged", (
             f"AIS agrees with itself at a fraction of the schedule ({said}; difference "

@@ -60,13 +60,15 @@ def check_row_counts(data: ProgramData, names: dict, failure: Exception) -> None
 
 
 def check_observed_rows(model_trace: Trace, data: ProgramData, names: dict,
-                        rows: int | None) -> None:
-    """Refuse an observed argument whose row count is not the data plate's (y of 90 rows
-    beside x of 100): the model would score the wrong rows, or fail on their shapes."""
-    if rows is None:
+                        rows: int | None, data_plate: str | None) -> None:
+    """Refuse an observed argument, at a site inside the data plate, whose row count is not
+    the plate's (y of 90 rows beside x of 100): the model would score the wrong rows, or fail
+    on their shapes.  Observations in a plate of their own (items beside users) are not
+    rows of the data plate."""
+    if rows is None or data_plate is None:
         return
     for name, site in sample_sites(model_trace).items():
-        if not site["is_observed"]:
+        if not site["is_observed"] or data_frame(site, data_plate) is None:
             continue
         for key, v in data.tensors():
             if v is site["value"] and v.dim() and v.shape[0] != rows:

@@ -85,7 +85,7 @@ def program_pair(model: Callable, guide: Callable | None, args: tuple, kwargs: d
                 check_row_counts(data, names, e)
                 raise
         plate, rows = find_data_plate(model_trace, data, data_plate)
-        check_observed_rows(model_trace, data, names, rows)
+        check_observed_rows(model_trace, data, names, rows, plate)
         if check_support:
             check_observed_support(model_trace, data, names, plate)
         data = replace(data.with_rows(rows), plate=plate, located=True,

@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..data.dataset import Dataset, subset
+from ..data.dataset import DATA_SEED, Dataset, subset
 from ..foundations.conventions import inspect_pair
 from ..foundations.data_plate import program_pair
 from ..foundations.errors import ConventionError, OptionError
@@ -42,7 +42,10 @@ def diagnosed_points(data: Dataset, split: str, points: int | None = None) -> to
     """The points a pair's diagnostics cover: ``points`` of the test (or validation) split, a
     fixed random subset, or the whole training set the guide was fitted to."""
     if split == "train":
-        return data.train
+        # Grey levels binarized afresh each epoch are scored as one fixed binarization: the
+        # guide was fitted to 0/1 draws, and a Bernoulli refuses grey levels.
+        return (data.train_epoch(torch.Generator().manual_seed(DATA_SEED))
+                if data.dynamic_binarization else data.train)
     if split == "validation":
         return subset(data.validation, points)
     return subset(data.test, points)
