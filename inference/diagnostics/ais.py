@@ -474,22 +474,17 @@ def _check_pair(model: Callable, guide: Callable, x: torch.Tensor, start: str,
             raise ConventionError(f"the guide has no site '{name}' to start the chains from: "
                                   "use start='prior' (--ais-start prior)")
         supports[name] = fn.support
-    if start == "guide":
-        # An autoguide's point masses: refused here, with the reason, unless their auxiliary
-        # sites can be rebuilt from z (checked on a draw).
-        with torch.no_grad():
-            auxiliary_density(lambda: guide_trace, layout.latent, supports)
     return layout, supports
 
 
 def _auxiliary(guide: Callable, x, start: str, supports: dict) -> AuxiliaryDensity | None:
     """The autoguide's auxiliary sites as a function of z, read on a draw of ``guide`` as the
-    path calls it (in the chains' plate, or one chain)."""
+    path calls it (in the chains' plate, or one chain); an autoguide whose density cannot be
+    read so is refused here, with the reason, as every path is built."""
     if start != "guide":
         return None
     with torch.no_grad(), pyro.validation_enabled(False):
-        return auxiliary_density(lambda: poutine.trace(guide).get_trace(x), tuple(supports),
-                                 supports)
+        return auxiliary_density(poutine.trace(guide).get_trace(x), tuple(supports), supports)
 
 
 @dataclass

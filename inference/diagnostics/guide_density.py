@@ -12,8 +12,6 @@ auxiliary values of a draw of the guide from that draw's z.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch.distributions import biject_to
 
@@ -66,11 +64,9 @@ class AuxiliaryDensity:
         return out
 
 
-def auxiliary_density(trace_guide: Callable[[], object], latent: tuple[str, ...],
-                      supports: dict) -> AuxiliaryDensity | None:
-    """The map for a guide whose latent sites are point masses (None where none is); raises
-    ``ConventionError`` with the reason where it cannot be read."""
-    trace = trace_guide()
+def auxiliary_density(trace, latent: tuple[str, ...], supports: dict) -> AuxiliaryDensity | None:
+    """The map for a guide (``trace``: a draw of it) whose latent sites are point masses (None
+    where none is); raises ``ConventionError`` with the reason where it cannot be read."""
     sites = sample_sites(trace)
     if not any(n in sites and is_point_mass(sites[n]["fn"]) for n in latent):
         return None

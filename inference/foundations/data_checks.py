@@ -36,7 +36,7 @@ def argument_names(program: Callable, data: ProgramData) -> dict:
 def check_finite(data: ProgramData, names: dict) -> None:
     """Refuse NaN or infinite values in a floating-point argument, naming it and the row."""
     for key, value in data.tensors():
-        if not value.is_floating_point() or value.dim() == 0 and torch.isfinite(value):
+        if not value.is_floating_point():
             continue
         bad = ~torch.isfinite(value)
         if bad.any():

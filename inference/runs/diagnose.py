@@ -95,15 +95,14 @@ def whole_data_set(run: Run, x) -> bool:
 AIS_POINTS = 100
 
 
-def refuse_subset(run: Run, x, split: str, option: str, n: int) -> None:
-    """A run whose unit is the data set (global latents) is estimated on all of it: ``n`` of
-    its points would be another data set, with another log p(x_1..N).  Refused, naming N."""
-    if whole_data_set(run, x):
-        raise OptionError(
-            option, f"{{option}} {n}: run {run.dir} has global latents, so its unit is the whole "
-                    f"{split} set (one log p(x_1..N), N={x.shape[0]}), and {n} of its points "
-                    f"would be another data set with another log p(x); leave {{option}} out to "
-                    f"take all {x.shape[0]}")
+def subset_refused(run: Run, x, split: str, option: str, n: int) -> OptionError:
+    """Why ``n`` points of a data set whose unit is the whole (global latents) are refused:
+    they would be another data set, with another log p(x_1..N)."""
+    return OptionError(
+        option, f"{{option}} {n}: run {run.dir} has global latents, so its unit is the whole "
+                f"{split} set (one log p(x_1..N), N={x.shape[0]}), and {n} of its points "
+                f"would be another data set with another log p(x); leave {{option}} out to "
+                f"take all {x.shape[0]}")
 
 
 def split_points(run: Run, split: str, points: int | None = None) -> torch.Tensor:
@@ -116,18 +115,21 @@ def split_points(run: Run, split: str, points: int | None = None) -> torch.Tenso
         raise OptionError("split", f"{{option}} validation: run {run.dir} has no validation "
                           "split (it was trained without a validation fraction, --val-fraction)")
     x = run.data.train_epoch() if split == "train" else getattr(run.data, split)
-    if points is not None and points < x.shape[0] and not predicts(run, split):
-        # Held-out points' predictive densities are point by point; a data set is not.
-        refuse_subset(run, x, split, "max_points", points)
+    # Held-out points' predictive densities are point by point; a data set is not.
+    if points is not None and points < x.shape[0] and not predicts(run, split) \
+            and whole_data_set(run, x):
+        raise subset_refused(run, x, split, "max_points", points)
     return subset(x, points)
 
 
 def annealing_points(run: Run, x, split: str, points: int | None):
     """The points AIS and BDMC take of ``x``: ``points`` of them (``AIS_POINTS`` by default,
     a fixed random subset), or all of a data set whose unit is the whole (refusing fewer)."""
+    if not whole_data_set(run, x):
+        return subset(x, points or AIS_POINTS)
     if points is not None and points < x.shape[0]:
-        refuse_subset(run, x, split, "points", points)
-    return x if whole_data_set(run, x) else subset(x, points or AIS_POINTS)
+        raise subset_refused(run, x, split, "points", points)
+    return x
 
 
 def diagnose(run: Run, x: torch.Tensor, split: str, *, num_samples: int,

@@ -180,8 +180,7 @@ class Report:
         summary = d.summary()
         split = run.split if d.unit == DATA_POINT else "train"
         report = cls(run, settings, d, {"data": run.config["data"], "split": split, **summary},
-                     distributed=distributed)
-        report.started = started
+                     distributed=distributed, started=started)
         report.notes.append(Note(
             f"The numbers below are a fresh estimate (K={settings.num_samples}, seed "
             f"{settings.seed}, {counted(d.num_data, split + ' point')}), not those of the run's "
